@@ -1,0 +1,112 @@
+"""Gemma3 students and teachers from config, mid-layer taps and the HLD regressors."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import lru_cache
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "sliding_window", "max_position_embeddings")
+
+
+def gemma3_config(model_cfg: DictConfig, attn_implementation: str = "sdpa") -> Gemma3TextConfig:
+    """The transformers config of a preset (conf/student/*.yaml); every other field is Gemma3's default."""
+    config = Gemma3TextConfig(**{k: model_cfg[k] for k in SHAPE_KEYS}, query_pre_attn_scalar=model_cfg["head_dim"],
+                              use_cache=False, tie_word_embeddings=True)
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def build_model(model_cfg: DictConfig, seed: int, attn_implementation: str = "sdpa") -> Gemma3ForCausalLM:
+    """A randomly initialised Gemma3ForCausalLM; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    return Gemma3ForCausalLM(gemma3_config(model_cfg, attn_implementation))
+
+
+def load_model(path: str, attn_implementation: str = "sdpa") -> Gemma3ForCausalLM:
+    """A saved checkpoint (HF format), in float32."""
+    return Gemma3ForCausalLM.from_pretrained(path, attn_implementation=attn_implementation,
+                                             torch_dtype=torch.float32)
+
+
+def middle_layer(num_hidden_layers: int, override: int | None = None) -> int:
+    """Index into HF hidden_states of the matched layer: D // 2 (the residual stream after layer D/2)."""
+    layer = num_hidden_layers // 2 if override is None else int(override)
+    if not 1 <= layer <= num_hidden_layers:
+        raise ValueError(f"hidden layer {layer} is outside 1..{num_hidden_layers}")
+    return layer
+
+
+def count_parameters(model_cfg: DictConfig) -> dict[str, int]:
+    """Total, embedding and backbone (total - embedding) parameters, from the config alone."""
+    return _count_parameters(tuple(model_cfg[k] for k in SHAPE_KEYS))
+
+
+@lru_cache(maxsize=None)
+def _count_parameters(shape: tuple) -> dict[str, int]:
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(gemma3_config(dict(zip(SHAPE_KEYS, shape))))
+    total = sum(p.numel() for p in model.parameters())
+    embedding = shape[0] * shape[1]
+    return {"total": total, "embedding": embedding, "backbone": total - embedding}
+
+
+@contextmanager
+def _tap(model: Gemma3ForCausalLM, layer: int):
+    """Capture the output of decoder layer `layer` (1-based), i.e. HF hidden_states[layer]."""
+    seen: dict[str, Tensor] = {}
+
+    def hook(_module, _args, out):
+        seen["h"] = out[0] if isinstance(out, tuple) else out
+
+    handle = model.model.layers[layer - 1].register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def forward(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Logits, and the hidden state after `layer` when asked for."""
+    if layer is None:
+        return model(input_ids=tokens_BxL, use_cache=False).logits, None
+    with _tap(model, layer) as seen:
+        logits_BxLxV = model(input_ids=tokens_BxL, use_cache=False).logits
+    return logits_BxLxV, seen["h"]
+
+
+def forward_to_layer(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int, **model_kwargs) -> Tensor:
+    """The hidden state after `layer`, computing only the embedding and the first `layer` layers."""
+    backbone = model.model
+    layers = backbone.layers
+    backbone.layers = layers[:layer]
+    try:
+        with _tap(model, layer) as seen:
+            backbone(input_ids=tokens_BxL, use_cache=False, **model_kwargs)
+    finally:
+        backbone.layers = layers
+    return seen["h"]
+
+
+def bottom_parameters(model: Gemma3ForCausalLM, layer: int) -> list[nn.Parameter]:
+    """What HLDF's phase 1 trains: the (tied) embedding and the first `layer` decoder layers."""
+    return list(model.model.embed_tokens.parameters()) + [
+        p for block in model.model.layers[:layer] for p in block.parameters()]
+
+
+def build_regressor(kind: str, d_student: int, d_teacher: int, expansion: int = 4) -> nn.Module:
+    """HLDC's linear W_R: d_S -> d_T, or HLDF's one-hidden-layer MLP.
+
+    The paper's "expansion factor 4 (matching the student's feed-forward layers)" is read as a hidden width
+    of 4 * d_S (Gemma3 270M's own FFN ratio is 3.2, 1B's is 6), with a GELU between the two projections.
+    """
+    if kind == "linear":
+        return nn.Linear(d_student, d_teacher, bias=False)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(d_student, expansion * d_student), nn.GELU(),
+                             nn.Linear(expansion * d_student, d_teacher))
+    raise ValueError(f"unknown regressor kind {kind!r}: expected linear or mlp")

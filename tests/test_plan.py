@@ -1,0 +1,141 @@
+"""FLOPs accounting against torch's FlopCounterMode, the paper's numbers, budgets and sweep planning."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import Gemma3ForCausalLM
+
+from hldx import config as C
+from hldx.models import build_regressor, count_parameters, forward_to_layer, gemma3_config
+from hldx.plan import expand_sweep, flops_per_token, main, plan_run, plan_sweep
+
+PAPER_123M = ["student=gemma3-123m", "teacher=gemma3-3.4b", "teacher.ckpt=/teacher", "budget=paper",
+              "train=paper"]
+TABLE_2 = ["method=nll,kd,hldc,hldf", "lr=1e-4,4e-4,1.6e-3", "tau=0.5,1", "alpha=0.7,0.9", "gamma=0.1,0.05",
+           "p1=0.01,0.05"]
+
+
+def test_parameter_counts_of_the_paper_students():
+    assert count_parameters(C.compose(["student=gemma3-123m"]).student)["total"] == 120_806_016
+    assert count_parameters(C.compose(["student=gemma3-735m"]).student)["total"] == 734_760_064
+
+
+def test_paper_accounting_reproduces_appendix_a9_ratios():
+    cfg = C.compose(PAPER_123M + ["method=hldc", "teacher.source=cache"])
+    c = flops_per_token(cfg)
+    assert c["hldc"] / c["data"] == pytest.approx(1.027, abs=0.002)
+    c = flops_per_token(C.compose(PAPER_123M + ["method=hldf", "teacher.source=cache"]))
+    assert c["kd"] / c["data"] == 1.0
+    assert c["ht"] / c["data"] == pytest.approx(0.442, abs=0.002)
+
+
+def test_online_teacher_forward_is_counted():
+    cached = flops_per_token(C.compose(PAPER_123M + ["method=kd", "teacher.source=cache"]))
+    online = flops_per_token(C.compose(PAPER_123M + ["method=kd", "teacher.source=online"]))
+    teacher = count_parameters(C.compose(["student=gemma3-3.4b"]).student)["total"]
+    assert online["kd"] - cached["kd"] == pytest.approx(2 * teacher)
+
+
+@pytest.mark.parametrize("student, ot, tokens", [("gemma3-123m", 54, 108e9), ("gemma3-735m", 12, 168e9)])
+def test_paper_budgets_in_tokens(student, ot, tokens):
+    cfg = C.compose([f"student={student}", "method=nll", "budget=paper", f"budget.ot={ot}", "train=paper"])
+    assert plan_run(cfg).phases[0].tokens == pytest.approx(tokens, rel=0.01)
+
+
+def _counted(model_cfg, seq_len: int, run) -> float:
+    """Matmul FLOPs per token of `run(model, tokens)` forward + backward, on the meta device (no compute)."""
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(gemma3_config(model_cfg, "eager"))
+        tokens = torch.zeros(2, seq_len, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        run(model, tokens).float().sum().backward()
+    return counter.get_total_flops() / tokens.numel()
+
+
+def _mask(tokens):
+    # An explicit all-ones mask keeps transformers' packed-sequence check (an .item()) off meta tensors.
+    return torch.ones_like(tokens)
+
+
+@pytest.mark.parametrize("student", ["gemma3-123m", "tiny"])
+def test_exact_accounting_matches_flop_counter(student):
+    cfg = C.compose([f"student={student}", "method=hldc", "teacher=gemma3-3.4b", "teacher.ckpt=/t",
+                     "teacher.source=cache", "train.seq_len=512"])
+    s, d_t, layer = cfg.student, cfg.teacher.model.hidden_size, cfg.student.num_hidden_layers // 2
+    planned = flops_per_token(cfg)
+    nll = _counted(s, 512, lambda m, x: m(input_ids=x, attention_mask=_mask(x)).logits)
+    assert nll == pytest.approx(planned["data"], rel=0.02)
+
+    def hldc(m, x):
+        with torch.device("meta"):
+            w_r = build_regressor("linear", s.hidden_size, d_t)
+        out = m(input_ids=x, attention_mask=_mask(x), output_hidden_states=True)
+        return out.logits.sum() + w_r(out.hidden_states[layer]).sum()
+    assert _counted(s, 512, hldc) == pytest.approx(planned["hldc"], rel=0.02)
+
+
+def test_hint_phase_runs_no_upper_layer_and_no_lm_head():
+    cfg = C.compose(["student=gemma3-123m", "method=hldf", "teacher=gemma3-3.4b", "teacher.ckpt=/t",
+                     "teacher.source=cache", "train.seq_len=512"])
+    s, layer = cfg.student, cfg.student.num_hidden_layers // 2
+
+    def ht(m, x):
+        with torch.device("meta"):
+            mlp = build_regressor("mlp", s.hidden_size, cfg.teacher.model.hidden_size)
+        return mlp(forward_to_layer(m, x, layer, attention_mask=_mask(x)))
+
+    counted = _counted(s, 512, ht)
+    assert counted == pytest.approx(flops_per_token(cfg)["ht"], rel=0.02)
+    # The LM head alone (3 * 2 * d_S * V per token) would add 12% of C_data: it is not there.
+    assert counted < 0.5 * flops_per_token(cfg)["data"]
+
+
+def test_six_n_formula_holds_for_short_sequences():
+    """At T=16 attention is negligible, so the counted matmuls equal 6N + 6 d_S V within 1%."""
+    cfg = C.compose(["student=gemma3-123m", "method=nll", "budget.accounting=paper"])
+    counted = _counted(cfg.student, 16, lambda m, x: m(input_ids=x, attention_mask=_mask(x)).logits)
+    assert counted == pytest.approx(flops_per_token(cfg)["data"], rel=0.01)
+
+
+def test_sweep_deduplicates_ignored_keys():
+    jobs, errors = plan_sweep(["method=kd,hldc,hldf", "lr=1e-4,4e-4,1.6e-3", "gamma=0.05,0.1", "p1=0.01,0.05"])
+    assert not errors
+    assert sorted(j.method for j in jobs).count("kd") == 3
+    assert [j.method for j in jobs].count("hldc") == 6 and [j.method for j in jobs].count("hldf") == 6
+    assert len(expand_sweep(["method=kd,hldc,hldf", "lr=1e-4,4e-4,1.6e-3", "gamma=0.05,0.1",
+                             "p1=0.01,0.05"])) == 36
+
+
+def test_table_2_grid_has_63_unique_jobs():
+    jobs, errors = plan_sweep(PAPER_123M + TABLE_2)
+    assert not errors
+    counts = {m: sum(j.method == m for j in jobs) for m in C.METHODS}
+    assert counts == {"nll": 3, "kd": 12, "hldc": 24, "hldf": 24}
+    # Equal FLOPs: every job spends the budget to within one optimizer step of its most expensive phase.
+    for job in jobs:
+        step = max(job.flops_per_token[p.name] for p in job.phases) * 512 * 512
+        assert abs(job.total_flops - job.budget_flops) <= step * len(job.phases)
+
+
+def test_run_key_ignores_unused_hyperparameters():
+    a = C.compose(["method=nll", "tau=0.5", "gamma=0.3"])
+    b = C.compose(["method=nll", "tau=1", "p1=0.2"])
+    assert C.run_key(a) == C.run_key(b)
+    assert C.run_key(C.compose(["method=kd", "tau=0.5"])) != C.run_key(C.compose(["method=kd", "tau=1"]))
+    assert C.hp_key(C.compose(["method=hldf", "lr=4e-4"])) == "lr=4e-4|tau=1|alpha=0.7"
+    assert C.run_name(C.compose(["method=hldf", "lr=4e-4"])) == "hldf|lr=4e-4|tau=1|alpha=0.7|p1=0.05"
+
+
+def test_plan_json(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["-m", "method=nll,kd", "lr=1e-4,4e-4", f"plan.json={out}", "teacher.source=cache"] + PAPER_123M) == 0
+    plan = json.loads(out.read_text())
+    assert plan["accounting"] == "paper" and len(plan["jobs"]) == 4
+    kd = next(j for j in plan["jobs"] if j["method"] == "kd")
+    assert kd["gamma"] is None and kd["p1"] is None and kd["tau"] == 1.0
+    assert kd["phases"][0]["tokens"] == pytest.approx(1.08e11, rel=0.01)
+    assert kd["total_flops"] == pytest.approx(sum(p["flops"] for p in kd["phases"]))
+    assert "4 unique jobs" in capsys.readouterr().out
