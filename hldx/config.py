@@ -23,7 +23,8 @@ USES = {
 }
 HPARAMS = ("lr", "tau", "alpha", "gamma", "p1")
 # Keys that change how a run executes, not what it computes: left out of the run identity.
-RUNTIME_TRAIN_KEYS = ("micro_batch_size", "ckpt_every", "log_every", "device", "precision", "compile")
+RUNTIME_TRAIN_KEYS = ("micro_batch_size", "ckpt_every", "log_every", "device", "precision", "compile",
+                      "loss_chunk")
 
 
 class ConfigError(ValueError):

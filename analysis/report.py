@@ -1,0 +1,167 @@
+"""`python -m analysis.report`: the study's tables and figures from an MLflow experiment (or a CSV of runs),
+written to a folder and logged back to MLflow as the artifacts of a summary run (tag hldx.role=report)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from analysis import figures
+from analysis.compare import best, pointwise, summary
+from analysis.runs import HPARAMS, METRICS, RUN_ID, read_csv, read_mlflow
+
+DOWNSTREAM = METRICS[1:]  # all but val_logppl
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(df: pd.DataFrame, bold: pd.DataFrame | None = None) -> str:
+    """A GitHub-flavoured markdown table; cells where `bold` is True are bold."""
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    for i, row in df.iterrows():
+        cells = [_cell(v) for v in row]
+        if bold is not None:
+            cells = [f"**{c}**" if bold.at[i, col] else c for c, col in zip(cells, df.columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _best_per_student(table: pd.DataFrame) -> pd.DataFrame:
+    """True where a student's run has the lowest value of a metric among that student's methods (Table 1)."""
+    bold = pd.DataFrame(False, index=table.index, columns=table.columns)
+    students = ~table["method"].isin(["random", "teacher"])
+    for m in METRICS:
+        low = table[students].groupby("student")[m].transform("min")
+        bold.loc[low.index, m] = table.loc[low.index, m] == low
+    return bold
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "student"
+
+
+def make_figures(points: pd.DataFrame, out: Path) -> list[tuple[str, Path]]:
+    """The paper's figure kinds as PNGs in `out`, as (caption, path) in reading order."""
+    made = []
+    if points["improvement"].notna().any():
+        val = points[points["metric"] == "val_logppl"]
+        if val["improvement"].notna().any():
+            made.append(("Fig. 1 kind: val log-ppl improvement over KD, per student",
+                         figures.histograms(val, "student", "Val log-ppl: improvement over KD",
+                                            out / "fig1_val_logppl_hist.png")))
+        for student, group in points[points["metric"].isin(DOWNSTREAM)].groupby("student", sort=False):
+            if group.loc[group["method"] != "nll", "improvement"].notna().any():
+                made.append((f"Figs. 2/4 kind: downstream improvement over KD, {student}",
+                             figures.histograms(group, "metric", f"{student}: improvement over KD",
+                                                out / f"fig2_downstream_hist_{_slug(student)}.png")))
+        if val["improvement"].notna().any():
+            made.append(("Fig. 5 kind: val log-ppl, KD (x) vs compared method (y), per student",
+                         figures.scatters(val, "student", "Val log-ppl at shared hyperparameters",
+                                          out / "fig5_val_logppl_scatter.png")))
+        for student, group in points[points["metric"].isin(DOWNSTREAM)].groupby("student", sort=False):
+            if group["improvement"].notna().any():
+                made.append((f"Figs. 6/7 kind: downstream, KD (x) vs compared method (y), {student}",
+                             figures.scatters(group, "metric", f"{student}: scores at shared hyperparameters",
+                                              out / f"fig6_downstream_scatter_{_slug(student)}.png")))
+    return made
+
+
+def render(source: str, runs: pd.DataFrame, best_df: pd.DataFrame, points: pd.DataFrame,
+           summary_df: pd.DataFrame, figs: list[tuple[str, Path]]) -> str:
+    """report.md: tables and figures in reading order."""
+    counts = ", ".join(f"{m}: {n}" for m, n in runs.groupby("method", sort=False).size().items())
+    parts = [f"# Report: {source}", f"{len(runs)} finished runs ({counts}).",
+             "All metrics are lower-is-better; improvement = KD's score - the method's score (> 0: better "
+             "than KD).",
+             "## Best vs best (Table 1 kind)",
+             "Per (student, method) the run with the lowest val_logppl; bold: best of a student.",
+             markdown_table(best_df, _best_per_student(best_df)),
+             "## Pointwise against KD at shared (lr, tau, alpha)",
+             "HLDC/HLDF runs pair with the KD run of their point, NLL with every KD run of its lr. Ties (equal "
+             "as logged) are neither improvements nor losses; median with a 95% bootstrap interval; two-sided "
+             "exact sign test over the non-tied points.",
+             markdown_table(summary_df)]
+    parts += [f"![{caption}]({path.name})\n\n*{caption}*" for caption, path in figs]
+    if not figs:
+        parts.append("No paired points: no figures (a compared run needs a KD run at its point).")
+    unpaired = points.loc[~points["paired"], ["student", "method", *HPARAMS, RUN_ID]]
+    if len(unpaired):
+        parts += ["## Unpaired runs", "No KD run at their point; listed in pointwise.csv with empty KD columns.",
+                  markdown_table(unpaired.drop_duplicates().reset_index(drop=True))]
+    parts += ["## Files", "`best.csv` (Table 1), `pointwise.csv` (one row per compared run, KD partner and metric), "
+              "`summary.csv` (the table above).",
+              "## Browsing pointwise in the MLflow UI",
+              "Open the experiment's runs table, choose *Group by* and the tag `hldx.hp_key`: each group is one "
+              "shared (lr, tau, alpha) point with its KD, HLDC and HLDF runs; NLL runs group by `lr=...` alone."]
+    return "\n\n".join(parts) + "\n"
+
+
+def log_report(out: Path, experiment: str, tracking_uri: str | None, note: str) -> tuple[str, str]:
+    """Log `out` as the artifacts of a new summary run (tag hldx.role=report); returns (experiment_id, run_id)."""
+    client = MlflowClient(tracking_uri)
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    run = client.create_run(exp_id, run_name="report", tags={"hldx.role": "report", "mlflow.note.content": note})
+    client.log_artifacts(run.info.run_id, str(out))
+    client.set_terminated(run.info.run_id)
+    return exp_id, run.info.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--experiment", help="MLflow experiment of the study")
+    src.add_argument("--runs-csv", type=Path, help="CSV of runs in analysis.runs.COLUMNS instead of MLflow")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or "
+                        "sqlite:///mlflow.db)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the CSVs, figures and report.md")
+    parser.add_argument("--no-log", action="store_true", help="do not log the report back to MLflow")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    try:
+        runs = read_csv(args.runs_csv) if args.runs_csv else read_mlflow(args.experiment, args.tracking_uri)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"analysis.report: {e}", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    best_df, points = best(runs), pointwise(runs)
+    summary_df = summary(points, seed=args.seed)
+    best_df.to_csv(args.out / "best.csv", index=False)
+    points.to_csv(args.out / "pointwise.csv", index=False)
+    summary_df.to_csv(args.out / "summary.csv", index=False)
+    figs = make_figures(points, args.out)
+    source = f"experiment {args.experiment}" if args.experiment else f"{args.runs_csv}"
+    (args.out / "report.md").write_text(render(source, runs, best_df, points, summary_df, figs))
+
+    print(f"\nBest vs best ({len(runs)} finished runs)\n\n{markdown_table(best_df)}\n")
+    print(f"Pointwise against KD\n\n{markdown_table(summary_df)}\n")
+    unpaired = len(points.loc[~points["paired"], ["student", "method", *HPARAMS, RUN_ID]].drop_duplicates())
+    if unpaired:
+        print(f"{unpaired} run(s) without a KD partner: see report.md")
+    print(f"Wrote {args.out}/report.md, best.csv, pointwise.csv, summary.csv and {len(figs)} figure(s)")
+    if args.experiment and not args.no_log:
+        note = f"Best vs best\n\n{markdown_table(best_df)}\n\nPointwise against KD\n\n{markdown_table(summary_df)}"
+        exp_id, run_id = log_report(args.out, args.experiment, args.tracking_uri, note)
+        uri = args.tracking_uri or mlflow.get_tracking_uri()
+        where = f"{uri}/#/experiments/{exp_id}/runs/{run_id}" if uri.startswith("http") else \
+            f"run {run_id} in experiment {exp_id} at {uri} (browse: mlflow ui --backend-store-uri {uri})"
+        print(f"Logged to MLflow as summary run 'report': {where}")
+    print(f"Done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

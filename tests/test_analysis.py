@@ -1,0 +1,276 @@
+"""analysis/: runs from MLflow and CSV, pairing against KD, best-vs-best, summary statistics, the CLI."""
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from analysis import report
+from analysis.compare import best, bootstrap_median_ci, pointwise, sign_test, summary
+from analysis.runs import COLUMNS, METRICS, read_csv, read_mlflow
+
+TABLE3 = Path(__file__).parent / "fixtures" / "paper_table3_123m.csv"  # the paper's Table 3 (123M), as printed
+
+
+def log_run(client: MlflowClient, exp_id: str, method: str, lr: float, tau: float | None = None,
+            alpha: float | None = None, gamma: float | None = None, p1: float | None = None,
+            student: str = "tiny", metrics: dict[str, float] | None = None, status: str = "FINISHED",
+            role: str = "student") -> str:
+    """A run with hldx's MLflow names (DESIGN.md §3): params, hldx.* tags, eval/* metrics."""
+    hp = {"lr": lr, "tau": tau, "alpha": alpha, "gamma": gamma, "p1": p1}
+    used = {k: v for k, v in hp.items() if v is not None}
+    hp_key = "|".join(f"{k}={used[k]:g}" for k in ("lr", "tau", "alpha") if k in used)
+    name = "|".join([method] + [f"{k}={v:g}" for k, v in used.items()])
+    tags = {"hldx.method": method, "hldx.student": student, "hldx.hp_key": hp_key,
+            "hldx.run_key": f"{student}|{name}", "hldx.role": role}
+    run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+    params = [Param(k, str(v)) for k, v in {"method": method, "student": student, "seed": 0, **used}.items()]
+    client.log_batch(run_id, params=params,
+                     metrics=[Metric(f"eval/{k}", v, 0, 0) for k, v in (metrics or {}).items()])
+    client.set_terminated(run_id, status=status)
+    return run_id
+
+
+def scores(val: float, **others: float) -> dict[str, float]:
+    """All seven metrics: val_logppl = val, the others 0.5 unless given."""
+    return {m: others.get(m, 0.5) for m in METRICS} | {"val_logppl": val}
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An initialised MLflow sqlite store, made once (its schema migration takes seconds) and copied per test."""
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def mlflow_exp(tmp_path, empty_store):
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = client.create_experiment("study", artifact_location=str(tmp_path / "artifacts"))
+    return client, exp_id
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    """Runs in the CSV's columns, through the real CSV reader."""
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def via_csv(tmp_path: Path, rows: list[dict]) -> pd.DataFrame:
+    path = tmp_path / "runs.csv"
+    frame(rows).to_csv(path, index=False)
+    return read_csv(path)
+
+
+# --- reading runs -------------------------------------------------------------------------------------------
+
+def test_read_mlflow_keeps_latest_finished_and_skips_report_runs(mlflow_exp):
+    client, exp = mlflow_exp
+    log_run(client, exp, "kd", 4e-4, 1.0, 0.7, metrics=scores(3.2))
+    latest = log_run(client, exp, "kd", 4e-4, 1.0, 0.7, metrics=scores(3.1))  # same run_key, later
+    log_run(client, exp, "hldf", 4e-4, 1.0, 0.7, p1=0.05, metrics=scores(3.0), status="FAILED")
+    log_run(client, exp, "hldc", 4e-4, 1.0, 0.7, gamma=0.1, metrics={"val_logppl": 3.05})  # no downstream
+    log_run(client, exp, "nll", 4e-4, metrics=scores(3.3))
+    log_run(client, exp, "nll", 1e-3, metrics=scores(2.5), role="teacher")
+    log_run(client, exp, "kd", 4e-4, 1.0, 0.7, metrics=scores(1.0), role="report")
+    runs = read_mlflow("study", client.tracking_uri)
+    assert sorted(runs["method"]) == ["hldc", "kd", "nll", "teacher"]
+    kd = runs[runs["method"] == "kd"].iloc[0]
+    assert (kd["run_id"], kd["val_logppl"], kd["lr"], kd["tau"], kd["alpha"]) == (latest, 3.1, 4e-4, 1.0, 0.7)
+    assert math.isnan(kd["gamma"]) and math.isnan(kd["p1"])
+    hldc = runs[runs["method"] == "hldc"].iloc[0]
+    assert hldc["gamma"] == 0.1 and hldc["val_logppl"] == 3.05 and hldc[METRICS[1:]].isna().all()
+    assert runs.loc[runs["method"] == "nll", ["tau", "alpha"]].isna().all(axis=None)
+
+
+def test_read_mlflow_explains_missing_and_empty_experiments(mlflow_exp):
+    client, exp = mlflow_exp
+    with pytest.raises(ValueError, match="no experiment named 'nope'"):
+        read_mlflow("nope", client.tracking_uri)
+    with pytest.raises(ValueError, match="no FINISHED runs"):
+        read_mlflow("study", client.tracking_uri)
+    log_run(client, exp, "kd", 4e-4, 1.0, 0.7, metrics=scores(3.0), status="KILLED")
+    with pytest.raises(ValueError, match=r"no FINISHED runs .*1 run"):
+        read_mlflow("study", client.tracking_uri)
+
+
+def test_read_csv_normalises_method_and_names_bad_input(tmp_path):
+    runs = read_csv(TABLE3)
+    assert len(runs) == 63 and set(runs["method"]) == {"nll", "kd", "hldc", "hldf"}
+    assert runs.loc[runs["method"] == "nll", ["tau", "alpha", "gamma", "p1"]].isna().all(axis=None)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("student,method,lr\ntiny,kd,0.1\n")
+    with pytest.raises(ValueError, match="missing column.*'tau'"):
+        read_csv(bad)
+    pd.DataFrame([{**{c: "" for c in COLUMNS}, "method": "KD", "lr": "fast"}]).to_csv(bad, index=False)
+    with pytest.raises(ValueError, match="column 'lr' holds a non-number 'fast'"):
+        read_csv(bad)
+    pd.DataFrame([{**{c: "" for c in COLUMNS}, "method": "dpo", "lr": "1"}]).to_csv(bad, index=False)
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['dpo'\]"):
+        read_csv(bad)
+
+
+# --- the paper's Table 3 (123M): outcomes the paper states in its text and Table 1 ----------------------------
+
+def test_best_vs_best_on_table3_matches_table1():
+    table = best(read_csv(TABLE3)).set_index("method")
+    kd = table.loc["kd"]
+    assert (kd["lr"], kd["tau"], kd["alpha"]) == (0.0016, 1.0, 0.7)
+    # Table 1, 123M column of each row (HLDF's HellaSwag .626 and NLL's .644 there differ from Table 3's runs).
+    expected = {"kd": [3.005, 2.984, .622, .321, .505, .433, .513],
+                "hldc": [3.005, 2.938, .630, .323, .505, .423, .505],
+                "hldf": [3.000, 2.875, None, .322, .519, .437, .507],
+                "nll": [3.063, None, None, None, .529, .440, .527]}
+    order = ["val_logppl", "wikitext_logppl", "hellaswag_err", "piqa_err", "arc_easy_err", "winogrande_err",
+             "lambada_err"]  # Table 1's column order
+    for method, values in expected.items():
+        for metric, value in zip(order, values):
+            if value is not None:
+                assert table.loc[method, metric] == pytest.approx(value), (method, metric)
+    random = table.loc["random", ["hellaswag_err", "piqa_err", "arc_easy_err", "winogrande_err", "lambada_err"]]
+    assert random.tolist() == pytest.approx([0.75, 0.5, 0.75, 0.5, 1.0])  # Table 1's Random row
+    assert math.isnan(table.loc["random", "val_logppl"])
+
+
+def test_pointwise_on_table3_reproduces_the_papers_claims():
+    points = pointwise(read_csv(TABLE3))
+    stats = summary(points, n_boot=2000).set_index(["method", "metric"])
+    assert points["paired"].all()
+    assert stats["n"].to_dict() == {k: 12 if k[0] == "nll" else 24 for k in stats.index}
+    hldf = stats.loc[("hldf", "val_logppl")]
+    assert hldf["improve"] > hldf["n"] / 2 and hldf["ci_low"] > 0  # "modest but systematic improvement"
+    assert abs(stats.loc[("hldc", "val_logppl"), "median_improvement"]) <= 0.001  # "HLDC matches KD"
+    assert 4 <= stats.loc[("nll", "val_logppl"), "improve"] <= 8  # "roughly half of KD runs fail to beat NLL"
+    for metric in METRICS[2:]:  # "downstream results show KD outperforming NLL on nearly all points"
+        assert stats.loc[("nll", metric), "worsen"] > stats.loc[("nll", metric), "improve"], metric
+
+
+def test_ties_counted_from_the_printed_table():
+    """Ties = cells printed identically for a run and its KD partner, counted here from the raw text."""
+    with open(TABLE3) as fh:
+        rows = list(csv.DictReader(fh))
+    kd = {(r["lr"], r["tau"], r["alpha"]): r for r in rows if r["method"] == "KD"}
+    stats = summary(pointwise(read_csv(TABLE3)), n_boot=200).set_index(["method", "metric"])
+    for method, metric in itertools.product(["HLDC", "HLDF"], METRICS):
+        runs = [r for r in rows if r["method"] == method]
+        ties = sum(r[metric] == kd[r["lr"], r["tau"], r["alpha"]][metric] for r in runs)
+        better = sum(float(r[metric]) < float(kd[r["lr"], r["tau"], r["alpha"]][metric]) for r in runs)
+        assert stats.loc[(method.lower(), metric), ["tie", "improve"]].tolist() == [ties, better], (method, metric)
+    assert stats.loc[("hldc", "val_logppl"), "tie"] > 0  # the table does have ties to count
+
+
+# --- pairing and missing data -------------------------------------------------------------------------------
+
+def test_pairing_rules_and_missing_data(tmp_path):
+    point = {"student": "s", "lr": 4e-4, "tau": 1.0, "alpha": 0.7}
+    runs = via_csv(tmp_path, [
+        {**point, "method": "KD", **scores(3.0)},
+        {**point, "alpha": 0.9, "method": "kd", **scores(3.1)},
+        {**point, "method": "HLDF", "p1": 0.05, **scores(2.9, piqa_err=0.6)},
+        {**point, "method": "hldc", "gamma": 0.1, "val_logppl": 3.0},  # downstream metrics missing
+        {**point, "tau": 0.5, "method": "hldc", "gamma": 0.1, **scores(3.0)},  # no KD at tau=0.5
+        {"student": "s", "lr": 4e-4, "method": "nll", **scores(3.05)},
+        {"student": "s", "lr": 1e-3, "method": "nll", **scores(3.05)},  # no KD at this lr
+    ])
+    points = pointwise(runs)
+    val = points[points["metric"] == "val_logppl"].set_index(["method", "lr", "tau", "alpha"])
+    assert val.loc[("hldf", 4e-4, 1.0, 0.7), "improvement"] == pytest.approx(0.1)
+    nll = points[(points["method"] == "nll") & (points["lr"] == 4e-4) & (points["metric"] == "val_logppl")]
+    assert sorted(nll["alpha"]) == [0.7, 0.9] and nll["improvement"].tolist() == pytest.approx([-0.05, 0.05])
+    unpaired = points[~points["paired"]]
+    assert set(zip(unpaired["method"], unpaired["lr"])) == {("hldc", 4e-4), ("nll", 1e-3)}
+    assert len(unpaired) == 2 * len(METRICS) and unpaired["kd_score"].isna().all()
+    hldc = points[(points["method"] == "hldc") & points["paired"]].set_index("metric")
+    assert hldc.loc["val_logppl", "improvement"] == 0.0 and hldc.loc[METRICS[1:], "improvement"].isna().all()
+    stats = summary(points, n_boot=200).set_index(["method", "metric"])
+    assert stats.loc[("hldc", "val_logppl"), ["n", "tie"]].tolist() == [1, 1]
+    assert stats.loc[("hldc", "piqa_err"), "n"] == 0 and math.isnan(stats.loc[("hldc", "piqa_err"), "sign_p"])
+    assert stats.loc[("hldf", "piqa_err"), ["improve", "worsen"]].tolist() == [0, 1]
+    assert best(runs).set_index("method").loc["kd", "alpha"] == 0.7
+
+
+def test_ties_survive_mlflow_at_logged_precision(mlflow_exp):
+    client, exp = mlflow_exp
+    f32 = float(np.float32(3.005))  # 3.0050001144..., as a float32 evaluation would log it
+    log_run(client, exp, "kd", 4e-4, 1.0, 0.7, metrics=scores(f32))
+    log_run(client, exp, "hldc", 4e-4, 1.0, 0.7, gamma=0.1, metrics=scores(f32))
+    log_run(client, exp, "hldf", 4e-4, 1.0, 0.7, p1=0.05, metrics=scores(3.005))
+    stats = summary(pointwise(read_mlflow("study", client.tracking_uri)), n_boot=200)
+    stats = stats.set_index(["method", "metric"])
+    assert stats.loc[("hldc", "val_logppl"), ["tie", "improve", "worsen"]].tolist() == [1, 0, 0]
+    assert stats.loc[("hldf", "val_logppl"), ["tie", "improve", "worsen"]].tolist() == [0, 1, 0]
+
+
+# --- statistics against independent computations --------------------------------------------------------------
+
+@pytest.mark.parametrize("improve,worsen", [(0, 0), (1, 0), (3, 3), (7, 2), (0, 9), (11, 1), (5, 8)])
+def test_sign_test_matches_enumeration(improve, worsen):
+    """p = share of all 2^n equally likely sign patterns at least as uneven as the observed one."""
+    n = improve + worsen
+    observed = abs(improve - worsen)
+    extreme = sum(abs(2 * sum(signs) - n) >= observed for signs in itertools.product([0, 1], repeat=n))
+    assert sign_test(improve, worsen) == pytest.approx(extreme / 2**n)
+
+
+def test_bootstrap_ci_covers_the_true_median():
+    rng = np.random.default_rng(1)
+    hits = 0
+    for trial in range(200):
+        x_N = rng.normal(loc=2.0, scale=1.0, size=41)  # true median 2.0
+        low, high = bootstrap_median_ci(x_N, seed=trial, n_boot=1000)
+        assert low <= np.median(x_N) <= high
+        hits += low <= 2.0 <= high
+    assert 0.88 <= hits / 200 <= 0.99
+    x_N = rng.normal(size=30)
+    assert bootstrap_median_ci(x_N, seed=3) == bootstrap_median_ci(x_N, seed=3)
+    assert bootstrap_median_ci(np.full(5, 0.25)) == (0.25, 0.25)
+
+
+# --- the command line -----------------------------------------------------------------------------------------
+
+def test_cli_writes_report_and_logs_summary_run(mlflow_exp, tmp_path, capsys):
+    client, exp = mlflow_exp
+    for lr, val in [(4e-4, 3.1), (1.6e-3, 3.0)]:
+        log_run(client, exp, "kd", lr, 1.0, 0.7, metrics=scores(val))
+        log_run(client, exp, "hldc", lr, 1.0, 0.7, gamma=0.1, metrics=scores(val + 0.01))
+        log_run(client, exp, "hldf", lr, 1.0, 0.7, p1=0.05, metrics=scores(val - 0.01, piqa_err=0.6))
+        log_run(client, exp, "nll", lr, metrics=scores(val + 0.05))
+    out = tmp_path / "report"
+    args = ["--experiment", "study", "--tracking-uri", client.tracking_uri, "--out", str(out)]
+    assert report.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| tiny | hldf | val_logppl | 2 | 2 | 0 | 0 |" in printed and "summary run" in printed
+    assert pd.read_csv(out / "summary.csv").columns.tolist() == ["student", "method", "metric", "n", "improve",
+                                                                 "tie", "worsen", "median_improvement",
+                                                                 "ci_low", "ci_high", "sign_p"]
+    assert pd.read_csv(out / "best.csv").columns.tolist() == COLUMNS
+    assert len(pd.read_csv(out / "pointwise.csv")) == 3 * 2 * len(METRICS)
+    figures = sorted(p.name for p in out.glob("*.png"))
+    assert figures == ["fig1_val_logppl_hist.png", "fig2_downstream_hist_tiny.png",
+                       "fig5_val_logppl_scatter.png", "fig6_downstream_scatter_tiny.png"]
+    text = (out / "report.md").read_text()
+    assert all(f"]({name})" in text for name in figures)
+    [summary_run] = client.search_runs([exp], filter_string="tags.`hldx.role` = 'report'")
+    logged = {a.path for a in client.list_artifacts(summary_run.info.run_id)}
+    assert logged == {p.name for p in out.iterdir()}
+    assert len(read_mlflow("study", client.tracking_uri)) == 8  # the summary run is not read back
+
+
+def test_cli_exits_1_on_empty_experiment(mlflow_exp, tmp_path, capsys):
+    client, _ = mlflow_exp
+    assert report.main(["--experiment", "study", "--tracking-uri", client.tracking_uri,
+                        "--out", str(tmp_path / "r")]) == 1
+    assert "no FINISHED runs" in capsys.readouterr().err
+    empty = tmp_path / "empty.csv"
+    empty.write_text(",".join(COLUMNS) + "\n")
+    assert report.main(["--runs-csv", str(empty), "--out", str(tmp_path / "r")]) == 1
+    assert "no runs" in capsys.readouterr().err

@@ -1,0 +1,145 @@
+"""The trainer end to end on tiny runs: MLflow names, exact resume, the schedule, HLDC/HLDF semantics."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from hldx import config as C
+from hldx.methods import phases
+from hldx.plan import plan_run
+from hldx.run import execute
+from hldx.train import Checkpoint, lr_at
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(next((run_dir / "final").glob("*.safetensors"))))
+
+
+def _assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _run(overrides: list[str]) -> tuple[dict, Path]:
+    cfg = C.compose(overrides)
+    metrics = execute(cfg)
+    return metrics, Path(cfg.paths.runs) / C.run_key(cfg)
+
+
+def test_kd_run_logs_the_design_names_and_is_skipped_when_finished(tiny, tmp_path):
+    overrides = tiny + ["method=kd"]
+    metrics, run_dir = _run(overrides)
+    assert metrics["eval/val_logppl"] < torch.log(torch.tensor(4096.0)).item()  # learnt something
+    cfg = C.compose(overrides)
+    mlflow = MlflowClient(cfg.tracking.uri)
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                                filter_string="tags.`hldx.role` = 'student'")
+    assert run.info.status == "FINISHED" and run.info.run_name == "kd|lr=4e-4|tau=1|alpha=0.7"
+    assert {k: run.data.params[k] for k in ("method", "student", "lr", "tau", "alpha", "seed")} == {
+        "method": "kd", "student": "tiny", "lr": "0.0004", "tau": "1.0", "alpha": "0.7", "seed": "0"}
+    assert "gamma" not in run.data.params and "p1" not in run.data.params
+    assert run.data.params["cfg.train.seq_len"] == "32"
+    assert run.data.tags["hldx.hp_key"] == "lr=4e-4|tau=1|alpha=0.7"
+    assert run.data.tags["hldx.run_key"] == C.run_key(cfg) and run.data.tags["hldx.method"] == "kd"
+    assert Path(run.data.tags["hldx.ckpt"]) == (run_dir / "final").resolve()
+    for name in ("train/loss", "train/loss_nll", "train/loss_kd", "train/lr", "train/tokens", "train/flops",
+                 "perf/tokens_per_s", "eval/val_logppl"):
+        assert name in run.data.metrics, name
+    steps = plan_run(cfg).phases[0].steps
+    assert run.data.metrics["train/tokens"] == steps * 4 * 32
+    # The teacher was pre-trained once by the same code path and is tracked too.
+    teachers = mlflow.search_runs([], filter_string="tags.`hldx.role` = 'teacher'")
+    assert [(t.data.params["method"], t.data.params["student"]) for t in teachers] == [("nll", "tiny-teacher")]
+    # The same command again finds the finished run and trains nothing.
+    assert execute(cfg) == {}
+
+
+def _kill_after_checkpoint(cmd: list[str], env: dict, ckpt: Path) -> None:
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (ckpt / "state.pt").exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkilled_run_resumes_to_bitwise_identical_weights(tiny, tmp_path):
+    base = tiny + ["method=nll", "budget.tokens=8192", "train.ckpt_every=10"]
+    _, reference = _run(base + [f"paths.runs={tmp_path}/reference"])
+    env = dict(os.environ)
+    killed = [f"paths.runs={tmp_path}/killed", f"tracking.uri=sqlite:///{tmp_path}/killed.db"]
+    cmd = [sys.executable, "-m", "hldx.run"] + base + killed
+    run_dir = tmp_path / "killed" / reference.name
+    _kill_after_checkpoint(cmd, env, run_dir / "ckpt")
+    assert not (run_dir / "final").exists()
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+    _assert_bitwise_equal(_weights(reference), _weights(run_dir))
+    mlflow = MlflowClient(C.compose(base + killed).tracking.uri)
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name(C.compose(base).tracking.experiment).experiment_id],
+                              filter_string=f"tags.`hldx.run_key` = '{reference.name}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the resumed run continued its MLflow run
+
+
+def test_hldc_with_gamma_zero_is_kd_bitwise(tiny):
+    common = tiny + ["budget.tokens=4096"]
+    _, kd = _run(common + ["method=kd"])
+    _, hldc = _run(common + ["method=hldc", "gamma=0"])
+    _assert_bitwise_equal(_weights(kd), _weights(hldc))
+    _, hldc_on = _run(common + ["method=hldc", "gamma=1"])
+    assert not torch.equal(_weights(kd)["model.norm.weight"], _weights(hldc_on)["model.norm.weight"])
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_hldf_resumes_across_the_phase_boundary(tiny, tmp_path, monkeypatch):
+    """Killed in phase 1, at the boundary and in phase 2, HLDF ends with the uninterrupted run's weights."""
+    overrides = tiny + ["method=hldf", "p1=0.3", "budget.tokens=4096", "train.ckpt_every=3"]
+    cfg = C.compose(overrides)
+    p1_steps = plan_run(cfg).phases[0].steps
+    _, reference = _run(overrides + [f"paths.runs={tmp_path}/reference"])
+    save = Checkpoint.save
+    for stop_at in (3, p1_steps, p1_steps + 6):
+        def save_then_stop(state, run_dir, model, tokenizer):
+            save(state, run_dir, model, tokenizer)
+            if sum(p.steps for p in plan_run(cfg).phases[:state.phase]) + state.step >= stop_at:
+                raise _Interrupt  # as if killed right after this checkpoint
+
+        killed = overrides + [f"paths.runs={tmp_path}/killed-{stop_at}"]
+        monkeypatch.setattr(Checkpoint, "save", save_then_stop)
+        with pytest.raises(_Interrupt):
+            _run(killed)
+        monkeypatch.setattr(Checkpoint, "save", save)
+        _, resumed = _run(killed)
+        _assert_bitwise_equal(_weights(reference), _weights(resumed))
+
+
+def test_schedule_warmup_cosine_and_hldf_alignment():
+    cfg = C.compose(["method=hldf", "p1=0.25", "budget.tokens=409600", "train.warmup_steps=10"])
+    ht, kd2 = plan_run(cfg).phases
+    p_ht, p_kd = phases(cfg)
+    lr = [lr_at(1.0, 0.1, p_ht, ht, s) for s in range(ht.steps)]
+    assert lr[0] == pytest.approx(1 / ht.warmup_steps) and lr[-1] == 1.0 and max(lr) == 1.0  # constant
+    kd_cfg = C.compose(["method=kd", "budget.tokens=409600", "train.warmup_steps=10"])
+    (kd,) = plan_run(kd_cfg).phases
+    kd_lr = [lr_at(1.0, 0.1, phases(kd_cfg)[0], kd, s) for s in range(kd.steps)]
+    assert kd_lr[kd.warmup_steps - 1] == 1.0 and kd_lr[-1] == pytest.approx(0.1, abs=0.01)
+    assert all(a >= b for a, b in zip(kd_lr[kd.warmup_steps:], kd_lr[kd.warmup_steps + 1:]))
+    hldf_lr = [lr_at(1.0, 0.1, p_kd, kd2, s) for s in range(kd2.steps)]
+    assert hldf_lr[0] < 0.5  # re-warms up
+    assert hldf_lr[-1] == pytest.approx(kd_lr[-1], abs=1e-3)  # and ends where KD ends
