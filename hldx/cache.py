@@ -581,11 +581,31 @@ def verify(out_dir: str | os.PathLike, *, progress: bool = True) -> list[str]:
     return problems
 
 
+def _build_command(overrides: list[str]) -> int:
+    """Build this worker's share (cache.task of cache.tasks) of the cache of the composed config."""
+    from hldx import config, data
+    from hldx.run import ensure_teacher
+    from hldx.teacher import build_cache, cache_spec
+    from hldx.train import device_of
+
+    cfg = config.compose(overrides)
+    tokenizer = data.tokenizer_for(cfg)
+    stream = data.prepare(cfg, "train", tokenizer)
+    ensure_teacher(cfg)
+    rows = task_rows(cache_spec(cfg, tokenizer, stream), cfg.cache.task, cfg.cache.tasks)
+    root = build_cache(cfg, tokenizer, stream, device_of(cfg), rows)
+    print(f"{'complete' if (root / 'manifest.json').exists() else 'partial'}: {root}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """python -m hldx.cache verify dir=DIR: exit 1 naming every bad shard, 0 when the cache is whole."""
+    """python -m hldx.cache build <overrides> | verify dir=DIR (exit 1 naming every bad shard)."""
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "build":
+        return _build_command(args[1:])
     if len(args) != 2 or args[0] != "verify" or not args[1].startswith("dir="):
-        print("usage: python -m hldx.cache verify dir=DIR", file=sys.stderr)
+        print("usage: python -m hldx.cache build <hydra overrides>   # cache.task/cache.tasks split the work\n"
+              "       python -m hldx.cache verify dir=DIR", file=sys.stderr)
         return 2
     root = args[1].removeprefix("dir=")
     problems = verify(root)

@@ -23,8 +23,8 @@ from omegaconf import DictConfig
 from hldx import config as C
 from hldx import data, tracking
 from hldx.plan import plan_run, plan_sweep
-from hldx.teacher import OnlineTeacher, load_teacher, teacher_config, teacher_path
-from hldx.train import Checkpoint, Trainer, device_of
+from hldx.teacher import teacher_config, teacher_path, teacher_source
+from hldx.train import Checkpoint, Trainer, device_of, init_distributed, world
 
 log = logging.getLogger("hldx")
 
@@ -55,14 +55,19 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
     teacher = None
     if cfg.method.name in C.DISTILLED:
         ensure_teacher(cfg)
-        teacher = OnlineTeacher(cfg, load_teacher(cfg), device_of(cfg))
+        teacher = teacher_source(cfg, tokenizer, stream, device_of(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
+    rank, size = world()
     resume = Checkpoint.load(run_dir)
-    tracker = tracking.Tracker(cfg, plan.run_key, role, run_id=resume.tracking_run_id if resume else None)
+    tracker = tracking.Tracker(cfg, plan.run_key, role, run_id=resume.tracking_run_id if resume else None) \
+        if rank == 0 else None
     try:
-        batches = data.Batches(stream, cfg.train.seq_len, cfg.train.batch_size, cfg.seed)
-        trainer = Trainer(cfg, plan, batches, teacher, run_dir, tokenizer, tracker.log, tracker.run_id)
+        batches = data.Batches(stream, cfg.train.seq_len, cfg.train.batch_size, cfg.seed, rank, size)
+        trainer = Trainer(cfg, plan, batches, teacher, run_dir, tokenizer, tracker.log if tracker else None,
+                          tracker.run_id if tracker else None)
         model = trainer.fit()
+        if tracker is None:
+            return {}
         model.save_pretrained(final)
         tokenizer.save_pretrained(final)
         from hldx.evaluate import evaluate_model
@@ -70,8 +75,9 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
         metrics = evaluate_model(model.eval(), tokenizer, cfg)
         tracker.log(metrics, sum(p.steps for p in plan.phases))
         tracker.tag(**{"hldx.ckpt": str(final.resolve())})
-    except BaseException:
-        tracker.finish("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
+    except BaseException as err:
+        if tracker is not None:
+            tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     tracker.finish()
     shown = ", ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items())
@@ -80,10 +86,20 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
     return metrics
 
 
+def _join_ranks(cfg: DictConfig) -> None:
+    """Several SLURM tasks form one job: export torch's rendezvous variables from SLURM's, then join."""
+    if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "RANK" not in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    init_distributed(device_of(cfg))
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float | None:
     C.validate(cfg)
     C.warn_unused(cfg, list(HydraConfig.get().overrides.task))
+    _join_ranks(cfg)
     metrics = execute(cfg)
     return metrics.get("eval/val_logppl")
 

@@ -1,14 +1,19 @@
 """The teacher: loaded from `teacher.ckpt`, or (tiny default) pre-trained once on demand by hldx itself."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from hldx import config as C
+from hldx.cache import CacheSpec, build, open_cache, resolve_dir, resolve_hidden_rows
+from hldx.data import tokenizer_digest
 from hldx.models import forward, forward_to_layer, load_model, middle_layer
 
 log = logging.getLogger(__name__)
@@ -63,3 +68,64 @@ class OnlineTeacher:
         logits_BxLxV, hidden_BxLxD = forward(self.model, tokens_BxL, self.layer if hidden else None)
         topk_val_BxLxK, topk_idx_BxLxK = logits_BxLxV.float().topk(self.k, dim=-1)
         return topk_idx_BxLxK, topk_val_BxLxK, None if hidden_BxLxD is None else hidden_BxLxD.float()
+
+
+def teacher_digest(path: Path) -> str:
+    """Content hash of a teacher checkpoint: its config and weight files."""
+    sha = hashlib.sha256()
+    for file in sorted(path.glob("*.safetensors")) + [path / "config.json"]:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                sha.update(block)
+    return sha.hexdigest()[:16]
+
+
+def cache_spec(cfg: DictConfig, tokenizer, stream) -> CacheSpec:
+    """The cache every method of a sweep shares: all rows of the stream, hidden states per cache.hidden_rows."""
+    rows = stream.rows(cfg.train.seq_len)
+    return CacheSpec(
+        teacher_digest=teacher_digest(teacher_path(cfg)), tokenizer_digest=tokenizer_digest(tokenizer),
+        stream_digest=stream.digest, seq_len=cfg.train.seq_len, rows=rows, k=cfg.method.get("top_k", 128),
+        vocab_size=cfg.student.vocab_size,
+        hidden_layer=middle_layer(cfg.teacher.model.num_hidden_layers, cfg.hidden.teacher_layer),
+        hidden_size=cfg.teacher.model.hidden_size, hidden_rows=resolve_hidden_rows(cfg.cache.hidden_rows, rows),
+        values_dtype=cfg.cache.values_dtype, hidden_dtype=cfg.cache.hidden_dtype,
+        rows_per_shard=cfg.cache.rows_per_shard)
+
+
+def build_cache(cfg: DictConfig, tokenizer, stream, device: torch.device, rows: range | None = None) -> Path:
+    """Build (or finish, or check) the teacher cache of cfg; returns its directory."""
+    spec = cache_spec(cfg, tokenizer, stream)
+    root = resolve_dir(cfg.cache.dir, Path(cfg.paths.cache).expanduser(), spec)
+    online = OnlineTeacher(cfg, load_teacher(cfg), device)
+    tokens_RxL = stream.tokens[: spec.rows * spec.seq_len].reshape(spec.rows, spec.seq_len)
+
+    def teacher_fn(tokens_BxL: Tensor):
+        idx, val, hidden = online(None, tokens_BxL.to(device), True, spec.hidden_rows > 0)
+        return idx.cpu(), val.cpu(), None if hidden is None else hidden.cpu()
+
+    build(spec, root, teacher_fn, lambda r: torch.from_numpy(tokens_RxL[r].astype(np.int64)), rows,
+          batch_rows=cfg.cache.batch_rows)
+    return root
+
+
+class CachedTeacher:
+    """Teacher outputs read from the shared cache by row index (built on first use, file-locked)."""
+
+    def __init__(self, cfg: DictConfig, tokenizer, stream, device: torch.device):
+        root = build_cache(cfg, tokenizer, stream, device)
+        spec = cache_spec(cfg, tokenizer, stream)
+        if cfg.method.name == "kd":  # a KD run needs no hidden state: any cache with the top-k will do
+            spec = dataclasses.replace(spec, hidden_layer=None, hidden_size=0, hidden_rows=0)
+        self.reader, self.device = open_cache(root, spec, prefetch=cfg.cache.prefetch), device
+
+    def __call__(self, rows: Tensor, tokens_BxL: Tensor, logits: bool, hidden: bool):
+        idx, val, hid = self.reader.get(rows.numpy(), topk=logits, hidden=hidden)
+        return tuple(None if t is None else t.to(self.device, non_blocking=True) for t in (idx, val, hid))
+
+
+def teacher_source(cfg: DictConfig, tokenizer, stream, device: torch.device):
+    """The teacher a distilled run reads: the cache (teacher.source=cache) or the live model (online)."""
+    if cfg.teacher.source == "cache":
+        return CachedTeacher(cfg, tokenizer, stream, device)
+    return OnlineTeacher(cfg, load_teacher(cfg), device)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -42,6 +45,65 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     gpu = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: torchrun's RANK/WORLD_SIZE (exported from SLURM by hldx.run)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group when several ranks run: NCCL on GPUs, gloo on CPUs."""
+    if world()[1] > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _all_reduce_mean(tensors: list[Tensor]) -> None:
+    """Average tensors across ranks in one flat buffer (the gradients of a step, or logged sums)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+class Preemption:
+    """SIGUSR2 (SLURM's warning before a time limit or preemption) and SIGTERM only raise a flag; the
+    loop checkpoints at the next step boundary, then hands SIGUSR2 to the handler that was there before
+    (submitit's, which requeues the job) or exits. All ranks stop at the same step."""
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __enter__(self) -> Preemption:
+        self.received, self.previous = 0, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._raise_flag) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _raise_flag(self, signum, _frame) -> None:
+        self.received = signum
+
+    def requested(self, device: torch.device) -> bool:
+        if world()[1] == 1:
+            return bool(self.received)
+        flag = torch.tensor([float(self.received)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.received = int(flag.item())
+        return bool(self.received)
+
+    def stop(self) -> None:
+        previous = self.previous.get(self.received)
+        if self.received == signal.SIGUSR2 and callable(previous):
+            previous(signal.SIGUSR2, None)  # submitit: checkpoint the job description and requeue
+        raise SystemExit(f"stopped by signal {self.received} after a checkpoint; the same command resumes")
 
 
 def lr_at(peak: float, final_fraction: float, phase: Phase, plan: PhasePlan, step: int) -> float:
@@ -105,7 +167,8 @@ class Trainer:
     """Runs the phases of a plan on one student; `log(metrics, step)` receives the training curves."""
 
     def __init__(self, cfg: DictConfig, plan: RunPlan, batches, teacher: TeacherFn | None,
-                 run_dir: Path, tokenizer, log: Callable[[dict, int], None], tracking_run_id: str | None = None):
+                 run_dir: Path, tokenizer, log: Callable[[dict, int], None] | None,
+                 tracking_run_id: str | None = None):
         self.cfg, self.plan, self.batches, self.teacher = cfg, plan, batches, teacher
         self.run_dir, self.tokenizer, self.log = Path(run_dir), tokenizer, log
         self.tracking_run_id = tracking_run_id
@@ -113,9 +176,9 @@ class Trainer:
         self.layer = middle_layer(cfg.student.num_hidden_layers, cfg.hidden.student_layer)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
             self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")) else None
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        micro = cfg.train.micro_batch_size or cfg.train.batch_size // world
-        local = cfg.train.batch_size // world
+        self.rank, self.world = world()
+        micro = cfg.train.micro_batch_size or cfg.train.batch_size // self.world
+        local = cfg.train.batch_size // self.world
         if local % micro:
             raise ValueError(f"train.micro_batch_size={micro} must divide the per-rank batch {local}")
         self.micro = micro
@@ -156,13 +219,21 @@ class Trainer:
         all_phases = phases(cfg)
         total_steps = sum(p.steps for p in self.plan.phases)
         done = sum(p.steps for p in self.plan.phases[:resume.phase]) + resume.step
-        bar = tqdm(total=total_steps, initial=done, unit="step", dynamic_ncols=True, disable=None)
-        for index in range(resume.phase, len(all_phases)):
-            phase, plan = all_phases[index], self.plan.phases[index]
-            start = resume.step if index == resume.phase else 0
-            self._run_phase(index, phase, plan, model, start, bar)
+        bar = tqdm(total=total_steps, initial=done, unit="step", dynamic_ncols=True,
+                   disable=None if self.rank == 0 else True)
+        with Preemption() as self.preemption:
+            for index in range(resume.phase, len(all_phases)):
+                phase, plan = all_phases[index], self.plan.phases[index]
+                start = resume.step if index == resume.phase else 0
+                self._run_phase(index, phase, plan, model, start, bar)
         bar.close()
         return model
+
+    def _checkpoint(self, model) -> None:
+        if self.rank == 0:
+            self.state.save(self.run_dir, model, self.tokenizer)
+        if self.world > 1:
+            dist.barrier()
 
     def _run_phase(self, index: int, phase: Phase, plan: PhasePlan, model, start: int, bar) -> None:
         cfg, device = self.cfg, self.device
@@ -201,6 +272,8 @@ class Trainer:
                 (parts["loss"] / n_micro).backward()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.detach() / n_micro
+            if self.world > 1:
+                _all_reduce_mean([p.grad for p in params + extra if p.grad is not None])
             if cfg.train.grad_clip:
                 nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
                 if extra:
@@ -211,6 +284,11 @@ class Trainer:
             window_steps += 1
             last = step + 1 == plan.steps
             if (step + 1) % cfg.train.log_every == 0 or last:
+                if self.world > 1:
+                    names = sorted(sums)
+                    values = [torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in names]
+                    _all_reduce_mean(values)
+                    sums = dict(zip(names, values))
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * step_tokens / elapsed
                 metrics = {f"train/{k}": float(v) / window_steps for k, v in sums.items()}
@@ -220,11 +298,15 @@ class Trainer:
                             "perf/tokens_per_s": tokens_per_s}
                 if peak:
                     metrics["perf/mfu"] = tokens_per_s * token_flops / peak
-                self.log(metrics, first_step + step + 1)
+                if self.log is not None:
+                    self.log(metrics, first_step + step + 1)
                 bar.set_postfix(phase=phase.name, loss=f"{metrics['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
-            if last or (step + 1) % cfg.train.ckpt_every == 0:
+            stop = self.preemption.requested(device)
+            if stop or last or (step + 1) % cfg.train.ckpt_every == 0:
                 self.state.phase, self.state.step = (index + 1, 0) if last else (index, step + 1)
                 self.state.optimizer = None if last else optimizer.state_dict()
                 self.state.regressor = None if (last or regressor is None) else regressor.state_dict()
-                self.state.save(self.run_dir, model, self.tokenizer)
+                self._checkpoint(model)
+            if stop:
+                self.preemption.stop()

@@ -32,7 +32,7 @@ def tiny(hldx_cache, tracking_db, tmp_path, request) -> list[str]:
     """Overrides for a run of a few dozen CPU steps, tracked in an MLflow experiment of this test's own."""
     experiment = request.node.name.replace("[", "-").replace("]", "")
     return [
-        "train.seq_len=32", "train.batch_size=4", "train.log_every=5", "budget.tokens=2048",
+        "train.seq_len=32", "train.batch_size=4", "data.max_train_tokens=32768", "train.log_every=5", "budget.tokens=2048",
         "teacher.build.tokens=8192", "eval.val_sequences=8", "eval.tasks=[val]",
         f"tracking.uri={tracking_db}", f"tracking.experiment={experiment}", f"paths.runs={tmp_path}/runs",
     ]
