@@ -31,15 +31,16 @@ class ConfigError(ValueError):
     """A bad setting: the message names the key, what was given and what is allowed."""
 
 
-def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """Compose `conf/` with Hydra outside a Hydra app (plan, tests, sweep expansion)."""
+def compose(overrides: list[str] | None = None, config_name: str = "config", with_hydra: bool = False) -> DictConfig:
+    """Compose `conf/` with Hydra outside a Hydra app (plan, tests, sweep expansion); `with_hydra` keeps the
+    `hydra` node (e.g. a sweep config's hydra.sweeper.params)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return hydra_compose(config_name, overrides=list(overrides or []))
+        return hydra_compose(config_name, overrides=list(overrides or []), return_hydra_config=with_hydra)
 
 
 class Composer:
@@ -92,6 +93,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("flops", "ot", "tokens"):
         _check(b[key] is None or b[key] > 0, f"budget.{key}", b[key], "a number > 0")
     _check(b.accounting in ("exact", "paper"), "budget.accounting", b.accounting, "exact or paper")
+    from hldx.evaluate import check as check_eval
+
+    check_eval(cfg)
     t = cfg.train
     _check(t.seq_len >= 2, "train.seq_len", t.seq_len, "an integer >= 2")
     models = [("student", cfg.student)] + ([("teacher.model", cfg.teacher.model)] if method in DISTILLED else [])
@@ -148,9 +152,8 @@ def identity(cfg: DictConfig) -> dict:
         **{k: v for k, v in hparams(cfg).items() if v is not None},
     }
     if method in DISTILLED:
-        teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
-        teacher.pop("source", None)  # cache and online give the same teacher outputs
-        ident["teacher"] = teacher
+        # teacher.source is part of it: an online teacher's forward is charged to the FLOPs budget
+        ident["teacher"] = OmegaConf.to_container(cfg.teacher, resolve=True)
     if method in ("hldc", "hldf"):
         ident["hidden"] = OmegaConf.to_container(cfg.hidden, resolve=True)
     return ident

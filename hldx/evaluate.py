@@ -183,7 +183,8 @@ def _task_config(spec: Downstream, cfg: DictConfig) -> dict:
     if cfg.eval.local_dir is not None:
         config |= {"dataset_path": "json", "dataset_name": None,
                    "dataset_kwargs": {"data_files": {spec.split: str(_local_path(cfg, spec.task))}},
-                   **{f"{s}_split": spec.split if s == spec.split else None for s in ("training", "validation", "test")}}
+                   **{f"{s}_split": (spec.split if s == spec.split else None)
+                      for s in ("training", "validation", "test")}}
     return config
 
 
@@ -277,6 +278,20 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"eval.{key}={e[key]} is invalid: expected null or an integer >= 1")
 
 
+def _hub_answers(timeout_s: float = 3.0) -> bool:
+    """Whether the hub can be reached, asked once in seconds (datasets alone retries each task for ~25 s)."""
+    import requests
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        requests.head(constants.ENDPOINT, timeout=timeout_s)
+        return True
+    except requests.RequestException:
+        return False
+
+
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: DictConfig) -> Evaluation:
     """Run eval.tasks on the model (put back in its train/eval mode afterwards); skip what cannot be read."""
     check(cfg)
@@ -285,15 +300,24 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: Di
     was_training = model.training
     model.eval()
     try:
-        data_fix = f"it is the held-out split of data={cfg.data.name}: see the data.* keys (data.path=DIR: local)"
-        wikitext_fix = (f"offline, pass eval.local_dir=DIR holding {WIKITEXT_FILE}.jsonl ({{text}} lines of "
-                        f"{cfg.eval.wikitext.name})" if cfg.eval.local_dir is None else
-                        f"write {WIKITEXT_FILE}.jsonl there ({{text}} lines), or pass eval.local_dir=null")
-        for name, rows, fix in (("val", _val_rows, data_fix), ("wikitext", _wikitext_rows, wikitext_fix)):
-            if name in tasks and (tokens_NxL := _attempt(ev.skipped, name, lambda: rows(cfg, tokenizer), fix)) is not None:
+        fixes = {
+            "val": f"it is the held-out split of data={cfg.data.name}: see the data.* keys (data.path=DIR: local)",
+            "wikitext": (f"offline, pass eval.local_dir=DIR holding {WIKITEXT_FILE}.jsonl ({{text}} lines of "
+                         f"{cfg.eval.wikitext.name})" if cfg.eval.local_dir is None else
+                         f"write {WIKITEXT_FILE}.jsonl there ({{text}} lines), or pass eval.local_dir=null"),
+        }
+        if cfg.eval.local_dir is None and not _hub_answers():
+            for name in [t for t in tasks if t != "val"]:
+                ev.skipped[name] = ("the Hugging Face Hub does not answer (offline?); fix: pass eval.local_dir=DIR "
+                                    "holding <task>.jsonl files in each hub dataset's schema")
+        for name, rows in (("val", _val_rows), ("wikitext", _wikitext_rows)):
+            if name not in tasks or name in ev.skipped:
+                continue
+            tokens_NxL = _attempt(ev.skipped, name, lambda: rows(cfg, tokenizer), fixes[name])
+            if tokens_NxL is not None:
                 ev.results[name] = {"logppl": log_perplexity(model, tokens_NxL, cfg.eval.batch_size),
                                     "tokens": float(tokens_NxL[:, 1:].numel())}
-        if names := [t for t in tasks if t in DOWNSTREAM]:
+        if names := [t for t in tasks if t in DOWNSTREAM and t not in ev.skipped]:
             ev.results |= _downstream(model, tokenizer, cfg, names, ev.skipped)
     finally:
         model.train(was_training)

@@ -9,14 +9,21 @@ actually built (linear for HLDC, the MLP for HLDF). A training step costs 3x its
 An online teacher's forward is counted; a cached teacher costs nothing.
 
     python -m hldx.plan -m method=kd,hldf lr=1e-4,4e-4 [plan.json=PATH]
+    python -m hldx.plan -m +sweep=paper-123m                 # a study's grid from sweeps/, with its GPU-hours
+
+GPU-hours: each phase's tokens at a stated tokens/s per GPU, measured by `python -m hldx.bench` (plan.bench=
+its bench.json) or else assumed: plan.mfu (default 40%) of plan.peak_flops (default 989e12, an H100's dense
+bf16 peak) spent on the FLOPs the real modules perform per token (exact accounting, attention included).
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
 from hldx.methods import phases
@@ -145,44 +152,95 @@ def plan_run(cfg: DictConfig) -> RunPlan:
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Hydra's own expansion of sweep overrides (a=1,2 b=x,y) into one override list per job."""
+    """Hydra's own expansion of a sweep into one override list per job, as hldx's sweeper launches it: the
+    grid of a sweep config (hydra.sweeper.params, e.g. from +sweep=NAME), then the command line's
+    overrides (a=1,2 b=x,y), which win for a key given in both."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    parser = OverridesParser.create()
+    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+    params = C.compose(fixed, with_hydra=True).hydra.sweeper.get("params") or {}
+    parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
     return [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
 
 
-def plan_sweep(overrides: list[str]) -> tuple[list[RunPlan], list[str]]:
-    """Unique jobs of a sweep (deduplicated by run_key) and one error line per bad job."""
-    jobs, errors, seen, compose = [], [], set(), C.Composer()
-    for job in expand_sweep(overrides):
+def plan_jobs(jobs: list[list[str]]) -> tuple[list[tuple[list[str], DictConfig, RunPlan]], list[str]]:
+    """The distinct jobs (the first of each run_key) with their config and plan, and an error line per bad job."""
+    planned, errors, seen, compose = [], [], set(), C.Composer()
+    for job in jobs:
         try:
-            run = plan_run(compose(job))
+            cfg = compose(job)
+            run = plan_run(cfg)
         except Exception as err:  # noqa: BLE001 - every bad job is reported, then we stop
             errors.append(f"  {' '.join(job) or '(defaults)'}: {err}")
             continue
         if run.run_key not in seen:
             seen.add(run.run_key)
-            jobs.append(run)
-    return jobs, errors
+            planned.append((job, cfg, run))
+    return planned, errors
 
 
-def format_table(jobs: list[RunPlan], accounting: str) -> str:
-    """The human-readable plan."""
+def plan_sweep(overrides: list[str]) -> tuple[list[RunPlan], list[str]]:
+    """Unique jobs of a sweep (deduplicated by run_key) and one error line per bad job."""
+    planned, errors = plan_jobs(expand_sweep(overrides))
+    return [run for _, _, run in planned], errors
+
+
+def throughput(cfg: DictConfig) -> tuple[dict[str, float], str]:
+    """Training tokens/s of one GPU in each phase of cfg's method, and where the numbers come from: measured
+    by `python -m hldx.bench` (plan.bench=its bench.json), else assumed, plan.mfu of plan.peak_flops spent
+    on the FLOPs that the real modules perform per token (the exact accounting, whatever the budget's)."""
+    names = [p.name for p in phases(cfg)]
+    if cfg.plan.bench:
+        path = Path(cfg.plan.bench).expanduser()
+        try:
+            bench = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise C.ConfigError(f"plan.bench={path} is not a readable hldx.bench result ({err}): write one with "
+                                f"python -m hldx.bench bench.json={path}, or drop plan.bench") from None
+        measured = bench.get("tokens_per_s", {})
+        missing = [n for n in names if n not in measured]
+        if bench.get("student") != cfg.student.name or missing:
+            raise C.ConfigError(f"plan.bench={path} measured student {bench.get('student')} ({', '.join(measured)}); "
+                                f"this job needs student {cfg.student.name} ({', '.join(names)}): bench that")
+        return {n: float(measured[n]) for n in names}, f"measured by hldx.bench on {bench.get('device')} ({path})"
+    exact = flops_per_token(OmegaConf.merge(cfg, {"budget": {"accounting": "exact"}}))
+    mfu, peak = float(cfg.plan.mfu), float(cfg.plan.peak_flops)
+    if not 0 < mfu <= 1 or peak <= 0:
+        raise C.ConfigError(f"plan.mfu={mfu} and plan.peak_flops={peak} must be in (0, 1] and > 0")
+    return ({n: mfu * peak / exact[n] for n in names},
+            f"assumed: {mfu:.0%} MFU of {peak / 1e12:g} TFLOP/s (plan.mfu, plan.peak_flops; plan.bench=PATH "
+            f"takes hldx.bench's measured tokens/s instead)")
+
+
+def gpu_hours(run: RunPlan, tokens_per_s: dict[str, float]) -> float:
+    """GPU-hours of the run at the given tokens/s per GPU of each phase."""
+    return sum(p.tokens / tokens_per_s[p.name] for p in run.phases) / 3600
+
+
+def format_table(jobs: list[RunPlan], accounting: str, rates: list[dict[str, float]] | None = None,
+                 rates_source: str = "") -> str:
+    """The human-readable plan; with `rates` (tokens/s per GPU of each job's phases), its GPU-hours."""
     lines = [f"accounting: {accounting}  |  budget: {jobs[0].budget}  |  {len(jobs)} unique jobs", ""]
     header = f"{'run_key':16}  {'job':44} {'C/token':>9} {'C/C_data':>8}  {'phase':5} {'tokens':>10} " \
-             f"{'steps':>8} {'FLOPs':>9}"
+             f"{'steps':>8} {'FLOPs':>9}" + (f" {'tok/s/GPU':>9} {'GPU-h':>8}" if rates else "")
     lines += [header, "-" * len(header)]
-    for job in jobs:
+    for j, job in enumerate(jobs):
         name = "|".join([job.method] + [f"{k}={C.short(v)}" for k, v in job.hp.items() if v is not None])
         for i, p in enumerate(job.phases):
             c = job.flops_per_token[p.name]
             left = f"{job.run_key:16}  {name:44}" if i == 0 else " " * 62
-            lines.append(f"{left} {c:9.3g} {c / job.flops_per_token['data']:8.4f}  {p.name:5} {p.tokens:10.4g} "
-                         f"{p.steps:8d} {p.flops:9.3g}")
+            line = f"{left} {c:9.3g} {c / job.flops_per_token['data']:8.4f}  {p.name:5} {p.tokens:10.4g} " \
+                   f"{p.steps:8d} {p.flops:9.3g}"
+            if rates:
+                line += f" {rates[j][p.name]:9.4g}" + (f" {gpu_hours(job, rates[j]):8.4g}" if i == 0 else "")
+            lines.append(line)
     total = sum(j.total_flops for j in jobs)
     lines += ["", f"total: {total:.4g} FLOPs over {len(jobs)} jobs"]
+    if rates:
+        hours = sum(gpu_hours(job, r) for job, r in zip(jobs, rates))
+        lines.append(f"total: {hours:.4g} GPU-hours at the tokens/s per GPU {rates_source}")
     return "\n".join(lines)
 
 
@@ -191,18 +249,27 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return 0
-    jobs, errors = plan_sweep(args)
+    planned, errors = plan_jobs(expand_sweep(args))
+    rates = []
+    for job, cfg, _ in planned if not errors else []:
+        try:
+            rates.append(throughput(cfg)[0])
+        except C.ConfigError as err:
+            errors.append(f"  {' '.join(job) or '(defaults)'}: {err}")
     if errors:
         print(f"{len(errors)} invalid job(s):\n" + "\n".join(errors), file=sys.stderr)
         return 2
-    cfg = C.compose(expand_sweep(args)[0])
-    print(format_table(jobs, cfg.budget.accounting))
+    cfg, jobs = planned[0][1], [run for _, _, run in planned]
+    source = throughput(cfg)[1]
+    print(format_table(jobs, cfg.budget.accounting, rates, source))
     if cfg.plan.json:
+        hours = [gpu_hours(j, r) for j, r in zip(jobs, rates)]
         with open(cfg.plan.json, "w") as f:
-            json.dump({"accounting": cfg.budget.accounting, "jobs": [j.as_json() for j in jobs]}, f, indent=2)
+            json.dump({"accounting": cfg.budget.accounting, "throughput": source, "gpu_hours": sum(hours),
+                       "jobs": [j.as_json() | {"gpu_hours": h, "tokens_per_s": r}
+                                for j, h, r in zip(jobs, hours, rates)]}, f, indent=2)
         print(f"wrote {cfg.plan.json}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,27 +2,31 @@
 
     python -m hldx.run                                   # one tiny KD student on the embedded corpus
     python -m hldx.run -m method=nll,kd lr=1e-4,4e-4     # a sweep (Hydra multirun), validated up front
+    python -m hldx.run -m +sweep=demo                    # a study's grid from sweeps/
+    python -m hldx.run -m +sweep=demo hydra/launcher=slurm_cpu   # ... as SLURM jobs (conf/hydra/launcher/)
     python -m hldx.run --help                            # every config group and key
 
 A run that already FINISHED (same hldx.run_key in the MLflow experiment) is skipped; an interrupted one
-resumes from its last checkpoint under paths.runs/<run_key>/ and continues its MLflow run.
+resumes from its last checkpoint under paths.runs/<run_key>/ and continues its MLflow run. A sweep launches
+each distinct run once (hydra/sweeper=hldx: check_sweep), so the same command, run again, finishes a study.
 """
 from __future__ import annotations
 
 import logging
 import os
-import sys
+import shutil
+import urllib.request
 from pathlib import Path
 
 import hydra
 import transformers
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
 from hldx import data, tracking
-from hldx.plan import plan_run, plan_sweep
+from hldx.plan import plan_jobs, plan_run
 from hldx.teacher import teacher_config, teacher_path, teacher_source
 from hldx.train import Checkpoint, Trainer, device_of, init_distributed, world
 
@@ -41,14 +45,19 @@ def ensure_teacher(cfg: DictConfig) -> None:
             execute(teacher_config(cfg), role="teacher", run_dir=path.parent)
 
 
+def finished(cfg: DictConfig, key: str, run_dir: Path | None = None) -> str | None:
+    """The MLflow run id of this run if it finished: FINISHED in MLflow and its final checkpoint on disk."""
+    run_id = tracking.finished_run(cfg, key)
+    return run_id if run_id and (Path(run_dir or Path(cfg.paths.runs) / key) / "final").exists() else None
+
+
 def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None) -> dict[str, float]:
     """Train and evaluate one run; returns its evaluation metrics ({} if it had already finished)."""
     plan = plan_run(cfg)
     run_dir = Path(run_dir or Path(cfg.paths.runs) / plan.run_key)
     final = run_dir / "final"
-    finished = tracking.finished_run(cfg, plan.run_key)
-    if finished and final.exists():
-        log.info("%s already finished (run_key %s, MLflow run %s): skipped", C.run_name(cfg), plan.run_key, finished)
+    if done := finished(cfg, plan.run_key, run_dir):
+        log.info("%s already finished (run_key %s, MLflow run %s): skipped", C.run_name(cfg), plan.run_key, done)
         return {}
     tokenizer = data.tokenizer_for(cfg)
     stream = data.prepare(cfg, "train", tokenizer)
@@ -70,11 +79,10 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
             return {}
         model.save_pretrained(final)
         tokenizer.save_pretrained(final)
-        from hldx.evaluate import evaluate_model
-
-        metrics = evaluate_model(model.eval(), tokenizer, cfg)
+        evaluation = evaluate(model.eval(), tokenizer, cfg)
+        metrics = evaluation.metrics
         tracker.log(metrics, sum(p.steps for p in plan.phases))
-        tracker.tag(**{"hldx.ckpt": str(final.resolve())})
+        tracker.tag(**{"hldx.ckpt": str(final.resolve())}, **evaluation.tags())
     except BaseException as err:
         if tracker is not None:
             tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
@@ -97,24 +105,59 @@ def _join_ranks(cfg: DictConfig) -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float | None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # here, not under __main__: SLURM jobs start here
+    transformers.utils.logging.disable_progress_bar()
     C.validate(cfg)
     C.warn_unused(cfg, list(HydraConfig.get().overrides.task))
+    if problem := _unreachable(cfg.tracking.uri):
+        raise C.ConfigError(problem)
     _join_ranks(cfg)
     metrics = execute(cfg)
     return metrics.get("eval/val_logppl")
 
 
-def _check_sweep(argv: list[str]) -> None:
-    """Every job of a sweep is composed, validated and planned before the first one starts."""
-    overrides = [a for a in argv if not a.startswith("-") and "=" in a and not a.startswith("hydra")]
-    _, errors = plan_sweep(overrides)
-    if errors:
-        sys.exit(f"{len(errors)} invalid job(s) in the sweep; nothing was launched:\n" + "\n".join(errors))
+def _unreachable(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why an http(s) tracking server does not answer its health check within seconds; None if it does (or
+    the URI is not a server). MLflow's client would otherwise retry for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return None
+    except (OSError, ValueError) as err:
+        return (f"tracking.uri={uri} does not answer ({getattr(err, 'reason', err)}): start the server "
+                f"(mlflow server --host HOST --port PORT) or point tracking.uri at a running one")
+
+
+def check_sweep(jobs: list[list[str]], launcher: str = "") -> list[list[str]]:
+    """The jobs of a sweep left to launch, one per run_key, before anything is launched.
+
+    Every job is composed, validated and planned; bad jobs, a distilled job without its teacher, a SLURM
+    launcher (`launcher`: hydra.launcher._target_) without `sbatch` on PATH and a tracking server that does
+    not answer raise ConfigError naming each of them. Of jobs with the same run_key only the first is kept;
+    a finished run is skipped, a failed or interrupted one is kept (it resumes from its checkpoint).
+    """
+    planned, errors = plan_jobs(jobs)
+    for job, cfg, _ in planned:
+        if cfg.method.name in C.DISTILLED and OmegaConf.is_missing(cfg.teacher, "ckpt"):
+            errors.append(f"  {' '.join(job)}: teacher.ckpt is not set: pass teacher.ckpt=DIR (the teacher, "
+                          f"pre-trained with python -m hldx.run method=nll student={cfg.teacher.model.name})")
+    problems = []
+    if launcher.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
+        problems.append("  hydra/launcher submits to SLURM, but sbatch is not on PATH: launch from a SLURM "
+                        "login node, or leave hydra/launcher out to run the jobs here")
+    problems += [f"  {why}" for uri in sorted({cfg.tracking.uri for _, cfg, _ in planned})
+                 if (why := _unreachable(uri))]
+    if errors or problems:
+        head = f"{len(errors)} invalid job(s) in the sweep; " if errors else ""
+        raise C.ConfigError(f"{head}nothing was launched:\n" + "\n".join(errors + problems))
+    todo = [(job, cfg) for job, cfg, run in planned if not finished(cfg, run.run_key)]
+    log.info("sweep: %d job(s), %d distinct, %d finished already: launching %d", len(jobs), len(planned),
+             len(planned) - len(todo), len(todo))
+    for job, cfg in todo:
+        log.info("  %s", C.run_name(cfg))
+    return [job for job, _ in todo]
 
 
 if __name__ == "__main__":
-    if any(a in ("-m", "--multirun") for a in sys.argv[1:]):
-        _check_sweep(sys.argv[1:])
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    transformers.utils.logging.disable_progress_bar()
     main()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
@@ -45,6 +46,13 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     gpu = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+
+
+def compile_layers(model: nn.Module) -> None:
+    """train.compile: each decoder layer's forward through torch.compile, in place. The module tree stays as
+    it is, so the mid-layer taps (forward hooks) and HLDF's truncated forward work as they do eagerly."""
+    for layer in model.model.layers:
+        layer.forward = torch.compile(layer.forward)
 
 
 def world() -> tuple[int, int]:
@@ -205,6 +213,28 @@ class Trainer:
             parts |= {"loss": total + cfg.gamma * emb, "loss_emb": emb}
         return parts
 
+    def step(self, phase: Phase, model, regressor, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+             extra: list[nn.Parameter], rows: np.ndarray, tokens_BxL: Tensor, sums: dict[str, Tensor]) -> None:
+        """One optimizer step on one batch: forward and backward per micro-batch (the loss parts, averaged
+        over micro-batches, are added into `sums`), gradient all-reduce across ranks, clipping, AdamW."""
+        rows = torch.from_numpy(rows)
+        tokens_BxL = tokens_BxL.to(self.device, non_blocking=True)
+        n_micro = tokens_BxL.shape[0] // self.micro
+        for rows_m, tokens_m in zip(rows.split(self.micro), tokens_BxL.split(self.micro)):
+            with self.autocast or torch.autocast("cpu", enabled=False):
+                parts = self.loss(phase, model, regressor, rows_m, tokens_m)
+            (parts["loss"] / n_micro).backward()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.detach() / n_micro
+        if self.world > 1:
+            _all_reduce_mean([p.grad for p in params + extra if p.grad is not None])
+        if self.cfg.train.grad_clip:
+            nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+            if extra:
+                nn.utils.clip_grad_norm_(extra, self.cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     def fit(self) -> nn.Module:
         cfg, device = self.cfg, self.device
         resume = Checkpoint.load(self.run_dir)
@@ -214,6 +244,8 @@ class Trainer:
         else:
             model = load_model(str(self.run_dir / "ckpt" / "model"))
         model.to(device).train()
+        if cfg.train.compile:
+            compile_layers(model)
         resume.tracking_run_id = self.tracking_run_id
         self.state = resume
         all_phases = phases(cfg)
@@ -263,23 +295,7 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             tokens, rows = self.batches.batch(first_step + step)
-            rows = torch.from_numpy(rows)
-            tokens = tokens.to(device, non_blocking=True)
-            n_micro = tokens.shape[0] // self.micro
-            for rows_m, tokens_m in zip(rows.split(self.micro), tokens.split(self.micro)):
-                with self.autocast or torch.autocast("cpu", enabled=False):
-                    parts = self.loss(phase, model, regressor, rows_m, tokens_m)
-                (parts["loss"] / n_micro).backward()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach() / n_micro
-            if self.world > 1:
-                _all_reduce_mean([p.grad for p in params + extra if p.grad is not None])
-            if cfg.train.grad_clip:
-                nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-                if extra:
-                    nn.utils.clip_grad_norm_(extra, cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            self.step(phase, model, regressor, optimizer, params, extra, rows, tokens, sums)
             bar.update(1)
             window_steps += 1
             last = step + 1 == plan.steps

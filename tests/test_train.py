@@ -144,3 +144,21 @@ def test_schedule_warmup_cosine_and_hldf_alignment():
     hldf_lr = [lr_at(1.0, 0.1, p_kd, kd2, s) for s in range(kd2.steps)]
     assert hldf_lr[0] < 0.5  # re-warms up
     assert hldf_lr[-1] == pytest.approx(kd_lr[-1], abs=1e-3)  # and ends where KD ends
+
+
+@pytest.mark.parametrize("method", ["kd", "hldc"])
+def test_cached_teacher_gives_the_online_teachers_weights(tiny, tmp_path, method):
+    """With lossless (float32) storage the cache returns what the teacher computed: same final weights.
+
+    An online teacher's forward is charged to the budget, so the cached run gets the budget that buys
+    it the same number of steps."""
+    common = tiny + [f"method={method}", "cache.values_dtype=float32", "cache.hidden_dtype=float32"]
+    online_cfg = C.compose(common + ["teacher.source=online", f"paths.runs={tmp_path}/online"])
+    steps = plan_run(online_cfg).phases[0].steps
+    cached = common + ["teacher.source=cache", "budget.tokens=null"]
+    per_token = plan_run(C.compose(cached + ["budget.flops=1e12"])).flops_per_token[method]
+    cached.append(f"budget.flops={steps * 4 * 32 * per_token!r}")
+    assert plan_run(C.compose(cached)).phases[0].steps == steps
+    _, online = _run(common + ["teacher.source=online", f"paths.runs={tmp_path}/online"])
+    _, from_cache = _run(cached)
+    _assert_bitwise_equal(_weights(online), _weights(from_cache))

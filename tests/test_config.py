@@ -1,0 +1,89 @@
+"""Bad input fails before any training, with a message naming the key and what is allowed."""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import MissingConfigException
+
+from hldx import config as C
+from hldx.plan import plan_run, plan_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lr=0"], r"lr=0 is invalid: expected a number > 0"),
+    (["lr=-1e-3"], r"lr=-0.001 is invalid"),
+    (["method=kd", "tau=0"], r"tau=0 is invalid: expected a number > 0"),
+    (["method=kd", "alpha=1.5"], r"alpha=1.5 is invalid: expected a number in \[0, 1\]"),
+    (["method=hldc", "gamma=-0.1"], r"gamma=-0.1 is invalid: expected a number >= 0"),
+    (["method=hldf", "p1=1"], r"p1=1 is invalid: expected a number in \[0, 1\)"),
+    (["method=hldf", "p1=0"], r"p1=0 .* use method=kd"),
+    (["budget.tokens=10"], r"too small for one optimizer step .* raise the budget"),
+    (["budget.tokens=-5"], r"budget.tokens=-5 is invalid"),
+    (["budget.tokens=null"], r"budget=none set is invalid: expected one of budget.flops"),
+    (["train.seq_len=4096"], r"train.seq_len=4096 is invalid: expected at most student.max_position_embeddings"),
+    (["data.path=/no/such/corpus"], r"data.path=/no/such/corpus is invalid: expected a readable directory"),
+    (["method=kd", "teacher.model.vocab_size=8192"], r"must share a tokenizer: teacher.model.vocab_size=8192"),
+    (["budget.accounting=rough"], r"budget.accounting=rough is invalid: expected exact or paper"),
+])
+def test_bad_values_are_refused_before_training(overrides, message):
+    with pytest.raises(C.ConfigError, match=message):
+        plan_run(C.compose(overrides))
+
+
+@pytest.mark.parametrize("group, value", [("method", "fitnet"), ("student", "gpt2"), ("data", "pile")])
+def test_unknown_group_choice_lists_the_options(group, value):
+    with pytest.raises(MissingConfigException, match=f"Could not find '{group}/{value}'") as err:
+        C.compose([f"{group}={value}"])
+    assert "Available options" in str(err.value)
+
+
+def test_cli_fails_before_training_and_names_the_key(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "hldx.run", "alpha=2", f"paths.runs={tmp_path}/runs",
+                           f"tracking.uri=sqlite:///{tmp_path}/m.db"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "alpha=2 is invalid: expected a number in [0, 1]" in done.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_sweep_with_bad_jobs_launches_nothing(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "hldx.run", "-m", "method=nll,kd", "lr=1e-3,-1",
+                           f"paths.runs={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/m.db"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "2 invalid job(s) in the sweep; nothing was launched" in done.stderr
+    assert "method=nll lr=-1" in done.stderr and "method=kd lr=-1" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_key_in_a_sweep_is_named():
+    _, errors = plan_sweep(["method=nll,kd", "lr=1e-3", "train.sequence_length=64"])
+    assert len(errors) == 2 and all("could not override 'train.sequence_length'" in e for e in errors)
+
+
+def test_ignored_hyperparameter_given_explicitly_is_warned_once(caplog):
+    with caplog.at_level(logging.WARNING):
+        C.warn_unused(C.compose(["method=hldf", "gamma=0.3"]), ["method=hldf", "gamma=0.3"])
+        C.warn_unused(C.compose(["method=hldc", "p1=0.2"]), ["method=hldc", "p1=0.2"])
+        C.warn_unused(C.compose(["method=hldc", "gamma=0.2"]), ["method=hldc", "gamma=0.2"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "method=hldf ignores gamma: gamma=0.3 has no effect on this run",
+        "method=hldc ignores p1: p1=0.2 has no effect on this run"]
+
+
+def test_teacher_with_another_hidden_size_is_refused(tmp_path):
+    from hldx.models import build_model
+    from hldx.teacher import load_teacher
+
+    cfg = C.compose(["method=hldc", f"teacher.ckpt={tmp_path}"])
+    build_model(cfg.teacher.model, seed=0).save_pretrained(tmp_path)
+    load_teacher(cfg)  # the matching shape loads
+    wrong = C.compose(["method=hldc", f"teacher.ckpt={tmp_path}", "teacher.model.hidden_size=256"])
+    with pytest.raises(C.ConfigError, match=r"has hidden_size=128 but teacher.model.hidden_size=256"):
+        load_teacher(wrong)
