@@ -174,6 +174,8 @@ def bench(cfg: DictConfig) -> dict:
     if b.steps < 1 or b.warmup < 0:
         raise C.ConfigError(f"bench.steps={b.steps}, bench.warmup={b.warmup} are invalid: expected steps >= 1 "
                             "and warmup >= 0")
+    if b.threads:
+        torch.set_num_threads(b.threads)
     rounds, device = b.warmup + b.steps, device_of(cfg)
     tokenizer = data.tokenizer_for(cfg)
     full = data.prepare(cfg, "train", tokenizer)

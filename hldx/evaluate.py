@@ -308,8 +308,9 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: Di
         }
         if cfg.eval.local_dir is None and not _hub_answers():
             for name in [t for t in tasks if t != "val"]:
-                ev.skipped[name] = ("the Hugging Face Hub does not answer (offline?); fix: pass eval.local_dir=DIR "
-                                    "holding <task>.jsonl files in each hub dataset's schema")
+                hub = cfg.eval.wikitext.path if name == "wikitext" else DOWNSTREAM[name].hub
+                fix = fixes.get(name) or f"offline, pass eval.local_dir=DIR holding {DOWNSTREAM[name].task}.jsonl"
+                ev.skipped[name] = f"the Hugging Face Hub does not answer for {hub}; fix: {fix} in the schema of {hub}"
         for name, rows in (("val", _val_rows), ("wikitext", _wikitext_rows)):
             if name not in tasks or name in ev.skipped:
                 continue
