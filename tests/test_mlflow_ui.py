@@ -7,7 +7,6 @@ import base64
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from test_analysis import log_run, scores
+from slurm_cluster import free_port
+from test_analysis import scores
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
 FIGURE = "fig1_val_logppl_hist.png"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -64,21 +58,22 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def study(server, tmp_path_factory):
-    """A demo-sized study: KD, HLDC, HLDF at two shared points and NLL at both lrs, then the report.
+    """A demo-sized study logged by hldx's own tracking (hldx.tracking.Tracker, the trainer's logger):
+    KD, HLDC and HLDF at two shared points and NLL at both lrs, then the report."""
+    from hldx import config as C
+    from hldx.tracking import Tracker
 
-    Swap point for the lead: once the trainer exists, replace the log_run calls by `python -m hldx.run -m
-    +sweep=demo tracking.uri=<server> tracking.experiment=ui-demo` and read the expected groups back from
-    the runs' hldx.hp_key tags; everything after that stays as it is.
-    """
-    client = MlflowClient(server)
-    exp = client.create_experiment("ui-demo")
     groups: dict[str, set[str]] = {}
-    for i, lr in enumerate([4e-4, 1.6e-3]):
-        point = f"lr={lr:g}|tau=1|alpha=0.7"
-        groups[point] = {log_run(client, exp, "kd", lr, 1.0, 0.7, metrics=scores(3.1 - i / 10)),
-                         log_run(client, exp, "hldc", lr, 1.0, 0.7, gamma=0.1, metrics=scores(3.09 - i / 10)),
-                         log_run(client, exp, "hldf", lr, 1.0, 0.7, p1=0.05, metrics=scores(3.08 - i / 10))}
-        groups[f"lr={lr:g}"] = {log_run(client, exp, "nll", lr, metrics=scores(3.2 - i / 10))}
+    for i, lr in enumerate(["4e-4", "1.6e-3"]):
+        for method, offset in (("kd", 0.0), ("hldc", -0.01), ("hldf", -0.02), ("nll", 0.1)):
+            cfg = C.compose([f"method={method}", f"lr={lr}", f"tracking.uri={server}",
+                             "tracking.experiment=ui-demo"])
+            tracker = Tracker(cfg, C.run_key(cfg))
+            tracker.log({f"eval/{k}": v for k, v in scores(3.1 + offset - i / 10).items()}, step=1)
+            tracker.finish()
+            groups.setdefault(C.hp_key(cfg), set()).add(tracker.run_id)
+    client = MlflowClient(server)
+    exp = client.get_experiment_by_name("ui-demo").experiment_id
     out = tmp_path_factory.mktemp("report")
     done = subprocess.run([sys.executable, "-m", "analysis.report", "--experiment", "ui-demo", "--tracking-uri",
                            server, "--out", str(out)], capture_output=True, text=True, timeout=300)
