@@ -219,6 +219,24 @@ def gpu_hours(run: RunPlan, tokens_per_s: dict[str, float]) -> float:
     return sum(p.tokens / tokens_per_s[p.name] for p in run.phases) / 3600
 
 
+def cache_storage(configs: list[DictConfig], jobs: list[RunPlan]) -> dict | None:
+    """Disk the shared teacher cache needs for the sweep: bytes per token x the most tokens a job reads."""
+    from hldx.cache import CacheSpec, bytes_per_token
+
+    readers = [(cfg, job) for cfg, job in zip(configs, jobs)
+               if cfg.method.name in C.DISTILLED and cfg.teacher.source == "cache"]
+    if not readers:
+        return None
+    cfg = readers[0][0]
+    t = cfg.teacher.model
+    per_token = bytes_per_token(CacheSpec("", "", "", cfg.train.seq_len, 1, cfg.method.top_k, t.vocab_size, 1,
+                                          t.hidden_size, 0, cfg.cache.values_dtype, cfg.cache.hidden_dtype))
+    tokens = max(sum(p.tokens for p in job.phases) for _, job in readers)
+    hidden = any(c.method.name in ("hldc", "hldf") for c, _ in readers)
+    return {"topk_bytes_per_token": per_token["topk"], "hidden_bytes_per_token": per_token["hidden"] if hidden else 0,
+            "tokens": tokens, "bytes": tokens * (per_token["topk"] + (per_token["hidden"] if hidden else 0))}
+
+
 def format_table(jobs: list[RunPlan], accounting: str, rates: list[dict[str, float]] | None = None,
                  rates_source: str = "") -> str:
     """The human-readable plan; with `rates` (tokens/s per GPU of each job's phases), its GPU-hours."""
@@ -262,10 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg, jobs = planned[0][1], [run for _, _, run in planned]
     source = throughput(cfg)[1]
     print(format_table(jobs, cfg.budget.accounting, rates, source))
+    storage = cache_storage([c for _, c, _ in planned], jobs)
+    if storage:
+        print(f"teacher cache: {storage['topk_bytes_per_token']} B/token of top-k + "
+              f"{storage['hidden_bytes_per_token']} B/token of hidden states (cache.hidden_rows=all) x "
+              f"{storage['tokens']:.4g} tokens = {storage['bytes'] / 1e12:.4g} TB on disk")
     if cfg.plan.json:
         hours = [gpu_hours(j, r) for j, r in zip(jobs, rates)]
         with open(cfg.plan.json, "w") as f:
             json.dump({"accounting": cfg.budget.accounting, "throughput": source, "gpu_hours": sum(hours),
+                       "teacher_cache": storage,
                        "jobs": [j.as_json() | {"gpu_hours": h, "tokens_per_s": r}
                                 for j, h, r in zip(jobs, hours, rates)]}, f, indent=2)
         print(f"wrote {cfg.plan.json}")

@@ -139,3 +139,6 @@ def test_plan_json(tmp_path, capsys):
     assert kd["phases"][0]["tokens"] == pytest.approx(1.08e11, rel=0.01)
     assert kd["total_flops"] == pytest.approx(sum(p["flops"] for p in kd["phases"]))
     assert "4 unique jobs" in capsys.readouterr().out
+    # KD reads 512 B/token of top-k (k=128: uint16 ids + bfloat16 logits) from the cache, no hidden states.
+    assert plan["teacher_cache"]["topk_bytes_per_token"] == 512
+    assert plan["teacher_cache"]["bytes"] == 512 * kd["phases"][0]["tokens"]
