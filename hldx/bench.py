@@ -9,14 +9,16 @@ come through the trainer's cache reader from a real teacher cache (hldx.cache) f
 logits and hidden states of the configured teacher's shapes, so no trained teacher is needed. The bare loop
 is model(tokens).logits -> cross-entropy -> backward -> clipping -> AdamW on the same model and batches.
 The methods take turns, one step each per round, the order rotating every round; after bench.warmup rounds,
-a method's time is the median of its bench.steps steps (CUDA events on a GPU, the host clock on a CPU).
+a method's time is the median of its bench.steps steps (CUDA events on a GPU, the host clock on a CPU);
+every step's time is kept too (step_s_all), to judge the spread.
 
 Reported: tokens/s; step-time ratios to NLL per token next to the plan's FLOP ratios (budget.accounting;
 a cached teacher costs no FLOPs); trainer/bare and loader/trainer throughput ratios; on a GPU, MFU against
 the device's documented bf16 peak and the peak memory allocated during each method's steps (everything the
 bench holds counts: weights, the one AdamW state the trainer's steps share, the bare loop's own; measure
 one method alone with bench.methods=[kd] for a run's footprint). The loader's rate is Batches.batch plus
-CacheReader.get of what the method reads, on the host; ratio.loader_trainer is its smallest over methods.
+CacheReader.get of what the method reads, on the host, from rows the trainer has just read (the page cache
+holds them); ratio.loader_trainer is its smallest over methods.
 """
 from __future__ import annotations
 
@@ -46,8 +48,7 @@ from hldx.plan import flops_per_token
 from hldx.teacher import CachedTeacher
 from hldx.train import Trainer, _optimizer, compile_layers, device_of, peak_flops
 
-METHODS = ("nll", "kd", "hldc", "ht")   # the trainer's steps: HT is HLDF's phase 1 (its phase 2 is KD)
-RUNS = METHODS + ("bare",)
+RUNS = ("nll", "kd", "hldc", "ht", "bare")   # the trainer's steps (HT: HLDF's phase 1) and the bare loop
 READS = {"nll": (False, False), "kd": (True, False), "hldc": (True, True), "ht": (False, True)}  # (top-k, hidden)
 
 
@@ -157,7 +158,7 @@ def host_seconds(fn: Callable[[int], None], rounds: int, warmup: int) -> list[fl
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({platform.machine()}, torch threads: {torch.get_num_threads()})"
 
 
 def _methods(cfg: DictConfig) -> list[str]:
@@ -182,10 +183,10 @@ def bench(cfg: DictConfig) -> dict:
     rows = min(full.rows(t.seq_len), t.batch_size * rounds)   # the rows the bench reads (and caches)
     stream = data.Stream(full.tokens[: rows * t.seq_len], f"{full.digest}-{rows}rows", full.path)
     batches = data.Batches(stream, t.seq_len, t.batch_size, cfg.seed)
-    distilled = [m for m in chosen if m in ("kd", "hldc", "ht")]
+    reads = [READS[m] for m in chosen if m != "bare"]
     with tempfile.TemporaryDirectory(prefix="hldx-bench-") as tmp:
-        reader = random_cache(cfg, stream, rows, any(READS[m][1] for m in distilled), Path(tmp) / "cache",
-                              data.tokenizer_digest(tokenizer)) if distilled else None
+        reader = random_cache(cfg, stream, rows, any(hidden for _, hidden in reads), Path(tmp) / "cache",
+                              data.tokenizer_digest(tokenizer)) if any(map(any, reads)) else None
         teacher = BenchTeacher(reader, device) if reader is not None else None
         trainer = Trainer(cfg, None, batches, teacher, Path(tmp), tokenizer, None)  # only its step() is called
         model = build_model(cfg.student, cfg.seed).to(device).train()
@@ -243,17 +244,15 @@ def report(cfg: DictConfig, seconds: dict[str, list[float]], loader_seconds: dic
     loader = {m: tokens / statistics.median(s) for m, s in loader_seconds.items()}
     costs = method_flops(cfg)
     flops = {m: costs["nll" if m == "bare" else m] for m in tps}
-    pairs = [(f"{m}_nll", m, "nll") for m in ("kd", "hldc", "ht")]
-    ratio = {key: step_s[a] / step_s["nll"] for key, a, _ in pairs if a in step_s and "nll" in step_s}
+    pairs = {f"{m}_nll": m for m in ("kd", "hldc", "ht") if m in tps and "nll" in tps}
+    ratio = {key: step_s[m] / step_s["nll"] for key, m in pairs.items()}
     if "nll" in tps and "bare" in tps:
         ratio["trainer_bare"] = tps["nll"] / tps["bare"]
     if loader:
         ratio["loader_trainer"] = min(loader[m] / tps[m] for m in loader)
-    out = {
-        "tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tps, "loader_tokens_per_s": loader, "flops_per_token": flops,
-        "flop_ratio": {key: flops[a] / flops["nll"] for key, a, _ in pairs if a in flops and "nll" in flops},
-        "ratio": ratio,
-    }
+    out = {"tokens_per_step": tokens, "step_s": step_s, "step_s_all": seconds, "tokens_per_s": tps,
+           "loader_tokens_per_s": loader, "flops_per_token": flops,
+           "flop_ratio": {key: flops[m] / flops["nll"] for key, m in pairs.items()}, "ratio": ratio}
     if peak:
         out["mfu"] = {m: tps[m] * flops[m] / peak for m in tps}
     if peak_mem_gib:
@@ -269,9 +268,10 @@ def format_table(result: dict) -> str:
     lines = [head, "", f"{'run':5} {'step s':>9} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'time/NLL':>9} "
                        f"{'FLOP/NLL':>9} {'loader tok/s':>13}"]
     mfu, mem = result.get("mfu", {}), result.get("peak_mem_gib", {})
-    for m, s in result["step_s"].items():
-        time_ratio = result["ratio"].get(f"{m}_nll", 1.0 if m == "nll" else math.nan)
-        flop_ratio = result["flop_ratio"].get(f"{m}_nll", 1.0 if m in ("nll", "bare") else math.nan)
+    step_s, flops = result["step_s"], result["flops_per_token"]
+    for m, s in step_s.items():
+        time_ratio = s / step_s["nll"] if "nll" in step_s else math.nan
+        flop_ratio = flops[m] / flops["nll"] if "nll" in flops else math.nan
         mfu_text = f"{mfu[m]:6.1%}" if m in mfu else f"{'-':>6}"
         mem_text = f"{mem[m]:9.2f}" if m in mem else f"{'-':>9}"
         loader = result["loader_tokens_per_s"].get(m)

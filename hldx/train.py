@@ -56,13 +56,14 @@ def compile_layers(model: nn.Module) -> None:
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size) of this process: torchrun's RANK/WORLD_SIZE (exported from SLURM by hldx.run)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(rank, world size) in the process group this process joined; (0, 1) before it joins one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def init_distributed(device: torch.device) -> None:
-    """Join the process group when several ranks run: NCCL on GPUs, gloo on CPUs."""
-    if world()[1] > 1 and not dist.is_initialized():
+    """Join the process group when torchrun's WORLD_SIZE (exported from SLURM's by hldx.run) names several
+    ranks: NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
