@@ -18,11 +18,11 @@ bf16 peak) spent on the FLOPs the real modules perform per token (exact accounti
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
@@ -159,8 +159,9 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
-    params = C.compose(fixed, with_hydra=True).hydra.sweeper.get("params") or {}
+    sources = [o.input_line for o in parser.parse_overrides(overrides)  # what can set hydra.sweeper.params
+               if not o.is_sweep_override() and o.key_or_group.split(".")[0] in ("sweep", "hydra")]
+    params = C.compose(sources, with_hydra=True).hydra.sweeper.get("params") or {}
     parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
     return [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
 
@@ -267,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return 0
-    planned, errors = plan_jobs(expand_sweep(args))
+    try:
+        jobs = expand_sweep(args)
+    except HydraException as err:  # e.g. +sweep=NAME with no sweeps/NAME.yaml
+        print(err, file=sys.stderr)
+        return 2
+    planned, errors = plan_jobs(jobs)
     rates = []
     for job, cfg, _ in planned if not errors else []:
         try:
@@ -294,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                                 for j, h, r in zip(jobs, hours, rates)]}, f, indent=2)
         print(f"wrote {cfg.plan.json}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import hydra
+import torch.distributed as dist
 import transformers
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
 from hldx import data, tracking
+from hldx.evaluate import evaluate
 from hldx.plan import plan_jobs, plan_run
 from hldx.teacher import teacher_config, teacher_path, teacher_source
 from hldx.train import Checkpoint, Trainer, device_of, init_distributed, world
@@ -56,8 +58,12 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
     plan = plan_run(cfg)
     run_dir = Path(run_dir or Path(cfg.paths.runs) / plan.run_key)
     final = run_dir / "final"
-    if done := finished(cfg, plan.run_key, run_dir):
-        log.info("%s already finished (run_key %s, MLflow run %s): skipped", C.run_name(cfg), plan.run_key, done)
+    rank, size = world()
+    done = [finished(cfg, plan.run_key, run_dir) if rank == 0 else None]  # rank 0 alone asks MLflow ...
+    if size > 1:
+        dist.broadcast_object_list(done)  # ... and tells the others
+    if done[0]:
+        log.info("%s already finished (run_key %s, MLflow run %s): skipped", C.run_name(cfg), plan.run_key, done[0])
         return {}
     tokenizer = data.tokenizer_for(cfg)
     stream = data.prepare(cfg, "train", tokenizer)
@@ -66,7 +72,6 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
         ensure_teacher(cfg)
         teacher = teacher_source(cfg, tokenizer, stream, device_of(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
-    rank, size = world()
     resume = Checkpoint.load(run_dir)
     tracker = tracking.Tracker(cfg, plan.run_key, role, run_id=resume.tracking_run_id if resume else None) \
         if rank == 0 else None
@@ -111,6 +116,8 @@ def main(cfg: DictConfig) -> float | None:
     C.warn_unused(cfg, list(HydraConfig.get().overrides.task))
     if problem := _unreachable(cfg.tracking.uri):
         raise C.ConfigError(problem)
+    if cfg.method.name in C.DISTILLED:
+        ensure_teacher(cfg)  # before the ranks join: one process pre-trains it, the others wait for its lock
     _join_ranks(cfg)
     metrics = execute(cfg)
     return metrics.get("eval/val_logppl")
@@ -139,9 +146,14 @@ def check_sweep(jobs: list[list[str]], launcher: str = "") -> list[list[str]]:
     """
     planned, errors = plan_jobs(jobs)
     for job, cfg, _ in planned:
-        if cfg.method.name in C.DISTILLED and OmegaConf.is_missing(cfg.teacher, "ckpt"):
+        if cfg.method.name not in C.DISTILLED:
+            continue
+        if OmegaConf.is_missing(cfg.teacher, "ckpt"):
             errors.append(f"  {' '.join(job)}: teacher.ckpt is not set: pass teacher.ckpt=DIR (the teacher, "
                           f"pre-trained with python -m hldx.run method=nll student={cfg.teacher.model.name})")
+        elif cfg.teacher.ckpt and not (Path(cfg.teacher.ckpt).expanduser() / "config.json").exists():
+            errors.append(f"  {' '.join(job)}: teacher.ckpt={cfg.teacher.ckpt} holds no checkpoint (config.json "
+                          f"missing): point it at the teacher's saved model directory")
     problems = []
     if launcher.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
         problems.append("  hydra/launcher submits to SLURM, but sbatch is not on PATH: launch from a SLURM "

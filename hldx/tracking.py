@@ -5,6 +5,7 @@ import logging
 import time
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,7 +21,12 @@ def client(cfg: DictConfig) -> MlflowClient:
 
 def experiment_id(mlflow: MlflowClient, name: str) -> str:
     found = mlflow.get_experiment_by_name(name)
-    return found.experiment_id if found else mlflow.create_experiment(name)
+    if found:
+        return found.experiment_id
+    try:
+        return mlflow.create_experiment(name)
+    except MlflowException:  # jobs started together: another one created it first
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 def find_run(mlflow: MlflowClient, experiment: str, key: str):

@@ -1,0 +1,201 @@
+"""Sweeps at cluster scale: `python -m hldx.run -m ... hydra/launcher=slurm_cpu` on the real single-node SLURM
+cluster (tests/slurm_cluster.py), every job logging to a real `mlflow server` on loopback.
+
+One sweep of 4 jobs, 2 distinct runs (KD ignores gamma), each a 2-rank DDP job (two SLURM tasks, gloo). Once
+both train, `scontrol requeue` interrupts the first (SIGTERM: it checkpoints and exits, SLURM requeues it) and
+`scancel --signal=USR2` the second (SLURM's warning before a time limit or a preemption: it checkpoints and
+submitit requeues it). Both resume into their MLflow run, every step logged once; the first must end with the
+weights of an uninterrupted 2-rank run (torchrun), bitwise. The same command again launches nothing.
+Apart: 16 processes logging at once to one server lose no run and no metric.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+from slurm_cluster import SlurmCluster, free_port, wait_until
+from test_mlflow_ui import server  # noqa: F401 - the `mlflow server` fixture
+
+from hldx import config as C
+from hldx import tracking
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["train.seq_len=32", "train.batch_size=4", "data.max_train_tokens=32768", "teacher.build.tokens=8192",
+        "eval.val_sequences=8", "eval.tasks=[val]", "method=kd", "budget.tokens=8192", "train.ckpt_every=4",
+        "train.log_every=5"]  # 64 steps; a checkpoint every 4
+GRID = ["tau=0.5,1", "gamma=0.1,0.05"]
+SLURM = ["hydra/launcher=slurm_cpu", "hydra.launcher.tasks_per_node=2"]
+EXPERIMENT = "slurm-sweep"
+
+
+@dataclass
+class Sweep:
+    root: Path
+    log: str
+    keys: list[str]       # run_key of job 0 (requeued) and job 1 (signalled)
+    jobs: list[str]       # their SLURM job ids
+    requeued_at: float
+    reference: Path       # the uninterrupted run of job 0
+
+
+def sweep_cmd(uri: str, root: Path, name: str) -> list[str]:
+    return [sys.executable, "-m", "hldx.run", "-m", *SLURM, *TINY, *GRID, f"tracking.uri={uri}",
+            f"tracking.experiment={EXPERIMENT}", f"paths.runs={root}/runs", f"hydra.sweep.dir={root}/{name}"]
+
+
+def array_jobs(cluster: SlurmCluster, array: str | None = None) -> list[tuple[str, str]]:
+    """(job id, state) of every run (a requeue starts a new one) of the array's jobs, or of all jobs."""
+    out = cluster.run("sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", *(["-j", array] if array else []))
+    return [tuple(line.split("|")) for line in out.splitlines()]
+
+
+def student_runs(uri: str) -> list:
+    mlflow = MlflowClient(uri)
+    return mlflow.search_runs([mlflow.get_experiment_by_name(EXPERIMENT).experiment_id],
+                              filter_string="tags.`hldx.role` = 'student'")
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(next((run_dir / "final").glob("*.safetensors"))))
+
+
+@pytest.fixture(scope="module")
+def slurm_sweep(server, slurm_cluster, hldx_cache, tmp_path_factory) -> Sweep:  # noqa: F811 - server: the fixture
+    """The sweep, its two jobs interrupted once they train; and an uninterrupted 2-rank run of the first."""
+    root = tmp_path_factory.mktemp("slurm-sweep")
+    keys = [C.run_key(C.compose(TINY + [tau])) for tau in ("tau=0.5", "tau=1")]
+    ckpts = [root / "runs" / key / "ckpt" / "state.pt" for key in keys]
+    t0 = time.time()
+    sweep = subprocess.Popen(sweep_cmd(server, root, "multirun"), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "hldx.run", *TINY, "tau=0.5",
+                f"paths.runs={root}/reference", f"tracking.uri=sqlite:///{root}/reference.db",
+                f"hydra.run.dir={root}/reference-out"]
+    reference = subprocess.Popen(torchrun, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})  # as slurm_cpu gives each rank
+    try:
+        wait_until(lambda: all(c.exists() for c in ckpts) or sweep.poll() is not None, 240, "both jobs to train")
+        assert sweep.poll() is None, "the sweep ended before its jobs could be interrupted"
+        jobs = sorted(p.name for p in (root / "multirun" / ".submitit").iterdir() if re.fullmatch(r"\d+_\d", p.name))
+        requeued_at = time.time()
+        slurm_cluster.run("scontrol", "requeue", jobs[0])
+        slurm_cluster.run("scancel", "--signal=USR2", jobs[1])
+        assert not any((root / "runs" / key / "final").exists() for key in keys), "a job ended before its signal"
+        log, _ = sweep.communicate(timeout=300)
+        seconds = time.time() - t0
+        _, errors = reference.communicate(timeout=300)
+    finally:
+        for proc in (sweep, reference):
+            if proc.poll() is None:
+                proc.kill()
+    assert sweep.returncode == 0, log[-5000:]
+    assert reference.returncode == 0, errors[-5000:]
+    # The sweep returns once the jobs wrote their results; accounting records their end a moment later.
+    array = jobs[0].split("_")[0]
+    wait_until(lambda: not {s for _, s in array_jobs(slurm_cluster, array)} & {"PENDING", "RUNNING", "COMPLETING"},
+               30, "accounting to record the jobs' end")
+    print(f"\nsweep on SLURM, 2 jobs of 2 ranks, both interrupted once: launch to all finished {seconds:.1f} s")
+    return Sweep(root, log, keys, jobs, requeued_at, root / "reference" / keys[0])
+
+
+def test_sweep_launches_each_distinct_run_once_as_a_two_rank_job(slurm_sweep, slurm_cluster, server):  # noqa: F811
+    assert "sweep: 4 job(s), 2 distinct, 0 finished already: launching 2" in slurm_sweep.log
+    array = slurm_sweep.jobs[0].split("_")[0]
+    assert sorted({j for j, _ in array_jobs(slurm_cluster, array)}) == slurm_sweep.jobs
+    runs = student_runs(server)
+    assert sorted(r.info.run_name for r in runs) == ["kd|lr=4e-4|tau=0.5|alpha=0.7", "kd|lr=4e-4|tau=1|alpha=0.7"]
+    assert {r.info.status for r in runs} == {"FINISHED"} and "eval/val_logppl" in runs[0].data.metrics
+    # Each job ran as two SLURM tasks (the logs of ranks 0 and 1); that they trained as one 2-rank DDP job shows
+    # in the requeued job's weights: bitwise those of a 2-rank torchrun run.
+    logs = slurm_sweep.root / "multirun" / ".submitit"
+    for job in slurm_sweep.jobs:
+        assert sorted(p.name for p in (logs / job).glob("*_log.out")) == [f"{job}_0_log.out", f"{job}_1_log.out"]
+    # The tiny teacher and its cache were built at most once, shared through HLDX_CACHE by the concurrent jobs.
+    mlflow = MlflowClient(server)
+    every = [e.experiment_id for e in mlflow.search_experiments()]
+    assert len(mlflow.search_runs(every, filter_string="tags.`hldx.role` = 'teacher'")) <= 1
+
+
+@pytest.mark.parametrize("index, how", [(0, "scontrol requeue"), (1, "SIGUSR2, submitit requeues")])
+def test_interrupted_job_resumes_into_its_mlflow_run(slurm_sweep, slurm_cluster, server, index, how):  # noqa: F811
+    job, key = slurm_sweep.jobs[index], slurm_sweep.keys[index]
+    assert [s for j, s in array_jobs(slurm_cluster, job.split("_")[0]) if j == job] == ["REQUEUED", "COMPLETED"]
+    (run,) = [r for r in student_runs(server) if r.data.tags["hldx.run_key"] == key]
+    history = MlflowClient(server).get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [*range(5, 64, 5), 64]  # every step once: none lost, none twice
+    logs = slurm_sweep.root / "multirun" / ".submitit" / job
+    out = "".join((logs / f"{job}_0_log.{ext}").read_text() for ext in ("out", "err"))  # rank 0's
+    assert f"resuming MLflow run {run.info.run_id}" in out
+    if index == 1:
+        assert "Caught signal SIGUSR2" in out and f"Requeued job {job}" in out, out[-3000:]
+    resumed = min(m.timestamp for m in history if m.timestamp > 1000 * slurm_sweep.requeued_at + 2000) / 1000
+    print(f"\n{how}: the resumed job's first logged step {resumed - slurm_sweep.requeued_at:.1f} s later")
+
+
+def test_requeued_job_ends_with_the_uninterrupted_runs_weights(slurm_sweep):
+    a = final_weights(slurm_sweep.root / "runs" / slurm_sweep.keys[0])
+    b = final_weights(slurm_sweep.reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_same_sweep_again_launches_nothing(slurm_sweep, slurm_cluster, server):  # noqa: F811
+    before_jobs, before_runs = array_jobs(slurm_cluster), {r.info.run_id for r in student_runs(server)}
+    t0 = time.monotonic()
+    cmd = sweep_cmd(server, slurm_sweep.root, "multirun-again")
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    print(f"\nthe same sweep again, all finished: {time.monotonic() - t0:.1f} s")
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert "sweep: 4 job(s), 2 distinct, 2 finished already: launching 0" in again.stdout + again.stderr
+    assert array_jobs(slurm_cluster) == before_jobs
+    assert {r.info.run_id for r in student_runs(server)} == before_runs
+
+
+N_JOBS, N_LOGS = 16, 20
+NAMES = ("train/loss", "train/loss_nll", "train/loss_kd", "train/lr", "train/tokens", "train/flops",
+         "perf/tokens_per_s", "train/phase")
+
+
+def log_a_run(cfg, i: int, start) -> None:
+    """One job's tracking: a new run (params, tags), N_LOGS batches of the training metrics, a tag, the end."""
+    start.wait()  # all at once, the experiment not created yet
+    tracker = tracking.Tracker(cfg, f"job-{i:02d}")
+    for step in range(1, N_LOGS + 1):
+        tracker.log({name: 1000 * i + step + k / 8 for k, name in enumerate(NAMES)}, step)
+    tracker.tag(**{"hldx.ckpt": f"runs/job-{i:02d}/final"})
+    tracker.finish()
+
+
+def test_sixteen_concurrent_jobs_lose_no_run_and_no_metric(server):  # noqa: F811
+    cfg = C.compose([f"tracking.uri={server}", "tracking.experiment=concurrent"])
+    fork = multiprocessing.get_context("fork")  # 16 processes without 16 imports of mlflow
+    start = fork.Barrier(N_JOBS)
+    jobs = [fork.Process(target=log_a_run, args=(cfg, i, start)) for i in range(N_JOBS)]
+    t0 = time.monotonic()
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(120)
+    print(f"\n{N_JOBS} processes x {N_LOGS} metric batches to one mlflow server: {time.monotonic() - t0:.1f} s")
+    assert [job.exitcode for job in jobs] == [0] * N_JOBS
+    mlflow = MlflowClient(server)
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("concurrent").experiment_id], max_results=100)
+    assert sorted(r.data.tags["hldx.run_key"] for r in runs) == [f"job-{i:02d}" for i in range(N_JOBS)]
+    for run in runs:
+        i = int(run.data.tags["hldx.run_key"][4:])
+        assert run.info.status == "FINISHED" and run.data.tags["hldx.ckpt"] == f"runs/job-{i:02d}/final"
+        assert run.data.params["cfg.tracking.experiment"] == "concurrent"
+        for k, name in enumerate(NAMES):
+            history = sorted((m.step, m.value) for m in mlflow.get_metric_history(run.info.run_id, name))
+            assert history == [(s, 1000 * i + s + k / 8) for s in range(1, N_LOGS + 1)], (run.info.run_name, name)
