@@ -39,7 +39,7 @@ def _run(overrides: list[str]) -> tuple[dict, Path]:
 
 
 def test_kd_run_logs_the_design_names_and_is_skipped_when_finished(tiny, tmp_path):
-    overrides = tiny + ["method=kd"]
+    overrides = tiny + ["method=kd", f"paths.cache={tmp_path}/cache"]  # its own teacher, built and tracked here
     metrics, run_dir = _run(overrides)
     assert metrics["eval/val_logppl"] < torch.log(torch.tensor(4096.0)).item()  # learnt something
     cfg = C.compose(overrides)
@@ -60,8 +60,7 @@ def test_kd_run_logs_the_design_names_and_is_skipped_when_finished(tiny, tmp_pat
     steps = plan_run(cfg).phases[0].steps
     assert run.data.metrics["train/tokens"] == steps * 4 * 32
     # The teacher was pre-trained once by the same code path and is tracked too.
-    every = [e.experiment_id for e in mlflow.search_experiments()]
-    teachers = mlflow.search_runs(every, filter_string="tags.`hldx.role` = 'teacher'")
+    teachers = mlflow.search_runs([run.info.experiment_id], filter_string="tags.`hldx.role` = 'teacher'")
     assert [(t.data.params["method"], t.data.params["student"]) for t in teachers] == [("nll", "tiny-teacher")]
     # The same command again finds the finished run and trains nothing.
     assert execute(cfg) == {}
