@@ -328,11 +328,6 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: Di
     return ev
 
 
-def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: DictConfig) -> dict[str, float]:
-    """The flat MLflow metrics of `evaluate` (eval/val_logppl, eval/hellaswag_err, ...); skips are logged."""
-    return evaluate(model, tokenizer, cfg).metrics
-
-
 # ---- a saved checkpoint -------------------------------------------------------------------------------------------
 
 def evaluate_checkpoint(cfg: DictConfig) -> Evaluation:
