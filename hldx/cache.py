@@ -592,8 +592,8 @@ def _build_command(overrides: list[str]) -> int:
     tokenizer = data.tokenizer_for(cfg)
     stream = data.prepare(cfg, "train", tokenizer)
     ensure_teacher(cfg)
-    rows = task_rows(cache_spec(cfg, tokenizer, stream), cfg.cache.task, cfg.cache.tasks)
-    root = build_cache(cfg, tokenizer, stream, device_of(cfg), rows)
+    spec = cache_spec(cfg, tokenizer, stream)
+    root = build_cache(cfg, spec, stream, device_of(cfg), task_rows(spec, cfg.cache.task, cfg.cache.tasks))
     print(f"{'complete' if (root / 'manifest.json').exists() else 'partial'}: {root}")
     return 0
 

@@ -93,15 +93,17 @@ def cache_spec(cfg: DictConfig, tokenizer, stream) -> CacheSpec:
         rows_per_shard=cfg.cache.rows_per_shard)
 
 
-def build_cache(cfg: DictConfig, tokenizer, stream, device: torch.device, rows: range | None = None) -> Path:
-    """Build (or finish, or check) the teacher cache of cfg; returns its directory."""
-    spec = cache_spec(cfg, tokenizer, stream)
+def build_cache(cfg: DictConfig, spec: CacheSpec, stream, device: torch.device, rows: range | None = None) -> Path:
+    """Build (or finish, or check) the teacher cache `spec` of cfg; returns its directory. The teacher is
+    loaded only if a shard is missing."""
     root = resolve_dir(cfg.cache.dir, Path(cfg.paths.cache).expanduser(), spec)
-    online = OnlineTeacher(cfg, load_teacher(cfg), device)
     tokens_RxL = stream.tokens[: spec.rows * spec.seq_len].reshape(spec.rows, spec.seq_len)
+    online: list[OnlineTeacher] = []
 
     def teacher_fn(tokens_BxL: Tensor):
-        idx, val, hidden = online(None, tokens_BxL.to(device), True, spec.hidden_rows > 0)
+        if not online:
+            online.append(OnlineTeacher(cfg, load_teacher(cfg), device))
+        idx, val, hidden = online[0](None, tokens_BxL.to(device), True, spec.hidden_rows > 0)
         return idx.cpu(), val.cpu(), None if hidden is None else hidden.cpu()
 
     build(spec, root, teacher_fn, lambda r: torch.from_numpy(tokens_RxL[r].astype(np.int64)), rows,
@@ -113,8 +115,8 @@ class CachedTeacher:
     """Teacher outputs read from the shared cache by row index (built on first use, file-locked)."""
 
     def __init__(self, cfg: DictConfig, tokenizer, stream, device: torch.device):
-        root = build_cache(cfg, tokenizer, stream, device)
         spec = cache_spec(cfg, tokenizer, stream)
+        root = build_cache(cfg, spec, stream, device)
         if cfg.method.name == "kd":  # a KD run needs no hidden state: any cache with the top-k will do
             spec = dataclasses.replace(spec, hidden_layer=None, hidden_size=0, hidden_rows=0)
         self.reader, self.device = open_cache(root, spec, prefetch=cfg.cache.prefetch), device
