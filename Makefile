@@ -24,4 +24,5 @@ demo: setup
 	$(BIN)/python -m analysis.report --experiment demo --out reports/demo
 
 test: test-setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -ra

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 
 from analysis.runs import COLUMNS, HPARAMS, METHODS, METRICS, RUN_ID
-from hldx import evaluate
+from hldx import evaluation
 
 log = logging.getLogger(__name__)
 
 POINT = ["student", "lr", "tau", "alpha"]  # a shared hyperparameter point
-RANDOM_ERR = {f"{task}_err": err for task, err in evaluate.RANDOM_ERR.items()}  # Table 1's Random row
+RANDOM_ERR = {f"{task}_err": err for task, err in evaluation.RANDOM_ERR.items()}  # Table 1's Random row
 POINTWISE = ["student", "method", *HPARAMS, "metric", "score", "kd_score", "improvement", "paired",
              RUN_ID, "kd_run_id"]
 SUMMARY = ["student", "method", "metric", "n", "improve", "tie", "worsen", "median_improvement", "ci_low",

@@ -17,6 +17,8 @@ from mlflow.tracking import MlflowClient
 from analysis import figures
 from analysis.compare import best, pointwise, summary
 from analysis.runs import HPARAMS, METRICS, RUN_ID, read_csv, read_mlflow
+from hldx import cli
+from hldx.errors import BadInput
 
 DOWNSTREAM = METRICS[1:]  # all but val_logppl
 
@@ -118,8 +120,16 @@ def log_report(out: Path, experiment: str, tracking_uri: str | None, note: str) 
     return exp_id, run.info.run_id
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as one line (and exit status 2) like every hldx command."""
+
+    def error(self, message: str):
+        raise BadInput(f"{message} (see --help)")
+
+
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__)
+    parser = Parser(prog="python -m analysis.report", description=__doc__)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--experiment", help="MLflow experiment of the study")
     src.add_argument("--runs-csv", type=Path, help="CSV of runs in analysis.runs.COLUMNS instead of MLflow")
@@ -131,11 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    try:
-        runs = read_csv(args.runs_csv) if args.runs_csv else read_mlflow(args.experiment, args.tracking_uri)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"analysis.report: {e}", file=sys.stderr)
-        return 1
+    if args.runs_csv and not args.runs_csv.is_file():
+        raise BadInput(f"--runs-csv {args.runs_csv} is invalid: expected a CSV file of runs")
+    runs = read_csv(args.runs_csv) if args.runs_csv else read_mlflow(args.experiment, args.tracking_uri)
     args.out.mkdir(parents=True, exist_ok=True)
     best_df, points = best(runs), pointwise(runs)
     summary_df = summary(points, seed=args.seed)

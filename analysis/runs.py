@@ -9,6 +9,8 @@ import pandas as pd
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
+from hldx.errors import BadInput
+
 log = logging.getLogger(__name__)
 
 HPARAMS = ["lr", "tau", "alpha", "gamma", "p1"]
@@ -26,12 +28,12 @@ def _typed(df: pd.DataFrame, where: str) -> pd.DataFrame:
     df["method"] = df["method"].fillna("").astype(str).str.strip().str.lower()
     unknown = sorted(set(df["method"]) - set(METHODS))
     if unknown:
-        raise ValueError(f"{where}: unknown method(s) {unknown}; expected one of {METHODS} (any case)")
+        raise BadInput(f"{where}: unknown method(s) {unknown}; expected one of {METHODS} (any case)")
     for col in HPARAMS + METRICS:
         values = pd.to_numeric(df[col], errors="coerce")
         bad = df[col].notna() & (df[col].astype(str).str.strip() != "") & values.isna()
         if bad.any():
-            raise ValueError(f"{where}: column {col!r} holds a non-number {df[col][bad].iloc[0]!r}; "
+            raise BadInput(f"{where}: column {col!r} holds a non-number {df[col][bad].iloc[0]!r}; "
                              "use a number or leave the cell empty")
         df[col] = values.astype(float)
     df[RUN_ID] = df[RUN_ID].fillna("").astype(str) if RUN_ID in df else ""
@@ -45,9 +47,9 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; the CSV needs the columns {COLUMNS}")
+        raise BadInput(f"{path}: missing column(s) {missing}; the CSV needs the columns {COLUMNS}")
     if df.empty:
-        raise ValueError(f"{path}: no runs (the CSV has a header but no rows)")
+        raise BadInput(f"{path}: no runs (the CSV has a header but no rows)")
     return _typed(df, str(path))
 
 
@@ -70,7 +72,7 @@ def read_mlflow(experiment: str, tracking_uri: str | None = None) -> pd.DataFram
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         uri = tracking_uri or mlflow.get_tracking_uri()
-        raise ValueError(f"no experiment named {experiment!r} at tracking URI {uri!r}; check --experiment "
+        raise BadInput(f"no experiment named {experiment!r} at tracking URI {uri!r}; check --experiment "
                          "and --tracking-uri (list them with `mlflow experiments search`)")
     runs, token = [], None
     while True:
@@ -91,7 +93,7 @@ def read_mlflow(experiment: str, tracking_uri: str | None = None) -> pd.DataFram
         log.info("skipped %d run(s) superseded by a later run with the same hldx.run_key",
                  len(finished) - len(latest))
     if not latest:
-        raise ValueError(f"experiment {experiment!r} has no FINISHED runs to report on "
+        raise BadInput(f"experiment {experiment!r} has no FINISHED runs to report on "
                          f"({len(runs)} run(s) in other states); train some with `python -m hldx.run`")
     df = pd.DataFrame([_row(r) for r in latest.values()], columns=COLUMNS + [RUN_ID])
     return _typed(df, f"experiment {experiment!r}")

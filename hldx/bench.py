@@ -5,7 +5,7 @@ PyTorch loop, and the data-and-cache loader.
         [bench.json=PATH] [bench.steps=5] [bench.warmup=3] [bench.methods=[kd]] [train.compile=true]
 
 Each method's step is `Trainer.step` itself after `Batches.batch`, as in the training loop; teacher outputs
-come through the trainer's cache reader from a real teacher cache (hldx.cache) filled with random top-k
+come through the trainer's cache reader from a real teacher cache (hldx.store) filled with random top-k
 logits and hidden states of the configured teacher's shapes, so no trained teacher is needed. The bare loop
 is model(tokens).logits -> cross-entropy -> backward -> clipping -> AdamW on the same model and batches.
 The methods take turns, one step each per round, the order rotating every round; after bench.warmup rounds,
@@ -40,13 +40,14 @@ from torch import nn
 from tqdm import tqdm
 
 from hldx import config as C
-from hldx import data
-from hldx.cache import CacheReader, CacheSpec, build, open_cache
+from hldx import cli, data, job
+from hldx.budget import flops_per_token
+from hldx.device import device_of, peak_flops
 from hldx.methods import Phase, phases
-from hldx.models import bottom_parameters, build_model, build_regressor, middle_layer
-from hldx.plan import flops_per_token
+from hldx.models import bottom_parameters, build_model, build_regressor, compile_layers, middle_layer
+from hldx.store import CacheReader, CacheSpec, build, open_cache
 from hldx.teacher import CachedTeacher
-from hldx.train import Trainer, _optimizer, compile_layers, device_of, peak_flops
+from hldx.train import Trainer, _optimizer
 
 RUNS = ("nll", "kd", "hldc", "ht", "bare")   # the trainer's steps (HT: HLDF's phase 1) and the bare loop
 READS = {"nll": (False, False), "kd": (True, False), "hldc": (True, True), "ht": (False, True)}  # (top-k, hidden)
@@ -170,7 +171,7 @@ def _methods(cfg: DictConfig) -> list[str]:
 
 def bench(cfg: DictConfig) -> dict:
     """Measure every chosen run side by side; the results as a JSON-able dict (see the module docstring)."""
-    C.validate(cfg)
+    job.check(cfg, launch=False)
     chosen, b, t = _methods(cfg), cfg.bench, cfg.train
     if b.steps < 1 or b.warmup < 0:
         raise C.ConfigError(f"bench.steps={b.steps}, bench.warmup={b.warmup} are invalid: expected steps >= 1 "
@@ -281,6 +282,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in args):

@@ -1,19 +1,28 @@
-"""Composing, validating and identifying configs: the checks every entry point runs before any work."""
+"""Composing, checking and identifying configs.
+
+`compose` builds a config from `conf/` (typed by `hldx.schema`), `check` runs the schema's rules and the
+checks that tie keys to each other, and `identity` / `run_key` name what determines a run's result. The
+subsystems check their own keys (data.check, teacher.check, ...); `hldx.job.check` runs every check.
+"""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from hldx import schema
+from hldx.cli import explain
+from hldx.errors import ConfigError, check as require
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 METHODS = ("nll", "kd", "hldc", "hldf")
-DISTILLED = ("kd", "hldc", "hldf")
+DISTILLED = schema.DISTILLED
 # Which shared hyperparameters each method uses; the others are not part of its identity.
 USES = {
     "nll": ("lr",),
@@ -26,21 +35,24 @@ HPARAMS = ("lr", "tau", "alpha", "gamma", "p1")
 RUNTIME_TRAIN_KEYS = ("micro_batch_size", "ckpt_every", "log_every", "device", "precision", "compile",
                       "loss_chunk")
 
-
-class ConfigError(ValueError):
-    """A bad setting: the message names the key, what was given and what is allowed."""
+schema.register()
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config", with_hydra: bool = False) -> DictConfig:
     """Compose `conf/` with Hydra outside a Hydra app (plan, tests, sweep expansion); `with_hydra` keeps the
-    `hydra` node (e.g. a sweep config's hydra.sweeper.params)."""
+    `hydra` node (e.g. a sweep config's hydra.sweeper.params). A bad override raises ConfigError."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return hydra_compose(config_name, overrides=list(overrides or []), return_hydra_config=with_hydra)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return hydra_compose(config_name, overrides=list(overrides or []), return_hydra_config=with_hydra)
+    except Exception as err:  # noqa: BLE001 - a user's mistake becomes a ConfigError, a bug stays as it is
+        if (line := explain(err)) is None:
+            raise
+        raise ConfigError(line) from None
 
 
 class Composer:
@@ -53,7 +65,10 @@ class Composer:
         self.parser, self.bases = OverridesParser.create(), {}
 
     def __call__(self, job: list[str]) -> DictConfig:
-        parsed = self.parser.parse_overrides(job)
+        try:
+            parsed = self.parser.parse_overrides(job)
+        except Exception as err:  # noqa: BLE001
+            raise ConfigError(explain(err) or str(err)) from None
         simple = [o for o in parsed if o.type.name == "CHANGE" and not (CONF_DIR / o.key_or_group).is_dir()
                   and not o.key_or_group.startswith("hydra")]
         rest = tuple(o.input_line for o in parsed if o not in simple)
@@ -64,62 +79,72 @@ class Composer:
             parent, _, leaf = o.key_or_group.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
             if not isinstance(node, DictConfig) or leaf not in node.keys():
-                raise ConfigError(f"could not override '{o.key_or_group}': no such key in the config "
-                                  f"(to add one, use +{o.input_line})")
-            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=False)
+                raise ConfigError(f"{o.input_line} is invalid: there is no such key{f' in {parent}' if parent else ''}"
+                                  f" (python -m hldx.run --help lists the keys; +{o.input_line} adds a new one)")
+            try:
+                OmegaConf.update(cfg, o.key_or_group, o.value(), merge=False)
+            except Exception as err:  # noqa: BLE001 - a value of the wrong type, as Hydra would report it
+                if (line := explain(err)) is None:
+                    raise
+                raise ConfigError(line.replace(f"={getattr(err, 'value', '')} ", f"={o.value()} ", 1)) from None
         return cfg
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first bad setting, before any training."""
+def check(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first key outside its schema's rule, or keys that contradict each other."""
+    _check_rules(cfg, cfg, "", cfg.method.name)
     method = cfg.method.name
-    _check(method in METHODS, "method", method, f"one of {', '.join(METHODS)}")
-    _check(cfg.lr is not None and cfg.lr > 0, "lr", cfg.lr, "a number > 0")
+    if method == "hldf" and cfg.p1 == 0:
+        raise ConfigError("p1=0 gives HLDF no phase 1, which is plain KD: use method=kd instead")
     if method in DISTILLED:
-        _check(cfg.tau is not None and cfg.tau > 0, "tau", cfg.tau, "a number > 0")
-        _check(cfg.alpha is not None and 0 <= cfg.alpha <= 1, "alpha", cfg.alpha, "a number in [0, 1]")
-        _check(cfg.method.top_k >= 1, "method.top_k", cfg.method.top_k, "an integer >= 1")
-        _check(cfg.method.top_k <= cfg.student.vocab_size, "method.top_k", cfg.method.top_k,
-               f"at most the vocabulary size {cfg.student.vocab_size}")
-    if method == "hldc":
-        _check(cfg.gamma is not None and cfg.gamma >= 0, "gamma", cfg.gamma, "a number >= 0")
-    if method == "hldf":
-        _check(cfg.p1 is not None and 0 <= cfg.p1 < 1, "p1", cfg.p1, "a number in [0, 1)")
-        if cfg.p1 == 0:
-            raise ConfigError("p1=0 gives HLDF no phase 1, which is plain KD: use method=kd instead")
+        require(cfg.method.top_k <= cfg.student.vocab_size, "method.top_k", cfg.method.top_k,
+                f"at most the vocabulary size {cfg.student.vocab_size}")
+        if cfg.teacher.model.vocab_size != cfg.student.vocab_size:
+            raise ConfigError(
+                f"teacher and student must share a tokenizer: teacher.model.vocab_size="
+                f"{cfg.teacher.model.vocab_size} but student.vocab_size={cfg.student.vocab_size}")
     b = cfg.budget
-    _check(any(b[k] is not None for k in ("flops", "ot", "tokens")), "budget", "none set",
-           "one of budget.flops=F, budget.ot=K or budget.tokens=T")
-    for key in ("flops", "ot", "tokens"):
-        _check(b[key] is None or b[key] > 0, f"budget.{key}", b[key], "a number > 0")
-    _check(b.accounting in ("exact", "paper"), "budget.accounting", b.accounting, "exact or paper")
-    from hldx.evaluate import check as check_eval
-
-    check_eval(cfg)
+    require(any(b[k] is not None for k in ("flops", "ot", "tokens")), "budget", "none set",
+            "one of budget.flops=F, budget.ot=K or budget.tokens=T")
     t = cfg.train
-    _check(t.seq_len >= 2, "train.seq_len", t.seq_len, "an integer >= 2")
     models = [("student", cfg.student)] + ([("teacher.model", cfg.teacher.model)] if method in DISTILLED else [])
     for name, m in models:
-        _check(t.seq_len <= m.max_position_embeddings, "train.seq_len", t.seq_len,
-               f"at most {name}.max_position_embeddings = {m.max_position_embeddings}")
-    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
-    if method in DISTILLED and cfg.teacher.model.vocab_size != cfg.student.vocab_size:
-        raise ConfigError(
-            f"teacher and student must share a tokenizer: teacher.model.vocab_size="
-            f"{cfg.teacher.model.vocab_size} but student.vocab_size={cfg.student.vocab_size}")
-    _check(cfg.data.vocab_size == cfg.student.vocab_size, "data.vocab_size", cfg.data.vocab_size,
-           f"the student's vocabulary size {cfg.student.vocab_size}")
-    if cfg.data.path is not None:
-        path = Path(cfg.data.path).expanduser()
-        hub_id = cfg.data.name == "c4" and not path.exists() and not cfg.data.path.startswith(("/", ".", "~"))
-        if not hub_id:
-            _check(path.is_dir() and os.access(path, os.R_OK), "data.path", cfg.data.path,
-                   "a readable directory of corpus files")
+        require(t.seq_len <= m.max_position_embeddings, "train.seq_len", t.seq_len,
+                f"at most {name}.max_position_embeddings = {m.max_position_embeddings}")
+    if t.micro_batch_size is not None:
+        require(t.batch_size % t.micro_batch_size == 0, "train.micro_batch_size", t.micro_batch_size,
+                f"a divisor of train.batch_size={t.batch_size}")
+    require(cfg.data.vocab_size == cfg.student.vocab_size, "data.vocab_size", cfg.data.vocab_size,
+            f"the student's vocabulary size {cfg.student.vocab_size}")
 
 
-def _check(ok: bool, key: str, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value} is invalid: expected {allowed}")
+def _check_rules(root: DictConfig, node: DictConfig, prefix: str, method: str) -> None:
+    """Walk the node's schema: every field's value against its rule (keys the method ignores are skipped)."""
+    kind = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(kind):
+        return
+    for f in dataclasses.fields(kind):
+        path = f"{prefix}{f.name}"
+        if OmegaConf.is_missing(node, f.name):
+            if not f.metadata.get("missing_ok"):
+                raise ConfigError(f"{path} is not set: give it a value ({path}=VALUE)")
+            continue
+        value = node[f.name]
+        if isinstance(value, DictConfig):
+            _check_rules(root, value, f"{path}.", method)
+            continue
+        used_by, rule = f.metadata.get("used_by"), f.metadata.get("rule")
+        if used_by is not None and method not in used_by:
+            continue
+        if value is None:
+            require(f.metadata.get("null", False), path, "null", rule.allowed if rule else "a value")
+        elif rule is not None:
+            plain = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            require(rule.ok(plain), path, _shown(plain), rule.allowed + (" or null" if f.metadata.get("null") else ""))
+
+
+def _shown(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 def warn_unused(cfg: DictConfig, overrides: list[str]) -> None:

@@ -31,7 +31,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from hldx.config import ConfigError, digest
+from hldx.config import digest
+from hldx.errors import ConfigError
 
 FORMAT = 1  # version of what is built; bump it to rebuild every cached tokenizer and stream
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")  # ids 0, 1, 2: Gemma3Config's pad/eos/bos defaults
@@ -50,8 +51,8 @@ def _check_split(split: str) -> None:
 def _embedded_file(data: DictConfig, split: str) -> Path:
     root = CORPUS if data.path is None else Path(data.path).expanduser()
     file = root / f"{split}.jsonl.gz"
-    if not (file.is_file() and os.access(file, os.R_OK)):
-        raise ConfigError(f"data.path={data.path} is invalid: expected a directory holding a readable {file.name} "
+    if not (root.is_dir() and file.is_file() and os.access(file, os.R_OK)):
+        raise ConfigError(f"data.path={data.path} is invalid: expected a readable directory holding {file.name} "
                           "(one JSON object {\"text\": ...} per line), or data.path=null for the packaged corpus")
     return file
 
@@ -93,6 +94,12 @@ def source_spec(cfg: DictConfig, split: str) -> dict:
         files = _c4_files(data, root, split)
         return {"name": "c4", "files": [[str(f.relative_to(root)), f.stat().st_size] for f in files]}
     raise ConfigError(f"data.name={data.name} is invalid: expected embedded or c4")
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise ConfigError for a bad data.name or data.path (both splits), without reading any text."""
+    for split in SPLITS:
+        source_spec(cfg, split)
 
 
 def documents(cfg: DictConfig, split: str) -> Iterator[str]:

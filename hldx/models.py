@@ -9,6 +9,8 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+from hldx.errors import ConfigError
+
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "sliding_window", "max_position_embeddings")
 
@@ -39,6 +41,14 @@ def middle_layer(num_hidden_layers: int, override: int | None = None) -> int:
     if not 1 <= layer <= num_hidden_layers:
         raise ValueError(f"hidden layer {layer} is outside 1..{num_hidden_layers}")
     return layer
+
+
+def check(cfg: DictConfig) -> None:
+    """hidden.student_layer against the student's depth."""
+    depth, layer = cfg.student.num_hidden_layers, cfg.hidden.student_layer
+    if layer is not None and not 1 <= layer <= depth:
+        raise ConfigError(f"hidden.student_layer={layer} is invalid: expected null (the middle) or a layer in "
+                          f"1..{depth}")
 
 
 def count_parameters(model_cfg: DictConfig) -> dict[str, int]:
@@ -90,6 +100,13 @@ def forward_to_layer(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int, *
     finally:
         backbone.layers = layers
     return seen["h"]
+
+
+def compile_layers(model: nn.Module) -> None:
+    """train.compile: each decoder layer's forward through torch.compile, in place. The module tree stays as
+    it is, so the mid-layer taps (forward hooks) and HLDF's truncated forward work as they do eagerly."""
+    for layer in model.model.layers:
+        layer.forward = torch.compile(layer.forward)
 
 
 def bottom_parameters(model: Gemma3ForCausalLM, layer: int) -> list[nn.Parameter]:

@@ -1,4 +1,5 @@
-"""The teacher: loaded from `teacher.ckpt`, or (tiny default) pre-trained once on demand by hldx itself."""
+"""The teacher: loaded from `teacher.ckpt`, or (tiny default) pre-trained once on demand by hldx itself; its
+outputs read online or from the teacher cache it builds (hldx.store)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,9 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from hldx import config as C
-from hldx.cache import CacheSpec, build, open_cache, resolve_dir, resolve_hidden_rows
+from hldx import schema
 from hldx.data import tokenizer_digest
+from hldx.errors import ConfigError, check as require
 from hldx.models import forward, forward_to_layer, load_model, middle_layer
+from hldx.store import DTYPES, CacheSpec, build, open_cache, resolve_dir, resolve_hidden_rows
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +25,13 @@ log = logging.getLogger(__name__)
 def teacher_config(cfg: DictConfig) -> DictConfig:
     """The NLL run that pre-trains the configured teacher on the same data and tokenizer."""
     if cfg.teacher.build is None:
-        raise C.ConfigError(f"teacher={cfg.teacher.model.name} has no on-demand recipe: set teacher.ckpt=DIR "
-                            f"(pre-train it with: python -m hldx.run method=nll student={cfg.teacher.model.name})")
-    tcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    tcfg.method = {"name": "nll"}
-    tcfg.student = OmegaConf.to_container(cfg.teacher.model, resolve=True)
+        raise ConfigError(f"teacher={cfg.teacher.model.name} has no on-demand recipe: set teacher.ckpt=DIR "
+                          f"(pre-train it with: python -m hldx.run method=nll student={cfg.teacher.model.name})")
+    tcfg = cfg.copy()
+    tcfg.method = OmegaConf.structured(schema.NLL(name="nll"))
+    tcfg.student = cfg.teacher.model
     tcfg.lr = cfg.teacher.build.lr
-    tcfg.budget = {"flops": None, "ot": None, "tokens": cfg.teacher.build.tokens, "accounting": "exact"}
+    tcfg.budget = schema.Budget(flops=None, ot=None, tokens=cfg.teacher.build.tokens, accounting="exact")
     tcfg.data.vocab_size = cfg.student.vocab_size
     return tcfg
 
@@ -40,17 +43,44 @@ def teacher_path(cfg: DictConfig) -> Path:
     return Path(cfg.paths.cache).expanduser() / "teachers" / C.run_key(teacher_config(cfg)) / "final"
 
 
+def check(cfg: DictConfig, launch: bool = True) -> None:
+    """teacher.* and cache.* of a distilled job (an NLL job has no teacher); `launch`: also that the teacher
+    exists, or can be pre-trained on demand."""
+    if cfg.method.name not in C.DISTILLED:
+        return
+    c = cfg.cache
+    for key in ("values_dtype", "hidden_dtype"):
+        require(c[key] in DTYPES, f"cache.{key}", c[key], f"one of {', '.join(DTYPES)}")
+    require(c.task < c.tasks, "cache.task", c.task, f"a worker index in [0, cache.tasks={c.tasks})")
+    if cfg.hidden.teacher_layer is not None:
+        depth = cfg.teacher.model.num_hidden_layers
+        require(cfg.hidden.teacher_layer <= depth, "hidden.teacher_layer", cfg.hidden.teacher_layer,
+                f"null (the middle) or a layer in 1..{depth}")
+    if not launch:
+        return
+    if OmegaConf.is_missing(cfg.teacher, "ckpt"):
+        raise ConfigError(f"teacher.ckpt is not set: pass teacher.ckpt=DIR (the teacher, pre-trained with "
+                          f"python -m hldx.run method=nll student={cfg.teacher.model.name})")
+    if cfg.teacher.ckpt:
+        if not (Path(cfg.teacher.ckpt).expanduser() / "config.json").exists():
+            raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt} holds no checkpoint (config.json missing): point "
+                              f"it at the teacher's saved model directory")
+    else:
+        teacher_config(cfg)  # an on-demand teacher needs its recipe
+
+
 def load_teacher(cfg: DictConfig) -> torch.nn.Module:
     """The frozen teacher, checked against the configured shape (vocabulary, hidden size)."""
     path = teacher_path(cfg)
     if not (path / "config.json").exists():
-        raise C.ConfigError(f"teacher.ckpt={path} holds no checkpoint (config.json missing)")
+        raise ConfigError(f"teacher.ckpt={path} holds no checkpoint (config.json missing): point it at the "
+                          f"teacher's saved model directory")
     model = load_model(str(path))
     got, want = model.config, cfg.teacher.model
     for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
         if getattr(got, key) != want[key]:
-            raise C.ConfigError(f"the teacher at {path} has {key}={getattr(got, key)} but teacher.model.{key}="
-                                f"{want[key]}: pick the matching teacher preset or override teacher.model.{key}")
+            raise ConfigError(f"the teacher at {path} has {key}={getattr(got, key)} but teacher.model.{key}="
+                              f"{want[key]}: pick the matching teacher preset or override teacher.model.{key}")
     return model.eval().requires_grad_(False)
 
 

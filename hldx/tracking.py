@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import urllib.request
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -10,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
+from hldx.errors import ConfigError
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
@@ -89,3 +91,40 @@ def finished_run(cfg: DictConfig, key: str) -> str | None:
         return None
     run = find_run(mlflow, found.experiment_id, key)
     return run.info.run_id if run and run.info.status == "FINISHED" else None
+
+
+def log_evaluation(cfg: DictConfig, run_id: str, metrics: dict[str, float], tags: dict[str, str],
+                   evaluated: list[str]) -> None:
+    """Log an evaluation into an existing run, at the last step its eval metrics were logged (so these become
+    the latest), and drop the skip tags of the tasks now `evaluated`."""
+    mlflow = client(cfg)
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException as e:
+        raise ConfigError(f"eval.run_id={run_id} is invalid: no such run at tracking.uri={cfg.tracking.uri}") from e
+    step = max((m.step for k in metrics for m in mlflow.get_metric_history(run_id, k)), default=0)
+    now = int(time.time() * 1000)
+    mlflow.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()],
+                     tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+    for task in evaluated:
+        if f"hldx.eval_skipped.{task}" in run.data.tags:
+            mlflow.delete_tag(run_id, f"hldx.eval_skipped.{task}")
+
+
+def unreachable(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why an http(s) tracking server does not answer its health check within seconds; None if it does (or
+    the URI is not a server). MLflow's client would otherwise retry for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return None
+    except (OSError, ValueError) as err:
+        return (f"tracking.uri={uri} does not answer ({getattr(err, 'reason', err)}): start the server "
+                f"(mlflow server --host HOST --port PORT) or point tracking.uri at a running one")
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise ConfigError if tracking.uri names a server that does not answer."""
+    if problem := unreachable(cfg.tracking.uri):
+        raise ConfigError(problem)

@@ -7,7 +7,6 @@ same command, a killed run ends with bitwise-identical weights on CPU.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import signal
 import threading
@@ -24,49 +23,16 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from hldx import losses
+from hldx.budget import PhasePlan, RunPlan
+from hldx.device import device_of, peak_flops, world
+from hldx.errors import ConfigError
 from hldx.methods import Phase, phases
-from hldx.models import bottom_parameters, build_model, build_regressor, forward, forward_to_layer, load_model, \
-    middle_layer
-from hldx.plan import PhasePlan, RunPlan
+from hldx.models import bottom_parameters, build_model, build_regressor, compile_layers, forward, forward_to_layer, \
+    load_model, middle_layer
 
 # Teacher outputs for a batch: (rows, tokens) -> (topk_idx_BxLxK, topk_val_BxLxK, hidden_BxLxD); a part the
 # phase does not need may be None.
 TeacherFn = Callable[[Tensor, Tensor, bool, bool], tuple[Tensor | None, Tensor | None, Tensor | None]]
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
-def device_of(cfg: DictConfig) -> torch.device:
-    name = cfg.train.device
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's documented dense bf16 peak, for MFU; None on CPU or an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    gpu = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
-
-
-def compile_layers(model: nn.Module) -> None:
-    """train.compile: each decoder layer's forward through torch.compile, in place. The module tree stays as
-    it is, so the mid-layer taps (forward hooks) and HLDF's truncated forward work as they do eagerly."""
-    for layer in model.model.layers:
-        layer.forward = torch.compile(layer.forward)
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) in the process group this process joined; (0, 1) before it joins one."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def init_distributed(device: torch.device) -> None:
-    """Join the process group when torchrun's WORLD_SIZE (exported from SLURM's by hldx.run) names several
-    ranks: NCCL on GPUs, gloo on CPUs."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def _all_reduce_mean(tensors: list[Tensor]) -> None:
@@ -189,7 +155,8 @@ class Trainer:
         micro = cfg.train.micro_batch_size or cfg.train.batch_size // self.world
         local = cfg.train.batch_size // self.world
         if local % micro:
-            raise ValueError(f"train.micro_batch_size={micro} must divide the per-rank batch {local}")
+            raise ConfigError(f"train.micro_batch_size={micro} is invalid: expected a divisor of the per-rank batch "
+                              f"{local} (train.batch_size={cfg.train.batch_size} over {self.world} ranks)")
         self.micro = micro
 
     def loss(self, phase: Phase, model, regressor, rows: Tensor, tokens_BxL: Tensor) -> dict[str, Tensor]:

@@ -265,12 +265,13 @@ def test_cli_writes_report_and_logs_summary_run(mlflow_exp, tmp_path, capsys):
     assert len(read_mlflow("study", client.tracking_uri)) == 8  # the summary run is not read back
 
 
-def test_cli_exits_1_on_empty_experiment(mlflow_exp, tmp_path, capsys):
+def test_cli_exits_2_on_empty_experiment(mlflow_exp, tmp_path, capsys):
+    """Bad input, as every entry point reports it: one line, exit status 2 (issue 11 made 1 into 2)."""
     client, _ = mlflow_exp
     assert report.main(["--experiment", "study", "--tracking-uri", client.tracking_uri,
-                        "--out", str(tmp_path / "r")]) == 1
+                        "--out", str(tmp_path / "r")]) == 2
     assert "no FINISHED runs" in capsys.readouterr().err
     empty = tmp_path / "empty.csv"
     empty.write_text(",".join(COLUMNS) + "\n")
-    assert report.main(["--runs-csv", str(empty), "--out", str(tmp_path / "r")]) == 1
+    assert report.main(["--runs-csv", str(empty), "--out", str(tmp_path / "r")]) == 2
     assert "no runs" in capsys.readouterr().err

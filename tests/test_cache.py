@@ -13,8 +13,9 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
-from hldx import cache
-from hldx.cache import CacheError, CacheSpec
+from hldx import store as cache
+from hldx.cache import main as cache_main
+from hldx.store import CacheError, CacheSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 L, K, D = 16, 8, 12
@@ -180,7 +181,7 @@ def test_workers_split_by_row_range_build_each_shard_once(tmp_path):
 def test_bit_flip_and_truncation_are_caught_by_verify_and_the_reader(tmp_path):
     spec = make_spec(rows=20)  # shards [0,8) [8,16) [16,20)
     out = built(tmp_path, spec)
-    assert cache.main(["verify", f"dir={out}"]) == 0
+    assert cache_main(["verify", f"dir={out}"]) == 0
     topk = L * K * (2 + 4) + 4
     record = topk + L * D * 4 + 4
     flip_bit(shard_file(out, 8, 16), 1 * record + L * K * 2 + 50)  # row 9: a top-k logit

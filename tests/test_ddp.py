@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from slurm_cluster import free_port
 
 from hldx import config as C
-from hldx.run import execute
+from hldx.job import execute
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""hldx.evaluate on a tiny Gemma3 checkpoint and the hand-written fixtures in each hub schema (offline)."""
+"""hldx.evaluation (and python -m hldx.evaluate) on a tiny Gemma3 checkpoint and the hand-written fixtures in each hub schema (offline)."""
 import gzip
 import json
 import os
@@ -16,7 +16,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenize
 
 from hldx import data
 from hldx.config import ConfigError, compose
-from hldx.evaluate import DOWNSTREAM, RANDOM_ERR, evaluate, evaluate_checkpoint, log_perplexity, wikitext_articles
+from hldx.evaluation import DOWNSTREAM, RANDOM_ERR, evaluate, evaluate_checkpoint, log_perplexity, wikitext_articles
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 ROOT = Path(__file__).parent.parent

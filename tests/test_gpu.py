@@ -12,8 +12,8 @@ import torch
 from hldx import bench as B
 from hldx import config as C
 from hldx import data
-from hldx.models import bottom_parameters, build_model, build_regressor
-from hldx.train import Trainer, compile_layers
+from hldx.models import bottom_parameters, build_model, build_regressor, compile_layers
+from hldx.train import Trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -10,7 +10,9 @@ from transformers import Gemma3ForCausalLM
 
 from hldx import config as C
 from hldx.models import build_regressor, count_parameters, forward_to_layer, gemma3_config
-from hldx.plan import expand_sweep, flops_per_token, main, plan_run, plan_sweep
+from hldx.budget import flops_per_token, plan_run
+from hldx.plan import main
+from hldx.study import expand_sweep, plan_sweep
 
 PAPER_123M = ["student=gemma3-123m", "teacher=gemma3-3.4b", "teacher.ckpt=/teacher", "budget=paper",
               "train=paper"]

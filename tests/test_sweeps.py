@@ -14,8 +14,9 @@ from mlflow.tracking import MlflowClient
 from slurm_cluster import free_port
 
 from hldx import config as C
-from hldx.plan import expand_sweep, flops_per_token, main, plan_sweep
-from hldx.run import check_sweep
+from hldx.budget import flops_per_token
+from hldx.plan import main
+from hldx.study import check_sweep, expand_sweep, plan_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"

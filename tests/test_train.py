@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from hldx import config as C
 from hldx.methods import phases
-from hldx.plan import plan_run
-from hldx.run import execute
+from hldx.budget import plan_run
+from hldx.job import execute
 from hldx.train import Checkpoint, lr_at
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 that launches only the jobs of a sweep that hldx still has to run.
 
 The sweeper is Hydra's basic sweeper (the same grid syntax, `hydra.sweeper.params` from a sweep config)
-with one step between expanding the grid and launching it: `hldx.run.check_sweep` validates every job,
+with one step between expanding the grid and launching it: `hldx.study.check_sweep` checks every job,
 drops duplicates (same run identity) and skips finished runs, so that the local and the SLURM launcher
 both get the remaining distinct jobs. Hydra imports this module when it starts (plugin discovery).
 """
@@ -24,19 +24,20 @@ for _path in sorted(SWEEPS.glob("*.yaml")):
 
 
 class HldxSweeper(BasicSweeper):
-    """BasicSweeper whose expanded grid passes through hldx.run.check_sweep before any job is launched."""
+    """BasicSweeper whose expanded grid passes through hldx.study.check_sweep before any job is launched."""
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
         # A static method of BasicSweeper; its sweep() calls it on self, which lands here.
-        from hldx.config import ConfigError
-        from hldx.run import check_sweep
+        from hldx.cli import report
+        from hldx.errors import UserError
+        from hldx.study import check_sweep
 
         (jobs,) = BasicSweeper.split_arguments(overrides, None)
         state = Singleton.get_state()  # composing the jobs re-initialises Hydra's globals: keep the sweep's
         try:
             todo = check_sweep(jobs, self.config.hydra.launcher._target_)
-        except ConfigError as err:
-            raise SystemExit(str(err)) from None
+        except UserError as err:  # one message naming each bad job, exit status 2
+            raise SystemExit(report("python -m hldx.run", err)) from None
         finally:
             Singleton.set_state(state)
         return list(self.split_overrides_to_chunks(todo, max_batch_size)) if todo else []

@@ -1,0 +1,197 @@
+"""What a job costs: FLOPs per token of each method, the budget as tokens and steps per phase (paper
+A.8-A.9), and GPU-hours and cache bytes for a list of jobs.
+
+Two accountings. `paper` is A.9 verbatim: C_data = 6N + 6 d_S V, C_KD = C_data + C_teacher,
+C_HT = 3N + 6 N_reg + C_teacher / 2, C_HLDC = C_KD + 6 N_reg, with N the backbone parameters and
+N_reg = 2 d_S d_T (the only reading that reproduces the paper's 0.442 and 1.027 for the 123M student).
+`exact` counts the matrix multiplications the real modules perform (what torch's FlopCounterMode sees):
+projections, attention scores and values over the full sequence, the LM head, and the regressor that is
+actually built (linear for HLDC, the MLP for HLDF). A training step costs 3x its forward (backward = 2x).
+An online teacher's forward is counted; a cached teacher costs nothing.
+
+GPU-hours: each phase's tokens at a stated tokens/s per GPU, measured by `python -m hldx.bench` (plan.bench=
+its bench.json) or else assumed: plan.mfu (default 40%) of plan.peak_flops (default 989e12, an H100's dense
+bf16 peak) spent on the FLOPs the real modules perform per token (exact accounting, attention included).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from hldx import config as C
+from hldx.methods import phases
+from hldx.models import count_parameters, middle_layer
+from hldx.store import CacheSpec, bytes_per_token
+
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+
+def _forward_matmul_flops(m: DictConfig, seq_len: int, layers: int, head: bool) -> float:
+    """Forward matmul FLOPs per token of the first `layers` decoder layers (+ the LM head)."""
+    d, hd = m.hidden_size, m.head_dim
+    q, kv = m.num_attention_heads * hd, m.num_key_value_heads * hd
+    params = d * q + 2 * d * kv + q * d + 3 * d * m.intermediate_size
+    attention = 2 * 2 * seq_len * q  # scores Q K^T and the weighted sum A V, full T x T
+    return 2.0 * layers * params + layers * attention + (2.0 * d * m.vocab_size if head else 0.0)
+
+
+def _regressor_params(kind: str, d_s: int, d_t: int, expansion: int) -> int:
+    return d_s * d_t if kind == "linear" else d_s * expansion * d_s + expansion * d_s * d_t
+
+
+def flops_per_token(cfg: DictConfig) -> dict[str, float]:
+    """FLOPs per training token: `data` (NLL) and one entry per phase name of the method."""
+    s, t = cfg.student, cfg.teacher.model
+    accounting, seq_len = cfg.budget.accounting, cfg.train.seq_len
+    online = cfg.method.name in C.DISTILLED and cfg.teacher.source == "online"
+    d_s, d_t = s.hidden_size, t.hidden_size
+    if accounting == "paper":
+        n = count_parameters(s)["backbone"]
+        data = 6.0 * n + 6.0 * d_s * s.vocab_size
+        teacher = 2.0 * count_parameters(t)["total"] if online else 0.0
+        n_reg = 2.0 * d_s * d_t
+        costs = {"nll": data, "kd": data + teacher, "hldc": data + teacher + 6 * n_reg,
+                 "ht": 3.0 * n + 6 * n_reg + teacher / 2}
+    else:
+        D, Dt = s.num_hidden_layers, t.num_hidden_layers
+        m_s = middle_layer(D, cfg.hidden.student_layer)
+        m_t = middle_layer(Dt, cfg.hidden.teacher_layer)
+        data = 3.0 * _forward_matmul_flops(s, seq_len, D, head=True)
+        teacher_full = _forward_matmul_flops(t, seq_len, Dt, head=True) if online else 0.0
+        teacher_half = _forward_matmul_flops(t, seq_len, m_t, head=False) if online else 0.0
+        expansion = cfg.method.get("regressor_expansion", 4)
+        costs = {"nll": data, "kd": data + teacher_full,
+                 "hldc": data + teacher_full + 6.0 * _regressor_params("linear", d_s, d_t, expansion),
+                 "ht": 3.0 * _forward_matmul_flops(s, seq_len, m_s, head=False)
+                 + 6.0 * _regressor_params("mlp", d_s, d_t, expansion) + teacher_half}
+    return {"data": data, **{p.name: costs[p.name] for p in phases(cfg)}}
+
+
+def budget_flops(cfg: DictConfig, data_flops_per_token: float) -> tuple[float, str]:
+    """Total training FLOPs of every method of the run, and how the budget was given."""
+    b = cfg.budget
+    if b.flops is not None:
+        return float(b.flops), f"budget.flops={b.flops:.3g}"
+    if b.ot is not None:
+        tokens = b.ot * CHINCHILLA_TOKENS_PER_PARAM * count_parameters(cfg.student)["backbone"]
+        return tokens * data_flops_per_token, f"budget.ot={b.ot:g} (OT_{b.ot:g} = {tokens:.4g} NLL tokens)"
+    return float(b.tokens) * data_flops_per_token, f"budget.tokens={b.tokens:.4g} (NLL tokens)"
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    name: str
+    tokens: int
+    steps: int
+    flops: float
+    warmup_steps: int
+    lr_offset: int    # steps of the reference (KD) schedule already spent when this phase starts
+    lr_total: int     # length of the reference schedule the phase's decay follows
+    lr_warmup: int    # warm-up of that reference schedule
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    method: str
+    student: str
+    run_key: str
+    hp: dict
+    flops_per_token: dict
+    phases: list[PhasePlan]
+    budget: str
+    budget_flops: float
+
+    @property
+    def total_flops(self) -> float:
+        return sum(p.flops for p in self.phases)
+
+    def as_json(self) -> dict:
+        return {"method": self.method, "student": self.student, **self.hp, "run_key": self.run_key,
+                "flops_per_token": {"data": self.flops_per_token["data"],
+                                    "method": self.flops_per_token[self.phases[-1].name]} | {
+                    f"phase_{p.name}": self.flops_per_token[p.name] for p in self.phases},
+                "phases": [asdict(p) for p in self.phases], "total_flops": self.total_flops,
+                "budget_flops": self.budget_flops}
+
+
+def _warmup(cfg: DictConfig, steps: int) -> int:
+    """Warm-up steps of a phase: train.warmup_steps, capped at warmup_cap of the phase for tiny budgets."""
+    return max(1, min(int(cfg.train.warmup_steps), int(cfg.train.warmup_cap * steps)))
+
+
+def plan_run(cfg: DictConfig) -> RunPlan:
+    """The run's phases with tokens, steps and FLOPs; raises ConfigError if a phase gets no step."""
+    C.check(cfg)
+    costs = flops_per_token(cfg)
+    total, described = budget_flops(cfg, costs["data"])
+    step_tokens = cfg.train.batch_size * cfg.train.seq_len
+    plans = []
+    for phase in phases(cfg):
+        steps = round(total * phase.fraction / costs[phase.name] / step_tokens)
+        if steps < 1:
+            raise C.ConfigError(
+                f"{described} is too small for one optimizer step of phase {phase.name!r} "
+                f"({step_tokens} tokens = {step_tokens * costs[phase.name]:.3g} FLOPs): raise the budget")
+        plans.append((phase, steps))
+    result = []
+    for phase, steps in plans:
+        # A decaying phase follows the schedule of a run spending the whole budget on this phase's cost,
+        # entered where the earlier phases left it: HLDF and KD at the same point end at the same lr.
+        reference = round(total / costs[phase.name] / step_tokens)
+        offset = max(0, reference - steps) if phase.schedule == "cosine" else 0
+        result.append(PhasePlan(phase.name, steps * step_tokens, steps, steps * step_tokens * costs[phase.name],
+                                _warmup(cfg, steps), offset, offset + steps, _warmup(cfg, offset + steps)))
+    return RunPlan(cfg.method.name, cfg.student.name, C.run_key(cfg), C.hparams(cfg), costs, result,
+                   described, total)
+
+
+
+def throughput(cfg: DictConfig) -> tuple[dict[str, float], str]:
+    """Training tokens/s of one GPU in each phase of cfg's method, and where the numbers come from: measured
+    by `python -m hldx.bench` (plan.bench=its bench.json), else assumed, plan.mfu of plan.peak_flops spent
+    on the FLOPs that the real modules perform per token (the exact accounting, whatever the budget's)."""
+    names = [p.name for p in phases(cfg)]
+    if cfg.plan.bench:
+        path = Path(cfg.plan.bench).expanduser()
+        try:
+            bench = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise C.ConfigError(f"plan.bench={path} is not a readable hldx.bench result ({err}): write one with "
+                                f"python -m hldx.bench bench.json={path}, or drop plan.bench") from None
+        measured = bench.get("tokens_per_s", {})
+        missing = [n for n in names if n not in measured]
+        if bench.get("student") != cfg.student.name or missing:
+            raise C.ConfigError(f"plan.bench={path} measured student {bench.get('student')} ({', '.join(measured)}); "
+                                f"this job needs student {cfg.student.name} ({', '.join(names)}): bench that")
+        return {n: float(measured[n]) for n in names}, f"measured by hldx.bench on {bench.get('device')} ({path})"
+    exact = flops_per_token(OmegaConf.merge(cfg, {"budget": {"accounting": "exact"}}))
+    mfu, peak = float(cfg.plan.mfu), float(cfg.plan.peak_flops)
+    if not 0 < mfu <= 1 or peak <= 0:
+        raise C.ConfigError(f"plan.mfu={mfu} and plan.peak_flops={peak} must be in (0, 1] and > 0")
+    return ({n: mfu * peak / exact[n] for n in names},
+            f"assumed: {mfu:.0%} MFU of {peak / 1e12:g} TFLOP/s (plan.mfu, plan.peak_flops; plan.bench=PATH "
+            f"takes hldx.bench's measured tokens/s instead)")
+
+
+def gpu_hours(run: RunPlan, tokens_per_s: dict[str, float]) -> float:
+    """GPU-hours of the run at the given tokens/s per GPU of each phase."""
+    return sum(p.tokens / tokens_per_s[p.name] for p in run.phases) / 3600
+
+
+def cache_storage(configs: list[DictConfig], jobs: list[RunPlan]) -> dict | None:
+    """Disk the shared teacher cache needs for the sweep: bytes per token x the most tokens a job reads."""
+    readers = [(cfg, job) for cfg, job in zip(configs, jobs)
+               if cfg.method.name in C.DISTILLED and cfg.teacher.source == "cache"]
+    if not readers:
+        return None
+    cfg = readers[0][0]
+    t = cfg.teacher.model
+    per_token = bytes_per_token(CacheSpec("", "", "", cfg.train.seq_len, 1, cfg.method.top_k, t.vocab_size, 1,
+                                          t.hidden_size, 0, cfg.cache.values_dtype, cfg.cache.hidden_dtype))
+    tokens = max(sum(p.tokens for p in job.phases) for _, job in readers)
+    hidden = any(c.method.name in ("hldc", "hldf") for c, _ in readers)
+    return {"topk_bytes_per_token": per_token["topk"], "hidden_bytes_per_token": per_token["hidden"] if hidden else 0,
+            "tokens": tokens, "bytes": tokens * (per_token["topk"] + (per_token["hidden"] if hidden else 0))}

@@ -1,0 +1,43 @@
+"""Where a job runs: its device, its documented peak, and the ranks it trains with (torch.distributed)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def device_of(cfg: DictConfig) -> torch.device:
+    """train.device: auto is cuda when there is one (the rank's own: join() sets it), else cpu."""
+    name = cfg.train.device
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's documented dense bf16 peak, for MFU; None on CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    gpu = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) in the process group this process joined; (0, 1) before it joins one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def join(cfg: DictConfig) -> None:
+    """Join the job's process group when it has several ranks: torchrun's variables, or SLURM's (several
+    tasks of one job) exported as torchrun's. NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "RANK" not in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        cuda = device_of(cfg).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")

@@ -1,0 +1,108 @@
+"""One job of a study: every check before any work, the on-demand teacher, then train -> evaluate -> log.
+
+`check` is the one function the entry points call before they do anything: each subsystem checks its own
+keys, and every stage of the job is planned (the on-demand teacher's pre-training included), so a bad value
+or a budget too small for one step fails in seconds, before a teacher is trained or a cache is built.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+
+from hldx import budget, data, evaluation, models, teacher, tracking
+from hldx import config as C
+from hldx.budget import RunPlan, plan_run
+from hldx.device import device_of, world
+from hldx.errors import ConfigError
+from hldx.train import Checkpoint, Trainer
+
+log = logging.getLogger("hldx")
+
+
+def check(cfg: DictConfig, launch: bool = True) -> RunPlan:
+    """Every check of a job, and its plan: the config's types and ranges and the keys that must agree, each
+    subsystem's keys, the plan of each stage it runs (the on-demand teacher's pre-training included); with
+    `launch`, also what must exist to run it (the teacher checkpoint, the tracking server)."""
+    C.check(cfg)
+    data.check(cfg)
+    models.check(cfg)
+    teacher.check(cfg, launch)
+    evaluation.check(cfg)
+    plan = plan_run(cfg)
+    if cfg.method.name in C.DISTILLED and not OmegaConf.is_missing(cfg.teacher, "ckpt") and not cfg.teacher.ckpt:
+        try:
+            budget.plan_run(teacher.teacher_config(cfg))  # the on-demand teacher's own run
+        except ConfigError as err:
+            raise ConfigError(f"the on-demand teacher (teacher.build.tokens={cfg.teacher.build.tokens}, "
+                              f"teacher.build.lr={cfg.teacher.build.lr}): {err}") from None
+    if launch:
+        tracking.check(cfg)
+    return plan
+
+
+def ensure_teacher(cfg: DictConfig) -> None:
+    """Pre-train the on-demand teacher once (file-locked: parallel jobs wait for the first one)."""
+    path = teacher.teacher_path(cfg)
+    if cfg.teacher.ckpt or path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / "build.lock")):
+        if not path.exists():
+            log.info("pre-training the %s teacher once (shared by every run): %s", cfg.teacher.model.name, path)
+            execute(teacher.teacher_config(cfg), role="teacher", run_dir=path.parent)
+
+
+def finished(cfg: DictConfig, key: str, run_dir: Path | None = None) -> str | None:
+    """The MLflow run id of this run if it finished: FINISHED in MLflow and its final checkpoint on disk."""
+    run_id = tracking.finished_run(cfg, key)
+    return run_id if run_id and (Path(run_dir or Path(cfg.paths.runs) / key) / "final").exists() else None
+
+
+def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None) -> dict[str, float]:
+    """Train and evaluate one run; returns its evaluation metrics ({} if it had already finished)."""
+    plan = plan_run(cfg)
+    run_dir = Path(run_dir or Path(cfg.paths.runs) / plan.run_key)
+    final = run_dir / "final"
+    rank, size = world()
+    done = [finished(cfg, plan.run_key, run_dir) if rank == 0 else None]  # rank 0 alone asks MLflow ...
+    if size > 1:
+        dist.broadcast_object_list(done)  # ... and tells the others
+    if done[0]:
+        log.info("%s already finished (run_key %s, MLflow run %s): skipped", C.run_name(cfg), plan.run_key, done[0])
+        return {}
+    tokenizer = data.tokenizer_for(cfg)
+    stream = data.prepare(cfg, "train", tokenizer)
+    source = None
+    if cfg.method.name in C.DISTILLED:
+        ensure_teacher(cfg)
+        source = teacher.teacher_source(cfg, tokenizer, stream, device_of(cfg))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = Checkpoint.load(run_dir)
+    tracker = tracking.Tracker(cfg, plan.run_key, role, run_id=resume.tracking_run_id if resume else None) \
+        if rank == 0 else None
+    try:
+        batches = data.Batches(stream, cfg.train.seq_len, cfg.train.batch_size, cfg.seed, rank, size)
+        trainer = Trainer(cfg, plan, batches, source, run_dir, tokenizer, tracker.log if tracker else None,
+                          tracker.run_id if tracker else None)
+        model = trainer.fit()
+        if tracker is None:
+            return {}
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        result = evaluation.evaluate(model.eval(), tokenizer, cfg)
+        metrics = result.metrics
+        tracker.log(metrics, sum(p.steps for p in plan.phases))
+        tracker.tag(**{"hldx.ckpt": str(final.resolve())}, **result.tags())
+    except BaseException as err:
+        if tracker is not None:
+            tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
+    tracker.finish()
+    shown = ", ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items())
+    log.info("%s finished: %s | checkpoint %s | MLflow run %s at %s", C.run_name(cfg), shown, final,
+             tracker.run_id, cfg.tracking.uri)
+    return metrics

@@ -1,0 +1,81 @@
+"""Every entry point answers a bad value with one line on stderr naming the key and what is allowed, exit
+status 2 and no traceback, before any work; a bug keeps its traceback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from hldx import cli
+from hldx.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (command, the text that must name the key, what was given and what is allowed)
+BAD = [
+    (["hldx.run", "train.precision=fp8"], "train.precision=fp8 is invalid: expected one of auto, bf16, fp32"),
+    (["hldx.run", "seed=abc"], "seed=abc is invalid: expected an integer"),
+    (["hldx.run", "teacher.source=bogus"], "teacher.source=bogus is invalid: expected cache or online"),
+    (["hldx.run", "method=fitnet"], "method=fitnet is invalid: expected one of hldc, hldf, kd, nll"),
+    (["hldx.run", "train.sequence_length=64"], "train.sequence_length=64 is invalid: there is no such key in train"),
+    (["hldx.run", "-m", "method=nll,kd", "train.grad_clip=-1"], "train.grad_clip=-1 is invalid: expected a number > 0"),
+    (["hldx.run", "-m", "lr=1e-3", "train.betas=[0.9]"], "train.betas=[0.9] is invalid: expected two numbers"),
+    (["hldx.plan", "-m", "train.warmup_steps=-10"], "train.warmup_steps=-10 is invalid: expected an integer >= 0"),
+    (["hldx.cache", "build", "train.final_lr_fraction=2"], "train.final_lr_fraction=2 is invalid: expected a number in [0, 1]"),
+    (["hldx.cache", "verify", "dir=/no/such/cache"], "dir=/no/such/cache is invalid: expected the directory"),
+    (["hldx.evaluate", "ckpt=/no/such/ckpt"], "ckpt=/no/such/ckpt is invalid: expected a saved checkpoint"),
+    (["hldx.evaluate", "ckpt=/no/such/ckpt", "train.weight_decay=-1"], "train.weight_decay=-1 is invalid"),
+    (["hldx.bench", "bench.methods=[nll,fast]"], "bench.methods=['nll', 'fast'] is invalid: expected a non-empty list"),
+    (["analysis.report", "--runs-csv", "/no/such.csv", "--out", "/tmp/x"], "--runs-csv /no/such.csv is invalid"),
+    (["analysis.report", "--out"], "argument --out: expected one argument"),
+]
+
+
+def _run(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    """python -m ARGS with a cache, runs folder and MLflow store of its own under tmp."""
+    own = [f"paths.runs={tmp}/runs", f"tracking.uri=sqlite:///{tmp}/m.db"] if args[0] == "hldx.run" else []
+    return subprocess.run([sys.executable, "-m", *args, *own], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HLDX_CACHE": str(tmp / "cache")}, timeout=180)
+
+
+@pytest.mark.slow
+def test_every_entry_point_reports_a_bad_value_in_one_line(tmp_path):
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda i: _run(BAD[i][0], tmp_path / str(i)), range(len(BAD))))
+    for i, ((args, message), result) in enumerate(zip(BAD, done)):
+        head, *jobs = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr, args
+        assert head.startswith(f"python -m {args[0]}: error: "), (args, result.stderr)
+        if "-m" in args and "method=nll,kd" in args:  # a sweep: a line per bad job after the count
+            assert head.endswith("2 invalid job(s) in the sweep; nothing was launched:"), result.stderr
+            assert len(jobs) == 2 and all(line.startswith("  method=") and message in line for line in jobs)
+        else:
+            assert jobs == [] and message in head, (args, result.stderr)
+        assert not (tmp_path / str(i) / "runs").exists() and not (tmp_path / str(i) / "m.db").exists()
+
+
+def test_a_budget_too_small_fails_before_the_teacher_is_trained(tmp_path):
+    """budget.tokens=10 used to pre-train the on-demand teacher for minutes before saying so."""
+    result = _run(["hldx.run", "budget.tokens=10"], tmp_path)
+    assert result.returncode == 2 and "too small for one optimizer step" in result.stderr
+    assert not (tmp_path / "cache" / "teachers").exists() and not (tmp_path / "cache" / "streams").exists()
+
+
+def test_a_bug_keeps_its_traceback(capsys):
+    @cli.command
+    def broken(argv=None) -> int:
+        raise ZeroDivisionError("a bug")
+
+    @cli.command
+    def mistaken(argv=None) -> int:
+        raise ConfigError("lr=-1 is invalid: expected a number > 0")
+
+    with pytest.raises(ZeroDivisionError):
+        broken()
+    assert mistaken() == 2
+    assert capsys.readouterr().err.endswith("error: lr=-1 is invalid: expected a number > 0\n")
