@@ -181,17 +181,43 @@ def gpu_hours(run: RunPlan, tokens_per_s: dict[str, float]) -> float:
     return sum(p.tokens / tokens_per_s[p.name] for p in run.phases) / 3600
 
 
-def cache_storage(configs: list[DictConfig], jobs: list[RunPlan]) -> dict | None:
-    """Disk the shared teacher cache needs for the sweep: bytes per token x the most tokens a job reads."""
+def rows_read(cfg: DictConfig, plan: RunPlan) -> dict[str, int]:
+    """Rows of the training order a job reads, in sequence from row 0: in all, and up to which row it reads
+    the teacher's top-k logits and hidden states (HLDF: hidden states in phase 1, top-k in phase 2)."""
+    need, end = {"all": 0, "topk": 0, "hidden": 0}, 0
+    for phase, p in zip(phases(cfg), plan.phases):
+        end += p.steps * cfg.train.batch_size
+        need["all"] = end
+        if cfg.method.name in C.DISTILLED and phase.needs_teacher_logits:
+            need["topk"] = end
+        if cfg.method.name in C.DISTILLED and phase.needs_teacher_hidden:
+            need["hidden"] = end
+    return need
+
+
+def cache_extents(cfg: DictConfig, plan: RunPlan, rows: int | None = None) -> tuple[int, int]:
+    """The (top-k, hidden) extents of the job's teacher cache, in rows: cache.rows and cache.hidden_rows (auto:
+    what the job reads, all: hidden states wherever there are top-k), at most the `rows` the order holds."""
+    need, c = rows_read(cfg, plan), cfg.cache
+    top = need["topk"] if c.rows == "auto" else int(c.rows)
+    hidden = need["hidden"] if c.hidden_rows == "auto" else top if c.hidden_rows == "all" else int(c.hidden_rows)
+    return (top, hidden) if rows is None else (min(top, rows), min(hidden, rows))
+
+
+def cache_storage(configs: list[DictConfig], jobs: list[RunPlan], rows: int | None = None) -> dict | None:
+    """Disk the shared teacher cache needs for the sweep: the extents of its longest jobs x bytes per token
+    of each part (checksums included). `rows`: what the training order holds, when known."""
     readers = [(cfg, job) for cfg, job in zip(configs, jobs)
                if cfg.method.name in C.DISTILLED and cfg.teacher.source == "cache"]
     if not readers:
         return None
     cfg = readers[0][0]
     t = cfg.teacher.model
-    per_token = bytes_per_token(CacheSpec("", "", "", cfg.train.seq_len, 1, cfg.method.top_k, t.vocab_size, 1,
-                                          t.hidden_size, 0, cfg.cache.values_dtype, cfg.cache.hidden_dtype))
-    tokens = max(sum(p.tokens for p in job.phases) for _, job in readers)
-    hidden = any(c.method.name in ("hldc", "hldf") for c, _ in readers)
-    return {"topk_bytes_per_token": per_token["topk"], "hidden_bytes_per_token": per_token["hidden"] if hidden else 0,
-            "tokens": tokens, "bytes": tokens * (per_token["topk"] + (per_token["hidden"] if hidden else 0))}
+    per_token = bytes_per_token(CacheSpec("", "", "", cfg.train.seq_len, cfg.method.top_k, t.vocab_size, 1,
+                                          t.hidden_size, cfg.cache.values_dtype, cfg.cache.hidden_dtype))
+    extents = [cache_extents(c, job, rows) for c, job in readers]
+    top, hidden = max(e[0] for e in extents), max(e[1] for e in extents)
+    seq = cfg.train.seq_len
+    return {"rows": top, "hidden_rows": hidden, "topk_bytes_per_token": per_token["topk"],
+            "hidden_bytes_per_token": per_token["hidden"], "tokens": top * seq, "hidden_tokens": hidden * seq,
+            "bytes": round(seq * (top * per_token["topk"] + hidden * per_token["hidden"]))}

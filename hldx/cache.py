@@ -4,8 +4,9 @@
     python -m hldx.cache verify dir=DIR             # exit 1 naming every bad shard
 
 `build` composes the same config as `python -m hldx.run` (every override works), checks it whole, then
-builds the shards of the worker's share that are missing, with the teacher of the config (pre-trained
-first when it is the on-demand one). On SLURM, an array job's tasks split the shards between them.
+builds the shards of the worker's share that are missing, with the teacher of the config (pre-trained first
+when it is the on-demand one), for the rows that job reads (cache.rows, cache.hidden_rows: auto) or those
+given. On SLURM, an array job's tasks split the shards between them, and a task's ranks split its share.
 """
 from __future__ import annotations
 
@@ -13,21 +14,26 @@ import sys
 from pathlib import Path
 
 from hldx import cli, config, data, job
-from hldx.device import device_of
+from hldx.device import device_of, join, world
 from hldx.errors import UserError
-from hldx.store import task_rows, verify
-from hldx.teacher import build_cache, cache_spec
+from hldx.store import task_shards, verify
+from hldx.teacher import build_cache, cache_dir, cache_spec
 
 def build(overrides: list[str]) -> int:
-    """Build this worker's share (cache.task of cache.tasks) of the cache of the composed config."""
+    """Build this worker's share of the cache of the composed config: the shards of cache.task of cache.tasks
+    (SLURM array tasks), split again over the job's ranks when it has several."""
     cfg = config.compose(overrides)
-    job.check(cfg)
+    plan = job.check(cfg)
+    job.ensure_teacher(cfg)  # before the ranks join: one process pre-trains it, the others wait for its lock
+    join(cfg)
+    rank, size = world()
     tokenizer = data.tokenizer_for(cfg)
-    stream = data.prepare(cfg, "train", tokenizer)
-    job.ensure_teacher(cfg)
-    spec = cache_spec(cfg, tokenizer, stream)
-    root = build_cache(cfg, spec, stream, device_of(cfg), task_rows(spec, cfg.cache.task, cfg.cache.tasks))
-    print(f"{'complete' if (root / 'manifest.json').exists() else 'partial'}: {root}")
+    rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    spec = cache_spec(cfg, tokenizer, rows, plan)
+    shards = task_shards(spec, cfg.cache.task * size + rank, cfg.cache.tasks * size)
+    complete = build_cache(cfg, spec, rows, device_of(cfg), shards)
+    print(f"{'complete' if complete else 'partial'} (shards {shards.start}..{shards.stop - 1} of this worker "
+          f"built): {cache_dir(cfg, spec)}, top-k for rows [0, {spec.rows}), hidden states for [0, {spec.hidden_rows})")
     return 0
 
 

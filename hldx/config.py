@@ -34,6 +34,7 @@ HPARAMS = ("lr", "tau", "alpha", "gamma", "p1")
 # Keys that change how a run executes, not what it computes: left out of the run identity.
 RUNTIME_TRAIN_KEYS = ("micro_batch_size", "ckpt_every", "log_every", "device", "precision", "compile",
                       "loss_chunk")
+RUNTIME_DATA_KEYS = ("max_epochs", "train_tokens")  # what a run may read, an estimate: not what it computes
 
 schema.register()
 
@@ -170,7 +171,8 @@ def identity(cfg: DictConfig) -> dict:
     ident = {
         "method": OmegaConf.to_container(cfg.method, resolve=True),
         "student": OmegaConf.to_container(cfg.student, resolve=True),
-        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "data": {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+                 if k not in RUNTIME_DATA_KEYS},
         "budget": OmegaConf.to_container(cfg.budget, resolve=True),
         "train": train,
         "seed": int(cfg.seed),

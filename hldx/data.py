@@ -158,6 +158,14 @@ def _build_once(final: Path, build: Callable[[Path], None]) -> Path:
 
 # ---- tokenizer ------------------------------------------------------------------------------------------
 
+def _tokenizer_dir(cfg: DictConfig) -> Path:
+    data = cfg.data
+    spec = {"format": FORMAT, "source": source_spec(cfg, "train"), "vocab_size": data.vocab_size}
+    if data.name == "c4":
+        spec["documents"] = data.tokenizer_documents
+    return Path(cfg.paths.cache).expanduser() / "tokenizers" / digest(spec)
+
+
 def tokenizer_for(cfg: DictConfig) -> PreTrainedTokenizerFast:
     """The byte-level BPE of `cfg.data` with exactly `data.vocab_size` ids, trained once on the train split.
 
@@ -167,10 +175,7 @@ def tokenizer_for(cfg: DictConfig) -> PreTrainedTokenizerFast:
     if data.vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ConfigError(f"data.vocab_size={data.vocab_size} is invalid: expected at least "
                           f"{256 + len(SPECIAL_TOKENS)} (256 bytes and {len(SPECIAL_TOKENS)} special tokens)")
-    spec = {"format": FORMAT, "source": source_spec(cfg, "train"), "vocab_size": data.vocab_size}
-    if data.name == "c4":
-        spec["documents"] = data.tokenizer_documents
-    final = Path(cfg.paths.cache).expanduser() / "tokenizers" / digest(spec)
+    final = _tokenizer_dir(cfg)
     return PreTrainedTokenizerFast.from_pretrained(_build_once(final, lambda tmp: _train_tokenizer(cfg, tmp)))
 
 
@@ -216,23 +221,34 @@ class Stream:
         return len(self.tokens) // seq_len
 
 
+def _stream_dir(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFast) -> tuple[Path, dict]:
+    spec = {"format": FORMAT, "source": source_spec(cfg, split), "split": split,
+            "tokenizer": tokenizer_digest(tokenizer), "max_tokens": cfg.data[f"max_{split}_tokens"]}
+    return Path(cfg.paths.cache).expanduser() / "streams" / digest(spec), spec
+
+
 def prepare(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFast) -> Stream:
     """Tokenise `split` once into {paths.cache}/streams/<digest>/ and map it read-only.
 
     `data.max_{split}_tokens` (when set) truncates the stream to that many tokens.
     """
-    source = source_spec(cfg, split)
-    max_tokens = cfg.data[f"max_{split}_tokens"]
-    if max_tokens is not None and max_tokens < 1:
-        raise ConfigError(f"data.max_{split}_tokens={max_tokens} is invalid: expected null or an integer >= 1")
-    spec = {"format": FORMAT, "source": source, "split": split,
-            "tokenizer": tokenizer_digest(tokenizer), "max_tokens": max_tokens}
-    key = digest(spec)
-    final = Path(cfg.paths.cache).expanduser() / "streams" / key
+    final, spec = _stream_dir(cfg, split, tokenizer)
     _build_once(final, lambda tmp: _write_stream(cfg, split, tokenizer, spec, tmp))
     meta = json.loads((final / "meta.json").read_text())
     tokens = np.memmap(final / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
-    return Stream(tokens=tokens, digest=key, path=final)
+    return Stream(tokens=tokens, digest=final.name, path=final)
+
+
+def train_tokens(cfg: DictConfig) -> tuple[int | None, bool]:
+    """How many tokens the train stream holds, and whether that is exact: the built stream's count, else
+    the smaller of data.max_train_tokens and data.train_tokens (an estimate; None if neither is set).
+    Reads no text: a stream that is not built yet is not built here."""
+    if _tokenizer_dir(cfg).is_dir():
+        final, _ = _stream_dir(cfg, "train", PreTrainedTokenizerFast.from_pretrained(_tokenizer_dir(cfg)))
+        if (final / "meta.json").exists():
+            return json.loads((final / "meta.json").read_text())["num_tokens"], True
+    bounds = [v for v in (cfg.data.max_train_tokens, cfg.data.get("train_tokens")) if v is not None]
+    return (int(min(bounds)) if bounds else None), False
 
 
 def _write_stream(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFast, spec: dict, out: Path) -> None:
@@ -258,51 +274,88 @@ def _write_stream(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFas
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-# ---- batches ------------------------------------------------------------------------------------------------
+# ---- the training order -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """A split's full rows of seq_len tokens in training order, laid down once on disk: a run reads them in
+    sequence (row r at global position r, again from row 0 in a further epoch), so the rows of its first n
+    steps are a prefix, and row r keys the teacher cache."""
+
+    tokens_RxL: np.ndarray  # read-only np.memmap [R, L]
+    digest: str
+    path: Path
+
+    @property
+    def count(self) -> int:
+        return len(self.tokens_RxL)
+
+
+def training_rows(cfg: DictConfig, stream: Stream) -> Rows:
+    """The stream's full rows of train.seq_len tokens (the tail is dropped) permuted by data.seed (NumPy's
+    default generator seeded with it), written once to {paths.cache}/orders/<digest>/rows.bin. The order
+    depends on data.seed alone, not on `seed`: the replicates of a multi-seed study share it, and its cache."""
+    seq_len, seed = cfg.train.seq_len, cfg.data.seed
+    count = stream.rows(seq_len)
+    if count == 0:
+        raise ConfigError(f"train.seq_len={seq_len} is invalid: the stream at {stream.path} holds "
+                          f"{len(stream.tokens)} tokens, fewer than one row")
+    spec = {"format": FORMAT, "stream": stream.digest, "seq_len": seq_len, "seed": seed}
+    key = digest(spec)
+    final = Path(cfg.paths.cache).expanduser() / "orders" / key
+    _build_once(final, lambda tmp: _write_rows(stream, seq_len, seed, {**spec, "rows": count}, tmp))
+    tokens_RxL = np.memmap(final / "rows.bin", dtype=stream.tokens.dtype, mode="r", shape=(count, seq_len))
+    return Rows(tokens_RxL=tokens_RxL, digest=key, path=final)
+
+
+def _write_rows(stream: Stream, seq_len: int, seed: int, meta: dict, out: Path) -> None:
+    count = meta["rows"]
+    source_RxL = stream.tokens[: count * seq_len].reshape(count, seq_len)
+    order = np.random.default_rng(seed).permutation(count)
+    block = max(1, (64 << 20) // (seq_len * source_RxL.itemsize))  # rows per write: ~64 MB
+    with open(out / "rows.bin", "wb") as f, tqdm(total=count, desc="lay down the training order", unit="row",
+                                                  unit_scale=True, mininterval=5) as bar:
+        for start in range(0, count, block):
+            rows = order[start:start + block]
+            by_source = np.argsort(rows)  # read the source in its own order, write in the training order
+            chunk = np.empty((len(rows), seq_len), dtype=source_RxL.dtype)
+            chunk[by_source] = source_RxL[rows[by_source]]
+            chunk.tofile(f)
+            bar.update(len(rows))
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+
 
 class Batches:
-    """Deterministic, resumable, shardable batches of a Stream's rows.
+    """The global batch of every step, from the training rows: step s holds global positions
+    [s * B, (s + 1) * B), position g is row g mod R (a position past R reads a further epoch), and rank r of
+    `world` takes positions [r * B/W, (r + 1) * B/W) of each step. A pure function of the step: resuming needs
+    only the step, and the rows a step reads can be read ahead of it."""
 
-    Training reads an endless sequence of rows: global position g = step * batch_size + j (j < batch_size)
-    holds row perm_e[g % R] of epoch e = g // R, where R = stream.rows(seq_len) and perm_e is a permutation
-    of range(R) seeded by (seed, e). Rank r of `world` takes j in [r * B/W, (r+1) * B/W). The order is a
-    pure function of (seed, step), so resuming needs only the step; the row index keys the teacher cache.
-    """
-
-    def __init__(self, stream: Stream, seq_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, rows: Rows, batch_size: int, rank: int = 0, world: int = 1):
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank={rank}, world={world}: expected 0 <= rank < world")
         if batch_size < 1 or batch_size % world:
             raise ValueError(f"train.batch_size={batch_size} must be a positive multiple of the world size {world}")
-        self.rows = stream.rows(seq_len)
-        if self.rows == 0:
-            raise ValueError(f"the stream at {stream.path} holds {len(stream.tokens)} tokens, "
-                             f"fewer than one row of seq_len={seq_len}")
-        self.tokens_RxL = stream.tokens[: self.rows * seq_len].reshape(self.rows, seq_len)
-        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
-        self._perms: dict[int, np.ndarray] = {}  # the permutations of the two epochs built last
+        self.tokens_RxL, self.rows = rows.tokens_RxL, rows.count
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.per_rank = batch_size // world
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) == 2:
-                self._perms.pop(next(iter(self._perms)))
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.rows)
-        return self._perms[epoch]
+    def first(self, step: int) -> int:
+        """This rank's first global position of step `step`."""
+        if step < 0:
+            raise ValueError(f"step={step}: expected >= 0")
+        return step * self.batch_size + self.rank * self.per_rank
 
     def positions(self, step: int) -> np.ndarray:
         """This rank's row indices [batch_size // world] (int64) for optimizer step `step`."""
-        if step < 0:
-            raise ValueError(f"step={step}: expected >= 0")
-        per_rank = self.batch_size // self.world
-        g = step * self.batch_size + self.rank * per_rank + np.arange(per_rank, dtype=np.int64)
-        epoch, index = np.divmod(g, self.rows)
-        rows = np.empty(per_rank, dtype=np.int64)
-        for e in np.unique(epoch):
-            at = epoch == e
-            rows[at] = self._perm(int(e))[index[at]]
-        return rows
+        return (self.first(step) + np.arange(self.per_rank, dtype=np.int64)) % self.rows
 
     def batch(self, step: int) -> tuple[torch.Tensor, np.ndarray]:
         """(tokens_BxL int64, row indices [B]) of this rank for step `step`, B = batch_size // world."""
         rows = self.positions(step)
         return torch.from_numpy(self.tokens_RxL[rows].astype(np.int64)), rows
+
+
+def epochs(rows_read: int, rows: int) -> int:
+    """How many passes over `rows` training rows reading `rows_read` of them takes."""
+    return -(-rows_read // rows)

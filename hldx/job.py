@@ -40,8 +40,28 @@ def check(cfg: DictConfig, launch: bool = True) -> RunPlan:
             raise ConfigError(f"the on-demand teacher (teacher.build.tokens={cfg.teacher.build.tokens}, "
                               f"teacher.build.lr={cfg.teacher.build.lr}): {err}") from None
     if launch:
+        check_epochs(cfg, plan)
         tracking.check(cfg)
     return plan
+
+
+def epochs(cfg: DictConfig, plan: RunPlan, rows: int | None = None) -> int | None:
+    """How many passes over the training order the job makes (None: the order's size is not known yet);
+    `rows`: the order's size, else what hldx.data knows or estimates of it."""
+    if rows is None:
+        tokens, _ = data.train_tokens(cfg)
+        rows = None if tokens is None else tokens // cfg.train.seq_len
+    return None if not rows else data.epochs(budget.rows_read(cfg, plan)["all"], rows)
+
+
+def check_epochs(cfg: DictConfig, plan: RunPlan, rows: int | None = None) -> None:
+    """Refuse a job that reads past the end of the training order more often than data.max_epochs allows."""
+    passes = epochs(cfg, plan, rows)
+    if passes is not None and passes > cfg.data.max_epochs:
+        read = budget.rows_read(cfg, plan)["all"] * cfg.train.seq_len
+        raise ConfigError(f"data.max_epochs={cfg.data.max_epochs} is invalid for this job: it reads {read:.4g} "
+                          f"tokens, {passes} passes over the training data (data={cfg.data.name}): allow them "
+                          f"with data.max_epochs={passes}, or give it more data or a smaller budget")
 
 
 def ensure_teacher(cfg: DictConfig) -> None:
@@ -75,17 +95,18 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
         log.info("%s already finished (run_key %s, MLflow run %s): skipped", C.run_name(cfg), plan.run_key, done[0])
         return {}
     tokenizer = data.tokenizer_for(cfg)
-    stream = data.prepare(cfg, "train", tokenizer)
+    rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    check_epochs(cfg, plan, rows.count)
     source = None
     if cfg.method.name in C.DISTILLED:
         ensure_teacher(cfg)
-        source = teacher.teacher_source(cfg, tokenizer, stream, device_of(cfg))
+        source = teacher.teacher_source(cfg, tokenizer, rows, plan, device_of(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = Checkpoint.load(run_dir)
     tracker = tracking.Tracker(cfg, plan.run_key, role, run_id=resume.tracking_run_id if resume else None) \
         if rank == 0 else None
     try:
-        batches = data.Batches(stream, cfg.train.seq_len, cfg.train.batch_size, cfg.seed, rank, size)
+        batches = data.Batches(rows, cfg.train.batch_size, rank, size)
         trainer = Trainer(cfg, plan, batches, source, run_dir, tokenizer, tracker.log if tracker else None,
                           tracker.run_id if tracker else None)
         model = trainer.fit()

@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
 
 from hldx.errors import ConfigError
 
@@ -80,17 +81,37 @@ def _tap(model: Gemma3ForCausalLM, layer: int):
         handle.remove()
 
 
+def attention_masks(config: Gemma3TextConfig, tokens_BxL: Tensor) -> dict[str, Tensor | None] | None:
+    """The masks Gemma3 builds for an unpadded causal batch under SDPA, made without reading the batch: given
+    them, transformers skips its own mask code, whose packed-sequence check reads a device tensor (a host sync
+    every forward on a GPU). Full attention: None (SDPA's is_causal); sliding: a [1, 1, L, L] mask broadcast
+    over the batch, or None when L is within the window. None for any other attention implementation."""
+    if config._attn_implementation != "sdpa":
+        return None
+    B, L = tokens_BxL.shape
+    return {"full_attention": None, "sliding_attention": _sliding_mask(config.sliding_window, L, tokens_BxL.device)
+            .expand(B, -1, -1, -1) if L >= config.sliding_window else None}
+
+
+@lru_cache(maxsize=8)
+def _sliding_mask(window: int, L: int, device: torch.device) -> Tensor:
+    return sdpa_mask(batch_size=1, q_length=L, kv_length=L, mask_function=sliding_window_causal_mask_function(window),
+                     allow_is_causal_skip=False, device=device)
+
+
 def forward(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int | None = None) -> tuple[Tensor, Tensor | None]:
     """Logits, and the hidden state after `layer` when asked for."""
+    masks = attention_masks(model.config, tokens_BxL)
     if layer is None:
-        return model(input_ids=tokens_BxL, use_cache=False).logits, None
+        return model(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).logits, None
     with _tap(model, layer) as seen:
-        logits_BxLxV = model(input_ids=tokens_BxL, use_cache=False).logits
+        logits_BxLxV = model(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).logits
     return logits_BxLxV, seen["h"]
 
 
 def forward_to_layer(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int, **model_kwargs) -> Tensor:
     """The hidden state after `layer`, computing only the embedding and the first `layer` layers."""
+    model_kwargs.setdefault("attention_mask", attention_masks(model.config, tokens_BxL))
     backbone = model.model
     layers = backbone.layers
     backbone.layers = layers[:layer]

@@ -14,7 +14,8 @@ import json
 import sys
 
 from hldx import config as C
-from hldx import cli
+from hldx import budget, cli, data
+from hldx import job as J
 from hldx.budget import RunPlan, cache_storage, gpu_hours, throughput
 from hldx.errors import ConfigError
 from hldx.study import BadJob, expand_sweep, plan_jobs, refusal
@@ -64,18 +65,31 @@ def main(argv: list[str] | None = None) -> int:
     cfg, jobs = planned[0][1], [run for _, _, run in planned]
     source = throughput(cfg)[1]
     print(format_table(jobs, cfg.budget.accounting, rates, source))
-    storage = cache_storage([c for _, c, _ in planned], jobs)
+    tokens, exact = data.train_tokens(cfg)
+    rows = None if tokens is None else tokens // cfg.train.seq_len
+    passes = [J.epochs(c, run, rows) for _, c, run in planned]
+    groups: dict[tuple[int, int], list[str]] = {}
+    for (_, c, _), n in zip(planned, passes):
+        if n is not None and n > 1:
+            groups.setdefault((n, c.data.max_epochs), []).append(C.run_name(c))
+    for (n, allowed), names in sorted(groups.items()):
+        verdict = "allowed by" if n <= allowed else "refused at launch unless"
+        shown = ", ".join(names) if len(names) <= 4 else f"{', '.join(names[:3])}, ... ({len(names)} jobs)"
+        print(f"{len(names)} job(s) make {n} passes over {'the' if exact else 'about'} {tokens:.4g} training tokens "
+              f"({verdict} data.max_epochs={n}): {shown}")
+    storage = cache_storage([c for _, c, _ in planned], jobs, rows)
     if storage:
-        print(f"teacher cache: {storage['topk_bytes_per_token']} B/token of top-k + "
-              f"{storage['hidden_bytes_per_token']} B/token of hidden states (cache.hidden_rows=all) x "
-              f"{storage['tokens']:.4g} tokens = {storage['bytes'] / 1e12:.4g} TB on disk")
+        print(f"teacher cache ({cfg.cache.values_dtype} top-k, {cfg.cache.hidden_dtype} hidden states): top-k for "
+              f"{storage['tokens']:.4g} tokens x {storage['topk_bytes_per_token']:.6g} B + hidden states for "
+              f"{storage['hidden_tokens']:.4g} tokens x {storage['hidden_bytes_per_token']:.6g} B = "
+              f"{storage['bytes'] / 1e12:.4g} TB on disk")
     if cfg.plan.json:
         hours = [gpu_hours(j, r) for j, r in zip(jobs, rates)]
         with open(cfg.plan.json, "w") as f:
             json.dump({"accounting": cfg.budget.accounting, "throughput": source, "gpu_hours": sum(hours),
-                       "teacher_cache": storage,
-                       "jobs": [j.as_json() | {"gpu_hours": h, "tokens_per_s": r}
-                                for j, h, r in zip(jobs, hours, rates)]}, f, indent=2)
+                       "teacher_cache": storage, "train_tokens": tokens, "train_tokens_exact": exact,
+                       "jobs": [j.as_json() | {"gpu_hours": h, "tokens_per_s": r, "epochs": n}
+                                for j, h, r, n in zip(jobs, hours, rates, passes)]}, f, indent=2)
         print(f"wrote {cfg.plan.json}")
     return 0
 

@@ -119,6 +119,8 @@ class Embedded:
     max_train_tokens: Optional[int] = key(integer(1), null=True)
     max_validation_tokens: Optional[int] = key(integer(1), null=True)
     vocab_size: int = key(integer(259))
+    seed: int = key(integer(0))
+    max_epochs: int = key(integer(1))
 
 
 @dataclass
@@ -126,6 +128,7 @@ class C4(Embedded):
     train_files: str = key()
     validation_files: str = key()
     tokenizer_documents: int = key(integer(1))
+    train_tokens: Any = key(number(1), null=True)
 
 
 @dataclass
@@ -186,16 +189,22 @@ class Tracking:
     experiment: str = key(Rule("a non-empty name", lambda v: isinstance(v, str) and v.strip() != ""))
 
 
+def extent(*words: str) -> Rule:
+    return Rule(f"{' or '.join(words)} or a row count >= 0",
+                lambda v: v in words or (isinstance(v, int) and not isinstance(v, bool) and v >= 0))
+
+
 @dataclass
 class Cache:
     dir: Optional[str] = key(null=True)
     rows_per_shard: int = key(integer(1))
     values_dtype: str = key()
     hidden_dtype: str = key()
-    hidden_rows: Any = key(Rule("all or a row count >= 0",
-                                lambda v: v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)))
+    rows: Any = key(extent("auto"))
+    hidden_rows: Any = key(extent("auto", "all"))
     batch_rows: int = key(integer(1))
     prefetch: int = key(integer(1))
+    readers: int = key(integer(1))
     task: int = key(integer(0))
     tasks: int = key(integer(1))
 

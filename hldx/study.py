@@ -68,6 +68,7 @@ def plan_jobs(jobs: list[list[str]], launch: bool = False) -> tuple[list[Planned
             run = J.check(cfg, launch=False)
             if launch:
                 teacher.check(cfg, launch=True)
+                J.check_epochs(cfg, run)
         except ConfigError as err:  # every bad job is reported, then we stop
             errors.append(BadJob(" ".join(o for o in job if o not in shared) or "(defaults)", str(err)))
             continue

@@ -2,7 +2,6 @@
 outputs read online or from the teacher cache it builds (hldx.store)."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -17,7 +16,9 @@ from hldx import schema
 from hldx.data import tokenizer_digest
 from hldx.errors import ConfigError, check as require
 from hldx.models import forward, forward_to_layer, load_model, middle_layer
-from hldx.store import DTYPES, CacheSpec, build, open_cache, resolve_dir, resolve_hidden_rows
+from hldx.budget import RunPlan, cache_extents
+from hldx.data import Rows
+from hldx.store import HIDDEN_DTYPES, VALUE_DTYPES, CacheReader, CacheSpec, build, open_cache
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ def check(cfg: DictConfig, launch: bool = True) -> None:
     if cfg.method.name not in C.DISTILLED:
         return
     c = cfg.cache
-    for key in ("values_dtype", "hidden_dtype"):
-        require(c[key] in DTYPES, f"cache.{key}", c[key], f"one of {', '.join(DTYPES)}")
+    for key, allowed in (("values_dtype", VALUE_DTYPES), ("hidden_dtype", HIDDEN_DTYPES)):
+        require(c[key] in allowed, f"cache.{key}", c[key], f"one of {', '.join(allowed)}")
     require(c.task < c.tasks, "cache.task", c.task, f"a worker index in [0, cache.tasks={c.tasks})")
     if cfg.hidden.teacher_layer is not None:
         depth = cfg.teacher.model.num_hidden_layers
@@ -85,19 +86,24 @@ def load_teacher(cfg: DictConfig) -> torch.nn.Module:
 
 
 class OnlineTeacher:
-    """Runs the teacher's forward for each batch: top-k logits and/or its mid-layer hidden state."""
+    """Runs the teacher's forward on a batch: its top-k logits (relative to each position's largest, as the
+    cache stores them) and/or its mid-layer hidden state. On a GPU under bf16 autocast, the top-k taken in
+    float32 from the bf16 logits."""
 
     def __init__(self, cfg: DictConfig, model: torch.nn.Module, device: torch.device):
         self.model, self.k = model.to(device), cfg.method.get("top_k", 128)
         self.layer = middle_layer(cfg.teacher.model.num_hidden_layers, cfg.hidden.teacher_layer)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     @torch.no_grad()
-    def __call__(self, rows: Tensor, tokens_BxL: Tensor, logits: bool, hidden: bool):
-        if not logits:
-            return None, None, forward_to_layer(self.model, tokens_BxL, self.layer).float()
-        logits_BxLxV, hidden_BxLxD = forward(self.model, tokens_BxL, self.layer if hidden else None)
+    def __call__(self, tokens_BxL: Tensor, logits: bool, hidden: bool):
+        with self.autocast:
+            if not logits:
+                return None, None, forward_to_layer(self.model, tokens_BxL, self.layer).float()
+            logits_BxLxV, hidden_BxLxD = forward(self.model, tokens_BxL, self.layer if hidden else None)
         topk_val_BxLxK, topk_idx_BxLxK = logits_BxLxV.float().topk(self.k, dim=-1)
-        return topk_idx_BxLxK, topk_val_BxLxK, None if hidden_BxLxD is None else hidden_BxLxD.float()
+        relative_BxLxK = topk_val_BxLxK - topk_val_BxLxK[..., :1]  # sorted: the first is the largest
+        return topk_idx_BxLxK, relative_BxLxK, None if hidden_BxLxD is None else hidden_BxLxD.float()
 
 
 def teacher_digest(path: Path) -> str:
@@ -110,54 +116,48 @@ def teacher_digest(path: Path) -> str:
     return sha.hexdigest()[:16]
 
 
-def cache_spec(cfg: DictConfig, tokenizer, stream) -> CacheSpec:
-    """The cache every method of a sweep shares: all rows of the stream, hidden states per cache.hidden_rows."""
-    rows = stream.rows(cfg.train.seq_len)
+def cache_spec(cfg: DictConfig, tokenizer, rows: Rows, plan: RunPlan) -> CacheSpec:
+    """The cache of cfg's teacher on the training rows, with the extents cfg's job needs (cache.rows,
+    cache.hidden_rows: auto is what it reads); every method, hyperparameter and seed of a sweep shares it."""
+    top, hidden = cache_extents(cfg, plan, rows.count)
     return CacheSpec(
         teacher_digest=teacher_digest(teacher_path(cfg)), tokenizer_digest=tokenizer_digest(tokenizer),
-        stream_digest=stream.digest, seq_len=cfg.train.seq_len, rows=rows, k=cfg.method.get("top_k", 128),
+        stream_digest=rows.digest, seq_len=cfg.train.seq_len, k=cfg.method.get("top_k", 128),
         vocab_size=cfg.student.vocab_size,
         hidden_layer=middle_layer(cfg.teacher.model.num_hidden_layers, cfg.hidden.teacher_layer),
-        hidden_size=cfg.teacher.model.hidden_size, hidden_rows=resolve_hidden_rows(cfg.cache.hidden_rows, rows),
-        values_dtype=cfg.cache.values_dtype, hidden_dtype=cfg.cache.hidden_dtype,
-        rows_per_shard=cfg.cache.rows_per_shard)
+        hidden_size=cfg.teacher.model.hidden_size, values_dtype=cfg.cache.values_dtype,
+        hidden_dtype=cfg.cache.hidden_dtype, rows_per_shard=cfg.cache.rows_per_shard, rows=top, hidden_rows=hidden)
 
 
-def build_cache(cfg: DictConfig, spec: CacheSpec, stream, device: torch.device, rows: range | None = None) -> Path:
-    """Build (or finish, or check) the teacher cache `spec` of cfg; returns its directory. The teacher is
-    loaded only if a shard is missing."""
-    root = resolve_dir(cfg.cache.dir, Path(cfg.paths.cache).expanduser(), spec)
-    tokens_RxL = stream.tokens[: spec.rows * spec.seq_len].reshape(spec.rows, spec.seq_len)
+def cache_dir(cfg: DictConfig, spec: CacheSpec) -> Path:
+    """cache.dir, or (null) the content-addressed <paths.cache>/teacher_cache/<identity digest>."""
+    return Path(cfg.cache.dir).expanduser() if cfg.cache.dir else \
+        Path(cfg.paths.cache).expanduser() / "teacher_cache" / spec.digest
+
+
+def build_cache(cfg: DictConfig, spec: CacheSpec, rows: Rows, device: torch.device,
+                shards: range | None = None) -> bool:
+    """Build what `spec`'s extents need of `shards` (default: all) and the cache lacks; whether it is complete.
+    The teacher is loaded only if a shard is missing."""
     online: list[OnlineTeacher] = []
 
-    def teacher_fn(tokens_BxL: Tensor):
+    def teacher_fn(tokens_BxL: Tensor, topk: bool, hidden: bool):
         if not online:
             online.append(OnlineTeacher(cfg, load_teacher(cfg), device))
-        idx, val, hidden = online[0](None, tokens_BxL.to(device), True, spec.hidden_rows > 0)
-        return idx.cpu(), val.cpu(), None if hidden is None else hidden.cpu()
+        idx, val, hid = online[0](tokens_BxL.to(device), topk, hidden)
+        return tuple(None if t is None else t.cpu() for t in (idx, val, hid))
 
-    build(spec, root, teacher_fn, lambda r: torch.from_numpy(tokens_RxL[r].astype(np.int64)), rows,
-          batch_rows=cfg.cache.batch_rows)
-    return root
-
-
-class CachedTeacher:
-    """Teacher outputs read from the shared cache by row index (built on first use, file-locked)."""
-
-    def __init__(self, cfg: DictConfig, tokenizer, stream, device: torch.device):
-        spec = cache_spec(cfg, tokenizer, stream)
-        root = build_cache(cfg, spec, stream, device)
-        if cfg.method.name == "kd":  # a KD run needs no hidden state: any cache with the top-k will do
-            spec = dataclasses.replace(spec, hidden_layer=None, hidden_size=0, hidden_rows=0)
-        self.reader, self.device = open_cache(root, spec, prefetch=cfg.cache.prefetch), device
-
-    def __call__(self, rows: Tensor, tokens_BxL: Tensor, logits: bool, hidden: bool):
-        idx, val, hid = self.reader.get(rows.numpy(), topk=logits, hidden=hidden)
-        return tuple(None if t is None else t.to(self.device, non_blocking=True) for t in (idx, val, hid))
+    return build(spec, cache_dir(cfg, spec), teacher_fn,
+                 lambda r: torch.from_numpy(rows.tokens_RxL[r].astype(np.int64)), shards,
+                 batch_rows=cfg.cache.batch_rows)
 
 
-def teacher_source(cfg: DictConfig, tokenizer, stream, device: torch.device):
-    """The teacher a distilled run reads: the cache (teacher.source=cache) or the live model (online)."""
-    if cfg.teacher.source == "cache":
-        return CachedTeacher(cfg, tokenizer, stream, device)
-    return OnlineTeacher(cfg, load_teacher(cfg), device)
+def teacher_source(cfg: DictConfig, tokenizer, rows: Rows, plan: RunPlan,
+                   device: torch.device) -> CacheReader | OnlineTeacher:
+    """What a distilled run reads its teacher from: the cache (teacher.source=cache; built or grown first if
+    it lacks rows the run reads, file-locked) or the live model (online)."""
+    if cfg.teacher.source == "online":
+        return OnlineTeacher(cfg, load_teacher(cfg), device)
+    spec = cache_spec(cfg, tokenizer, rows, plan)
+    build_cache(cfg, spec, rows, device)
+    return open_cache(cache_dir(cfg, spec), spec)

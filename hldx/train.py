@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
@@ -24,16 +23,15 @@ from tqdm import tqdm
 
 from hldx import losses
 from hldx.budget import PhasePlan, RunPlan
+from hldx.data import Batches
 from hldx.device import device_of, peak_flops, world
 from hldx.errors import ConfigError
+from hldx.loader import Loader, Micro, Step
 from hldx.methods import Phase, phases
 from hldx.models import bottom_parameters, build_model, build_regressor, compile_layers, forward, forward_to_layer, \
     load_model, middle_layer
-
-# Teacher outputs for a batch: (rows, tokens) -> (topk_idx_BxLxK, topk_val_BxLxK, hidden_BxLxD); a part the
-# phase does not need may be None.
-TeacherFn = Callable[[Tensor, Tensor, bool, bool], tuple[Tensor | None, Tensor | None, Tensor | None]]
-
+from hldx.store import CacheReader
+from hldx.teacher import OnlineTeacher
 
 def _all_reduce_mean(tensors: list[Tensor]) -> None:
     """Average tensors across ranks in one flat buffer (the gradients of a step, or logged sums)."""
@@ -141,10 +139,12 @@ class Checkpoint:
 class Trainer:
     """Runs the phases of a plan on one student; `log(metrics, step)` receives the training curves."""
 
-    def __init__(self, cfg: DictConfig, plan: RunPlan, batches, teacher: TeacherFn | None,
+    def __init__(self, cfg: DictConfig, plan: RunPlan, batches: Batches, teacher: CacheReader | OnlineTeacher | None,
                  run_dir: Path, tokenizer, log: Callable[[dict, int], None] | None,
                  tracking_run_id: str | None = None):
-        self.cfg, self.plan, self.batches, self.teacher = cfg, plan, batches, teacher
+        self.cfg, self.plan, self.batches = cfg, plan, batches
+        self.reader = teacher if isinstance(teacher, CacheReader) else None   # the teacher cache, read ahead
+        self.online = teacher if isinstance(teacher, OnlineTeacher) else None  # or the teacher, run each step
         self.run_dir, self.tokenizer, self.log = Path(run_dir), tokenizer, log
         self.tracking_run_id = tracking_run_id
         self.device = device_of(cfg)
@@ -159,12 +159,13 @@ class Trainer:
                               f"{local} (train.batch_size={cfg.train.batch_size} over {self.world} ranks)")
         self.micro = micro
 
-    def loss(self, phase: Phase, model, regressor, rows: Tensor, tokens_BxL: Tensor) -> dict[str, Tensor]:
+    def loss(self, phase: Phase, model, regressor, micro: Micro) -> dict[str, Tensor]:
         """The phase's objective on one micro-batch, with its parts for logging."""
         cfg = self.cfg
-        need_logits, need_hidden = phase.needs_teacher_logits, phase.needs_teacher_hidden
-        idx, val, target = self.teacher(rows, tokens_BxL, need_logits, need_hidden) if (
-            need_logits or need_hidden) else (None, None, None)
+        if self.online is not None:
+            micro.topk_idx_BxLxK, micro.topk_val_BxLxK, micro.hidden_BxLxD = self.online(
+                micro.tokens_BxL, phase.needs_teacher_logits, phase.needs_teacher_hidden)
+        tokens_BxL, idx, val, target = micro.tokens_BxL, micro.topk_idx_BxLxK, micro.topk_val_BxLxK, micro.hidden_BxLxD
         if phase.name == "ht":
             hidden = forward_to_layer(model, tokens_BxL, self.layer)
             ht = losses.hidden_mse(regressor(hidden), target)
@@ -182,15 +183,14 @@ class Trainer:
         return parts
 
     def step(self, phase: Phase, model, regressor, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-             extra: list[nn.Parameter], rows: np.ndarray, tokens_BxL: Tensor, sums: dict[str, Tensor]) -> None:
+             extra: list[nn.Parameter], batch: Step, sums: dict[str, Tensor]) -> None:
         """One optimizer step on one batch: forward and backward per micro-batch (the loss parts, averaged
         over micro-batches, are added into `sums`), gradient all-reduce across ranks, clipping, AdamW."""
-        rows = torch.from_numpy(rows)
-        tokens_BxL = tokens_BxL.to(self.device, non_blocking=True)
-        n_micro = tokens_BxL.shape[0] // self.micro
-        for rows_m, tokens_m in zip(rows.split(self.micro), tokens_BxL.split(self.micro)):
+        n_micro = len(batch) // self.micro
+        for start in range(0, len(batch), self.micro):
+            micro = batch.micro(start, self.micro)
             with self.autocast or torch.autocast("cpu", enabled=False):
-                parts = self.loss(phase, model, regressor, rows_m, tokens_m)
+                parts = self.loss(phase, model, regressor, micro)
             (parts["loss"] / n_micro).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / n_micro
@@ -252,6 +252,17 @@ class Trainer:
         if self.state.optimizer and start > 0:
             optimizer.load_state_dict(self.state.optimizer)
         first_step = sum(p.steps for p in self.plan.phases[:index])   # data position continues across phases
+        parts = [part for part, needed in (("topk", phase.needs_teacher_logits), ("hidden", phase.needs_teacher_hidden))
+                 if needed and self.reader is not None]
+        loader = Loader(self.batches, self.reader, parts, range(first_step + start, first_step + plan.steps), device,
+                        cfg.cache.prefetch, cfg.cache.readers)
+        with loader:
+            self._steps(index, phase, plan, model, regressor, optimizer, params, extra, loader, start, bar)
+
+    def _steps(self, index: int, phase: Phase, plan: PhasePlan, model, regressor, optimizer, params, extra,
+               loader: Loader, start: int, bar) -> None:
+        cfg, device = self.cfg, self.device
+        first_step = sum(p.steps for p in self.plan.phases[:index])   # data position continues across phases
         flops_before = sum(p.flops for p in self.plan.phases[:index])
         token_flops = self.plan.flops_per_token[phase.name]
         step_tokens = cfg.train.batch_size * cfg.train.seq_len
@@ -262,8 +273,7 @@ class Trainer:
             lr = lr_at(cfg.lr, cfg.train.final_lr_fraction, phase, plan, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            tokens, rows = self.batches.batch(first_step + step)
-            self.step(phase, model, regressor, optimizer, params, extra, rows, tokens, sums)
+            self.step(phase, model, regressor, optimizer, params, extra, loader.get(first_step + step), sums)
             bar.update(1)
             window_steps += 1
             last = step + 1 == plan.steps

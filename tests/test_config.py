@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
     (["teacher.source=bogus"], r"teacher.source=bogus is invalid: expected cache or online"),
     (["seed=abc"], r"seed=abc is invalid: expected an integer"),
     (["train.betas=[0.9]"], r"train.betas=\[0.9\] is invalid: expected two numbers, each in \[0, 1\)"),
-    (["cache.values_dtype=int4"], r"cache.values_dtype=int4 is invalid: expected one of bfloat16, float32"),
+    (["cache.values_dtype=int4"], r"cache.values_dtype=int4 is invalid: expected one of bfloat16, float16, float32"),
+    (["cache.hidden_rows=some"], r"cache.hidden_rows=some is invalid: expected auto or all or a row count >= 0"),
     (["method=hldc", "hidden.student_layer=9"], r"hidden.student_layer=9 is invalid: expected null .* 1..4"),
     (["teacher.build.tokens=100"], r"the on-demand teacher \(teacher.build.tokens=100.*too small for one"),
 ])

@@ -214,7 +214,7 @@ def test_c4_hub_offline_error_says_what_to_do(tmp_path, monkeypatch):
         next(data.documents(config(tmp_path, "data=c4"), "validation"))
 
 
-# ---- batches ---------------------------------------------------------------------------------------------
+# ---- the training order and batches -----------------------------------------------------------------------
 
 SEQ, ROWS = 8, 37
 
@@ -225,65 +225,73 @@ def stream(tmp_path):
     return data.Stream(tokens=np.arange(ROWS * SEQ + 5, dtype=np.uint16), digest="test", path=tmp_path)
 
 
-def reference_rows(seed: int, start: int, count: int) -> list[int]:
-    """The documented order, one global position at a time."""
-    return [int(np.random.default_rng([seed, g // ROWS]).permutation(ROWS)[g % ROWS])
-            for g in range(start, start + count)]
+def order(stream, seed: int, tmp_path, seq: int = SEQ) -> data.Rows:
+    return data.training_rows(compose([f"paths.cache={tmp_path}", f"train.seq_len={seq}", f"data.seed={seed}"]),
+                              stream)
 
 
-def test_batches_follow_the_documented_order(stream):
-    batches = data.Batches(stream, SEQ, 6, seed=3)
-    assert batches.rows == ROWS
+def test_the_order_is_laid_down_once_by_data_seed(stream, tmp_path):
+    rows = order(stream, 3, tmp_path)
+    perm = np.random.default_rng(3).permutation(ROWS)  # the documented order
+    assert rows.count == ROWS and rows.tokens_RxL.shape == (ROWS, SEQ)
+    for r in (0, 5, 36):
+        assert rows.tokens_RxL[r].tolist() == list(range(perm[r] * SEQ, (perm[r] + 1) * SEQ))
+    assert sorted(rows.tokens_RxL[:, 0] // SEQ) == list(range(ROWS))  # every full row once; the tail dropped
+    again = order(stream, 3, tmp_path)  # built once: the same file
+    assert again.path == rows.path and again.digest == rows.digest
+    assert (rows.path / "rows.bin").stat().st_size == ROWS * SEQ * 2
+    other = order(stream, 4, tmp_path)
+    assert other.digest != rows.digest and other.tokens_RxL[:, 0].tolist() != rows.tokens_RxL[:, 0].tolist()
+    # `seed` (the initialisation) does not move the order: a multi-seed study shares it, and its cache.
+    cfg = compose([f"paths.cache={tmp_path}", f"train.seq_len={SEQ}", "data.seed=3", "seed=9"])
+    assert data.training_rows(cfg, stream).digest == rows.digest
+
+
+def test_batches_read_the_order_in_sequence(stream, tmp_path):
+    rows = order(stream, 3, tmp_path)
+    batches = data.Batches(rows, 6)
     for step in (0, 5, 6, 7, 40):  # step 6 spans the end of epoch 0 (positions 36..41)
-        assert batches.positions(step).tolist() == reference_rows(3, step * 6, 6)
-    tokens_BxL, rows = batches.batch(6)
+        assert batches.positions(step).tolist() == [g % ROWS for g in range(step * 6, step * 6 + 6)]
+    tokens_BxL, idx = batches.batch(6)
     assert tokens_BxL.dtype == torch.int64 and tokens_BxL.shape == (6, SEQ)
-    for row, tokens in zip(rows, tokens_BxL):
-        assert tokens.tolist() == list(range(row * SEQ, (row + 1) * SEQ))
+    for row, tokens in zip(idx, tokens_BxL):
+        assert tokens.tolist() == rows.tokens_RxL[row].tolist()
 
 
-def test_every_row_once_per_epoch_in_a_new_order(stream):
-    batches = data.Batches(stream, SEQ, 6, seed=0)
-    order = np.concatenate([batches.positions(s) for s in range(3 * ROWS // 6 + 1)])
-    epochs = [order[e * ROWS:(e + 1) * ROWS] for e in range(3)]
-    for epoch in epochs:
-        assert sorted(epoch.tolist()) == list(range(ROWS))
-    assert epochs[0].tolist() != epochs[1].tolist() != epochs[2].tolist()
+def test_every_row_once_per_epoch_in_the_same_order(stream, tmp_path):
+    batches = data.Batches(order(stream, 0, tmp_path), 6)
+    seen = np.concatenate([batches.positions(s) for s in range(3 * ROWS // 6 + 1)])
+    epochs = [seen[e * ROWS:(e + 1) * ROWS] for e in range(3)]
+    assert epochs[0].tolist() == epochs[1].tolist() == epochs[2].tolist() == list(range(ROWS))
+    assert data.epochs(3 * ROWS, ROWS) == 3 and data.epochs(3 * ROWS + 1, ROWS) == 4
 
 
-def test_seed_determines_order(stream):
-    same = [data.Batches(stream, SEQ, 6, seed=0).positions(s).tolist() for s in range(7)]
-    again = [data.Batches(stream, SEQ, 6, seed=0).positions(s).tolist() for s in range(7)]
-    other = [data.Batches(stream, SEQ, 6, seed=1).positions(s).tolist() for s in range(7)]
-    assert same == again and same != other
-
-
-def test_ranks_partition_the_global_batch(stream):
-    whole = data.Batches(stream, SEQ, 6, seed=0)
-    ranks = [data.Batches(stream, SEQ, 6, seed=0, rank=r, world=2) for r in range(2)]
+def test_ranks_partition_the_global_batch(stream, tmp_path):
+    rows = order(stream, 0, tmp_path)
+    whole = data.Batches(rows, 6)
+    ranks = [data.Batches(rows, 6, rank=r, world=2) for r in range(2)]
     for step in range(15):
         parts = [b.batch(step) for b in ranks]
         assert all(p[0].shape == (3, SEQ) for p in parts)
-        tokens_BxL, rows = whole.batch(step)
-        assert np.concatenate([p[1] for p in parts]).tolist() == rows.tolist()
+        tokens_BxL, idx = whole.batch(step)
+        assert np.concatenate([p[1] for p in parts]).tolist() == idx.tolist()
         assert torch.equal(torch.cat([p[0] for p in parts]), tokens_BxL)
 
 
-def test_resume_at_step_k_matches_uninterrupted_run(stream):
-    run = data.Batches(stream, SEQ, 6, seed=7)
-    uninterrupted = [run.positions(s).tolist() for s in range(30)]
-    resumed = data.Batches(stream, SEQ, 6, seed=7)
+def test_resume_at_step_k_matches_uninterrupted_run(stream, tmp_path):
+    rows = order(stream, 7, tmp_path)
+    uninterrupted = [data.Batches(rows, 6).positions(s).tolist() for s in range(30)]
+    resumed = data.Batches(rows, 6)
     assert [resumed.positions(s).tolist() for s in range(17, 30)] == uninterrupted[17:]
-    assert run.positions(0).tolist() == uninterrupted[0]  # back after the cache moved on
 
 
-def test_batch_larger_than_an_epoch(stream):
-    batches = data.Batches(stream, SEQ, 80, seed=2)  # one step spans three epochs
-    assert batches.positions(1).tolist() == reference_rows(2, 80, 80)
+def test_batch_larger_than_an_epoch(stream, tmp_path):
+    batches = data.Batches(order(stream, 2, tmp_path), 80)  # one step spans three epochs
+    assert batches.positions(1).tolist() == [g % ROWS for g in range(80, 160)]
 
 
-def test_bad_batch_settings(stream):
+def test_bad_batch_settings(stream, tmp_path):
     with pytest.raises(ValueError, match="batch_size=6 must be a positive multiple of the world size 4"):
-        data.Batches(stream, SEQ, 6, seed=0, rank=0, world=4)
-    with pytest.raises(ValueError, match="fewer than one row of seq_len=1000"):
-        data.Batches(stream, 1000, 6, seed=0)
+        data.Batches(order(stream, 0, tmp_path), 6, rank=0, world=4)
+    with pytest.raises(ConfigError, match="train.seq_len=1000 is invalid: .* fewer than one row"):
+        order(stream, 0, tmp_path, seq=1000)

@@ -14,7 +14,7 @@ from hldx.budget import flops_per_token, plan_run
 from hldx.plan import main
 from hldx.study import expand_sweep, plan_sweep
 
-PAPER_123M = ["student=gemma3-123m", "teacher=gemma3-3.4b", "teacher.ckpt=/teacher", "budget=paper",
+PAPER_123M = ["student=gemma3-123m", "teacher=gemma3-3.4b", "teacher.ckpt=/teacher", "budget=paper", "data=c4",
               "train=paper"]
 TABLE_2 = ["method=nll,kd,hldc,hldf", "lr=1e-4,4e-4,1.6e-3", "tau=0.5,1", "alpha=0.7,0.9", "gamma=0.1,0.05",
            "p1=0.01,0.05"]
@@ -142,5 +142,6 @@ def test_plan_json(tmp_path, capsys):
     assert kd["total_flops"] == pytest.approx(sum(p["flops"] for p in kd["phases"]))
     assert "4 unique jobs" in capsys.readouterr().out
     # KD reads 512 B/token of top-k (k=128: uint16 ids + bfloat16 logits) from the cache, no hidden states.
-    assert plan["teacher_cache"]["topk_bytes_per_token"] == 512
-    assert plan["teacher_cache"]["bytes"] == 512 * kd["phases"][0]["tokens"]
+    assert plan["teacher_cache"]["topk_bytes_per_token"] == 512 + 2 * 8 / 512  # + a checksum per row and array
+    assert plan["teacher_cache"]["bytes"] == round((512 + 2 * 8 / 512) * kd["phases"][0]["tokens"])
+    assert plan["teacher_cache"]["hidden_rows"] == 0 and plan["teacher_cache"]["rows"] * 512 == kd["phases"][0]["tokens"]

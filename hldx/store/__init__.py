@@ -1,44 +1,46 @@
 """The teacher-cache byte format: write, read, verify. It knows nothing of models, Hydra or the teacher: a
 cache is filled by any function from token rows to top-k logits and hidden states.
 
-Built once per teacher, tokenizer, data slice, k, hidden layer and dtypes; shared by every run of a
-sweep. A *row* r is sequence r of the packed stream (tokens[r*L:(r+1)*L], L = seq_len); the cache is
-keyed by row and is read back in whatever order the trainer draws rows.
+A *row* r is row r of the training order (hldx.data.Rows): a run reads rows in sequence, so the rows of its
+first n steps are a prefix, and a cache holds exactly a prefix of rows per part: top-k logits for rows
+[0, spec.rows), hidden states for rows [0, spec.hidden_rows). A cache directory is named by its spec's
+identity (teacher, tokenizer, training order, seq_len, k, hidden layer, dtypes, rows_per_shard), not by its
+extents: a job that reads further grows it in place.
 
 A cache directory holds
-    spec.json                      the CacheSpec the directory was started with (a build refuses another)
-    shard-<start>-<end>.bin        rows [start, end): rows_per_shard rows, the last shard may be shorter
-    shard-<start>-<end>.json       its record {file, start_row, end_row, hidden_rows, bytes, sha256},
-                                   written after the shard (which is written to a temporary name first)
-    manifest.json                  {"format", "spec", "index_dtype", "bytes_per_token", "shards": [records]},
-                                   written once every shard exists
+    spec.json                      {"format": FORMAT, the identity}; a build refuses a directory of another
+    topk/<start>-<end>.bin         rows [start, end) of the top-k part: shards of rows_per_shard rows, the
+    topk/<start>-<end>.json        last one ending at the extent; its record {start_row, end_row, bytes}, written
+                                   after the shard (itself written as .bin.tmp, then renamed)
+    hidden/<start>-<end>.bin|json  the same for the hidden part
     locks/                         the builders' file locks (empty files)
 
-A shard is a plain little-endian byte file (no pickle; np.memmap reads it): one record per row that
-keeps its hidden state (rows < spec.hidden_rows come first), then one record per row that does not.
-A record is, in this order:
-    idx [L, K]  uint16 (int32 when V > 65536)        the teacher's top-k token ids per position
-    val [L, K]  bfloat16 bits (uint16) | float32     their logits, as teacher_fn returned them
-    crc         uint32                               zlib.crc32 of idx and val
-    hid [L, D]  bfloat16 bits (uint16) | float32     hidden state after the teacher's hidden layer   } rows with
-    crc         uint32                               zlib.crc32 of hid                               } hidden only
-bfloat16 rounds float32 to nearest even (torch's `.to(torch.bfloat16)`): relative error <= 2**-8.
-float32 stores float32 exactly, so a run from such a cache sees bit for bit what the teacher returned.
+A shard of n rows is a plain little-endian byte file (no pickle): each array of its part for all n rows in
+turn, then an n x (number of arrays) table of uint64 checksums, xxh3_64 of each row of each array:
+    top-k    ids     [n, L, K]  uint16 (int32 when V > 65536)   the teacher's top-k token ids per position
+             values  [n, L, K]  bfloat16 | float16 | float32   their logits minus the position's largest
+    hidden   hidden  [n, L, D]  bfloat16 | float32 | float8_e4m3fn   hidden state after the teacher's layer
+             scale   [n, L]     bfloat16 (float8_e4m3 only)    per token: its largest |component| / 448
+Logits relative to their maximum lose nothing for KD (softmax over the k is shift-invariant) and keep the
+finest steps of a narrow dtype for the values that carry the probability: bfloat16 rounds them to nearest
+(relative error <= 2**-8 of each value's distance from the maximum). float32 stores float32 exactly. In
+float8_e4m3 each token's vector is divided by its scale, so its largest component sits at the top of the
+format's range instead of its bottom (a unit vector's components are ~1/sqrt(d_T) ~ 0.02).
 
-Storage (bytes_per_token): top-k k*(2 + 2) bytes per token with uint16 ids and bfloat16 logits (512 at
-the paper's k=128, V=32000; 768 with float32 logits); hidden states d_T*2 (5,120 at d_T=2560; 10,240 in
-float32) for the rows that keep them; plus 4 bytes of CRC per row and part.
+Storage (bytes_per_token, checksums included): top-k k*(2 + 2) + 16/L (512.03 at the paper's k=128, V=32000,
+L=512; 768 with float32 logits); hidden d_T*2 (5,120 at d_T=2560), d_T + 2 in float8_e4m3 (2,562), + 8/L per
+array.
 
-Integrity. verify() and a resumed build check every shard's size and sha256. The reader checks every
-shard's size when it opens the cache and every record's CRC when it reads the record, so damaged data
-is never returned, at a cost proportional to what is read: hashing whole shards on first use would
-instead stall the first steps of a randomly ordered epoch until most of the cache had been read.
+Integrity. Every row of every array is checked against its checksum as it is read, so damaged data is never
+returned, at a cost proportional to what is read (xxh3 runs at > 10 GB/s); verify() checks every row of every
+shard, and that the shards of each part chain from row 0. A build trusts a shard whose record and size are
+right; a killed build leaves at most a .tmp file, which the next build overwrites.
 """
 from hldx.store.read import Batch, CacheReader, open_cache, verify
-from hldx.store.spec import (DTYPES, FORMAT, CacheError, CacheSpec, bytes_per_token, resolve_dir,
-                             resolve_hidden_rows, shard_ranges, task_rows)
-from hldx.store.write import RowTokensFn, TeacherFn, build
+from hldx.store.spec import (FORMAT, HIDDEN_DTYPES, PARTS, VALUE_DTYPES, CacheError, CacheSpec, bytes_per_token,
+                             decode_hidden, decode_topk, encode_hidden, encode_topk, shard_ranges)
+from hldx.store.write import RowTokensFn, TeacherFn, build, built_extent, task_shards
 
-__all__ = ["Batch", "CacheError", "CacheReader", "CacheSpec", "DTYPES", "FORMAT", "RowTokensFn", "TeacherFn",
-           "build", "bytes_per_token", "open_cache", "resolve_dir", "resolve_hidden_rows", "shard_ranges",
-           "task_rows", "verify"]
+__all__ = ["Batch", "CacheError", "CacheReader", "CacheSpec", "FORMAT", "HIDDEN_DTYPES", "PARTS", "RowTokensFn",
+           "TeacherFn", "VALUE_DTYPES", "build", "built_extent", "bytes_per_token", "decode_hidden", "decode_topk",
+           "encode_hidden", "encode_topk", "open_cache", "shard_ranges", "task_shards", "verify"]

@@ -1,21 +1,23 @@
-"""The cache's spec and byte layout: what a cache holds, where each record sits, and the checks of a shard
-against its record (see hldx.store for the format)."""
+"""What a teacher cache holds (its spec), how its values are encoded, and where each byte of a shard lies."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+import torch
+import xxhash
 
 from hldx.errors import UserError
 
-FORMAT = "hldx-teacher-cache/1"
-DTYPES = {"bfloat16": 2, "float32": 4}  # storage dtype -> bytes per value
+FORMAT = "hldx-teacher-cache/2"
+VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+HIDDEN_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float8_e4m3": torch.float8_e4m3fn}
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+PARTS = ("topk", "hidden")
 
 
 class CacheError(UserError, RuntimeError):
@@ -24,123 +26,150 @@ class CacheError(UserError, RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
-    """What a cache holds: rows [0, rows) of a stream; rows [0, hidden_rows) also keep the hidden
-    state after teacher layer `hidden_layer` (None: no hidden states)."""
+    """A cache of a teacher's outputs on the rows of a training order: top-k ids and logits for rows
+    [0, rows), the hidden state after teacher layer `hidden_layer` for rows [0, hidden_rows). Every field but
+    the two extents is the cache's identity (its directory); a cache grows to larger extents in place."""
 
     teacher_digest: str
     tokenizer_digest: str
-    stream_digest: str
+    stream_digest: str        # the training rows (hldx.data.Rows), in their order
     seq_len: int
-    rows: int
     k: int
     vocab_size: int
-    hidden_layer: int | None = None
-    hidden_size: int = 0
-    hidden_rows: int = 0
+    hidden_layer: int
+    hidden_size: int
     values_dtype: str = "bfloat16"
     hidden_dtype: str = "bfloat16"
     rows_per_shard: int = 1024
+    rows: int = 0             # extent of the top-k part
+    hidden_rows: int = 0      # extent of the hidden part
 
     def __post_init__(self) -> None:
-        for key in ("seq_len", "rows", "k", "vocab_size", "rows_per_shard"):
+        for key in ("seq_len", "k", "vocab_size", "hidden_layer", "hidden_size", "rows_per_shard"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"CacheSpec.{key} must be a positive integer, got {value!r}")
         if self.k > self.vocab_size:
             raise ValueError(f"CacheSpec.k={self.k} (method.top_k) exceeds vocab_size={self.vocab_size}")
-        for key in ("values_dtype", "hidden_dtype"):
-            if getattr(self, key) not in DTYPES:
-                raise ValueError(f"cache.{key}={getattr(self, key)!r}: choose one of {sorted(DTYPES)}")
-        if self.hidden_layer is None and (self.hidden_size or self.hidden_rows):
-            raise ValueError("CacheSpec: hidden_size and hidden_rows must be 0 when hidden_layer is None")
-        if self.hidden_layer is not None and self.hidden_size < 1:
-            raise ValueError(f"CacheSpec.hidden_size must be positive with a hidden_layer, got {self.hidden_size}")
-        if not 0 <= self.hidden_rows <= self.rows:
-            raise ValueError(f"cache.hidden_rows={self.hidden_rows} must lie in [0, {self.rows}] (the rows cached)")
+        for key, allowed in (("values_dtype", VALUE_DTYPES), ("hidden_dtype", HIDDEN_DTYPES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"cache.{key}={getattr(self, key)!r}: choose one of {sorted(allowed)}")
+        if self.rows < 0 or self.hidden_rows < 0:
+            raise ValueError(f"CacheSpec extents must be >= 0, got rows={self.rows}, hidden_rows={self.hidden_rows}")
+
+    def identity(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("rows", "hidden_rows")}
 
     @property
     def digest(self) -> str:
-        """Content address of the cache: a hash of every field."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Content address of the cache: a hash of its identity (not of its extents)."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
-    @property
-    def index_dtype(self) -> np.dtype:
-        return np.dtype("<u2" if self.vocab_size <= 65536 else "<i4")
-
-
-# Fields a run's expected spec must match exactly; the hidden ones only when the run needs hidden states.
-IDENTITY = ("teacher_digest", "tokenizer_digest", "stream_digest", "seq_len", "k", "vocab_size", "values_dtype")
-HIDDEN_IDENTITY = ("hidden_layer", "hidden_size", "hidden_dtype")
-
-
-def bytes_per_token(spec: CacheSpec) -> dict[str, int]:
-    """Bytes on disk per token: top-k ids and logits, and the hidden state (for rows that keep it).
-    Each row adds 4 bytes of CRC per part (4 / seq_len bytes per token)."""
-    return {"topk": spec.k * (spec.index_dtype.itemsize + DTYPES[spec.values_dtype]),
-            "hidden": spec.hidden_size * DTYPES[spec.hidden_dtype]}
-
-
-def resolve_hidden_rows(value: int | str, rows: int) -> int:
-    """cache.hidden_rows (all | N) as a row count."""
-    if value == "all":
-        return rows
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= rows:
-        return value
-    raise ValueError(f"cache.hidden_rows={value!r}: use 'all' or a row count in [0, {rows}]")
-
-
-def resolve_dir(dir: str | os.PathLike | None, root: str | os.PathLike, spec: CacheSpec) -> Path:
-    """cache.dir, or (null) the content-addressed <paths.cache>/teacher_cache/<spec digest>."""
-    return Path(dir) if dir else Path(root) / "teacher_cache" / spec.digest
-
-
-def shard_ranges(spec: CacheSpec) -> list[range]:
-    """Row ranges of the shards, in order."""
-    step = spec.rows_per_shard
-    return [range(start, min(start + step, spec.rows)) for start in range(0, spec.rows, step)]
-
-
-def task_rows(spec: CacheSpec, task: int, tasks: int) -> range:
-    """Rows that worker `task` of `tasks` builds (cache.task, cache.tasks): a block of whole shards."""
-    if not 0 <= task < tasks:
-        raise ValueError(f"cache.task={task} must lie in [0, cache.tasks={tasks})")
-    n, step = len(shard_ranges(spec)), spec.rows_per_shard
-    return range(min(n * task // tasks * step, spec.rows), min(n * (task + 1) // tasks * step, spec.rows))
+    def extent(self, part: str) -> int:
+        return self.rows if part == "topk" else self.hidden_rows
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
-    """Byte offsets within a record: idx [0, idx), val [idx, val), crc; hid [topk, full - 4), crc."""
+class Field:
+    """One array of a part: per row `shape` values of `dtype` (the torch dtype a reader allocates)."""
 
-    idx: int
-    val: int
-    topk: int  # bytes of a record without hidden state
-    full: int  # bytes of a record with hidden state
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    row_bytes: int = dataclasses.field(init=False)
 
-
-def layout(spec: CacheSpec) -> Layout:
-    per_row = spec.seq_len * spec.k
-    idx = per_row * spec.index_dtype.itemsize
-    val = idx + per_row * DTYPES[spec.values_dtype]
-    hid = spec.seq_len * spec.hidden_size * DTYPES[spec.hidden_dtype]
-    return Layout(idx, val, val + 4, val + 4 + hid + 4)
+    def __post_init__(self) -> None:
+        size = int(np.prod(self.shape)) * torch.empty((), dtype=self.dtype).element_size()
+        object.__setattr__(self, "row_bytes", size)
 
 
-def shard_name(r: range) -> str:
-    return f"shard-{r.start:010d}-{r.stop:010d}"
+def fields(spec: CacheSpec, part: str) -> list[Field]:
+    """The arrays of a part, in file order. A shard file of n rows holds each array for all n rows in turn,
+    then n x len(fields) uint64 checksums: xxh3_64 of each row of each array."""
+    L = spec.seq_len
+    if part == "topk":
+        ids = torch.int16 if spec.vocab_size <= 65536 else torch.int32  # uint16 bits | int32
+        return [Field("ids", ids, (L, spec.k)), Field("values", VALUE_DTYPES[spec.values_dtype], (L, spec.k))]
+    hidden = [Field("hidden", HIDDEN_DTYPES[spec.hidden_dtype], (L, spec.hidden_size))]
+    return hidden + ([Field("scale", torch.bfloat16, (L,))] if spec.hidden_dtype == "float8_e4m3" else [])
 
 
-def hidden_in(spec: CacheSpec, r: range) -> int:
-    return max(0, min(r.stop, spec.hidden_rows) - r.start)
+def bytes_per_token(spec: CacheSpec) -> dict[str, float]:
+    """Bytes on disk per token of each part, checksums included (8 bytes per row and array)."""
+    return {part: sum(f.row_bytes + 8 for f in fields(spec, part)) / spec.seq_len for part in PARTS}
 
 
-def shard_record(spec: CacheSpec, r: range) -> dict:
-    """A shard's manifest record, less its sha256."""
-    lay, nh = layout(spec), hidden_in(spec, r)
-    return {"file": shard_name(r) + ".bin", "start_row": r.start, "end_row": r.stop, "hidden_rows": nh,
-            "bytes": nh * lay.full + (len(r) - nh) * lay.topk}
+def shard_ranges(spec: CacheSpec, part: str, extent: int | None = None) -> list[range]:
+    """Row ranges of a part's shards, in order: [i * S, (i + 1) * S), the last one ending at the extent."""
+    n, step = spec.extent(part) if extent is None else extent, spec.rows_per_shard
+    return [range(start, min(start + step, n)) for start in range(0, n, step)]
 
+
+def shard_name(part: str, r: range) -> str:
+    return f"{part}/{r.start:010d}-{r.stop:010d}"
+
+
+def shard_bytes(spec: CacheSpec, part: str, n: int) -> int:
+    return n * sum(f.row_bytes + 8 for f in fields(spec, part))
+
+
+def offsets(spec: CacheSpec, part: str, n: int) -> tuple[list[int], int]:
+    """Byte offsets of each array in a shard of n rows, and of its checksum table."""
+    out, at = [], 0
+    for f in fields(spec, part):
+        out.append(at)
+        at += n * f.row_bytes
+    return out, at
+
+
+def row_digests(array_NxB: np.ndarray) -> np.ndarray:
+    """xxh3_64 of each row of a uint8 array [n, bytes]."""
+    return np.fromiter((xxhash.xxh3_64_intdigest(row) for row in array_NxB), dtype="<u8", count=len(array_NxB))
+
+
+def as_bytes(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor [n, ...] as its uint8 bytes [n, row bytes], without a copy."""
+    return t.view(torch.uint8).numpy().reshape(len(t), -1) if t.dtype != torch.uint8 else t.numpy().reshape(len(t), -1)
+
+
+# ---- codecs: what is stored for the teacher's outputs, and back -----------------------------------------------
+
+def encode_topk(spec: CacheSpec, idx_NxLxK: torch.Tensor, val_NxLxK: torch.Tensor) -> list[torch.Tensor]:
+    """Top-k ids, and logits relative to each position's largest (so the values that matter most keep the
+    finest steps of a narrow dtype; KD's softmax over the k does not change)."""
+    dtype = fields(spec, "topk")[0].dtype
+    ids = idx_NxLxK.to(torch.int32)
+    ids = (ids - 65536 * (ids > 32767)).to(dtype) if dtype == torch.int16 else ids
+    rel = val_NxLxK.float() - val_NxLxK.float().amax(-1, keepdim=True)
+    return [ids.contiguous(), rel.to(VALUE_DTYPES[spec.values_dtype]).contiguous()]
+
+
+def decode_topk(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored top-k (on any device) as ids [.., K] long and logits relative to the max [.., K] float32."""
+    idx = ids.to(torch.int64)
+    if ids.dtype == torch.int16:
+        idx &= 0xFFFF
+    return idx, values.float()
+
+
+def encode_hidden(spec: CacheSpec, hid_NxLxD: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden states in the storage dtype; float8_e4m3: each token scaled so its largest component uses the
+    format's range, the scale kept beside it in bfloat16."""
+    x = hid_NxLxD.float()
+    if spec.hidden_dtype != "float8_e4m3":
+        return [x.to(HIDDEN_DTYPES[spec.hidden_dtype]).contiguous()]
+    scale = (x.abs().amax(-1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny).to(torch.bfloat16)
+    q = (x / scale.float()[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return [q.contiguous(), scale.contiguous()]
+
+
+def decode_hidden(hidden: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Stored hidden states (on any device) as float32 [.., D]."""
+    x = hidden.float()
+    return x if scale is None else x * scale.float()[..., None]
+
+
+# ---- files -----------------------------------------------------------------------------------------------
 
 def read_json(path: Path) -> dict | None:
     try:
@@ -157,42 +186,63 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def spec_of(raw: dict, path: Path) -> CacheSpec:
+def load_spec(root: Path) -> CacheSpec:
+    """The identity a cache directory was started with (extents 0: they are its shards')."""
+    raw = read_json(root / "spec.json")
+    if raw is None:
+        raise CacheError(f"{root}: no teacher cache here (spec.json missing); build one with "
+                         f"`python -m hldx.cache build ...`")
+    if raw.pop("format", None) != FORMAT:
+        raise CacheError(f"{root / 'spec.json'}: not a {FORMAT} cache; build it again")
     try:
         return CacheSpec(**raw)
     except (TypeError, ValueError) as err:
-        raise CacheError(f"{path}: not a valid cache spec ({err})") from err
+        raise CacheError(f"{root / 'spec.json'}: not a valid cache spec ({err})") from err
 
 
-def sha256_file(path: Path, bar: tqdm | None = None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-            if bar is not None:
-                bar.update(len(chunk))
-    return digest.hexdigest()
+def diff(have: CacheSpec, want: CacheSpec) -> list[str]:
+    """The identity fields in which two specs differ."""
+    a, b = have.identity(), want.identity()
+    return [f"{f}: cache has {a[f]!r}, expected {b[f]!r}" for f in a if a[f] != b[f]]
 
 
-def check_shard(root: Path, spec: CacheSpec, r: range, entry: dict | None, *, full: bool,
-                 bar: tqdm | None = None) -> str | None:
-    """What is wrong with shard `r` given its record (None: nothing); full: also compare the sha256."""
-    want = shard_record(spec, r)
-    if entry is None:
-        return f"{want['file']}: not built"
-    if {key: entry.get(key) for key in want} != want:
-        return f"{want['file']}: its record {entry} does not match the spec (expected {want})"
-    path = root / want["file"]
-    if not path.exists():
-        return f"{want['file']}: file missing"
-    size = path.stat().st_size
-    if size != want["bytes"]:
-        return f"{want['file']}: {size} bytes instead of {want['bytes']} (truncated or overwritten)"
-    if full and sha256_file(path, bar) != entry.get("sha256"):
-        return f"{want['file']}: sha256 mismatch (the file changed after it was written, e.g. a flipped bit)"
+def built_shards(root: Path, spec: CacheSpec, part: str) -> list[range]:
+    """The recorded shards of a part that chain from row 0 (the longest at each start), in order."""
+    stops: dict[int, int] = {}
+    for path in (root / part).glob("*.json"):
+        start, _, stop = path.stem.partition("-")
+        if start.isdigit() and stop.isdigit() and int(start) % spec.rows_per_shard == 0:
+            stops[int(start)] = max(stops.get(int(start), 0), int(stop))
+    chain, n = [], 0
+    while n in stops and stops[n] > n:
+        chain.append(range(n, stops[n]))
+        if len(chain[-1]) < spec.rows_per_shard:
+            break
+        n = stops[n]
+    return chain
+
+
+def covering(root: Path, spec: CacheSpec, part: str, r: range) -> range | None:
+    """The sound shard on disk that holds rows r (it starts where r does and reaches at least as far)."""
+    starts = sorted(int(p.stem.partition("-")[2]) for p in (root / part).glob(f"{r.start:010d}-*.json")
+                    if p.stem.partition("-")[2].isdigit())
+    for stop in reversed(starts):
+        if stop >= r.stop and check_shard(root, spec, part, range(r.start, stop)) is None:
+            return range(r.start, stop)
     return None
 
 
-def diff(have: CacheSpec, want: CacheSpec, fields: Iterable[str]) -> list[str]:
-    return [f"{f}: cache has {getattr(have, f)!r}, expected {getattr(want, f)!r}"
-            for f in fields if getattr(have, f) != getattr(want, f)]
+def check_shard(root: Path, spec: CacheSpec, part: str, r: range) -> str | None:
+    """What is wrong with a shard's file and record, short of its checksums (None: nothing)."""
+    name, want = shard_name(part, r), shard_bytes(spec, part, len(r))
+    record = read_json(root / f"{name}.json")
+    if record is None:
+        return f"{name}.bin: not built"
+    if record != {"start_row": r.start, "end_row": r.stop, "bytes": want}:
+        return f"{name}.bin: its record {record} does not match the spec"
+    path = root / f"{name}.bin"
+    if not path.exists():
+        return f"{name}.bin: file missing"
+    if (size := path.stat().st_size) != want:
+        return f"{name}.bin: {size} bytes instead of {want} (truncated or overwritten)"
+    return None

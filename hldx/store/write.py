@@ -1,11 +1,10 @@
-"""Writing a teacher cache: shards built from a teacher function, resumable, split over workers."""
+"""Building a teacher cache: the shards its extents need and it lacks, from any teacher function; resumable,
+shared by concurrent workers (a file lock per shard), and grown in place when a job needs more rows."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,152 +13,141 @@ import torch
 from filelock import FileLock
 from tqdm import tqdm
 
-from hldx.store.spec import (FORMAT, CacheError, CacheSpec, bytes_per_token, check_shard, diff, read_json,
-                             shard_name, shard_ranges, shard_record, spec_of, write_json)
+from hldx.store.spec import (FORMAT, PARTS, CacheError, CacheSpec, as_bytes, built_shards, covering, diff,
+                             encode_hidden, encode_topk, fields, load_spec, offsets, row_digests, shard_name,
+                             shard_ranges, write_json)
 
-TeacherFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+# teacher_fn(tokens [n, L] long, topk, hidden) -> (top-k ids [n, L, K], top-k logits [n, L, K], hidden [n, L, D]);
+# a part not asked for may be None. row_tokens_fn(rows [n] int64) -> tokens [n, L].
+TeacherFn = Callable[[torch.Tensor, bool, bool], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
 RowTokensFn = Callable[[np.ndarray], torch.Tensor]
 log = logging.getLogger(__name__)
 
-def _to_bytes(x_NxM: torch.Tensor, dtype: str) -> np.ndarray:
-    """Float tensor [n, ...] as uint8 [n, bytes] in the storage dtype (bfloat16: round to nearest even)."""
-    x = x_NxM.detach().cpu()
-    if dtype == "bfloat16":
-        a = x.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2")
-    else:
-        a = x.to(torch.float32).numpy().astype("<f4")
-    return a.reshape(len(a), -1).view(np.uint8)
+
+def built_extent(root: Path, spec: CacheSpec, part: str) -> int:
+    """How many leading rows of a part the shards on disk cover."""
+    chain = built_shards(root, spec, part)
+    return chain[-1].stop if chain else 0
 
 
-def _with_crc(parts: list[np.ndarray]) -> np.ndarray:
-    """Rows of the concatenated byte parts, each followed by its CRC32."""
-    body = np.concatenate(parts, axis=1)
-    crc = np.array([zlib.crc32(row) for row in body], dtype="<u4")
-    return np.concatenate([body, crc.view(np.uint8).reshape(-1, 4)], axis=1)
-
-
-def _teacher(spec: CacheSpec, teacher_fn: TeacherFn, tokens_NxL: torch.Tensor,
-             need_hidden: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    with torch.inference_mode():
-        idx_NxLxK, val_NxLxK, hid_NxLxD = teacher_fn(tokens_NxL)
-    want = (len(tokens_NxL), spec.seq_len, spec.k)
-    if tuple(idx_NxLxK.shape) != want or tuple(val_NxLxK.shape) != want:
-        raise ValueError(f"teacher_fn returned top-k ids {tuple(idx_NxLxK.shape)} and logits "
-                         f"{tuple(val_NxLxK.shape)}; expected {want} (rows, seq_len, k)")
-    if idx_NxLxK.min() < 0 or idx_NxLxK.max() >= spec.vocab_size:
-        raise ValueError(f"teacher_fn returned top-k ids outside [0, {spec.vocab_size})")
-    if not torch.isfinite(val_NxLxK).all():
-        raise ValueError("teacher_fn returned non-finite top-k logits")
-    if need_hidden:
-        want = (len(tokens_NxL), spec.seq_len, spec.hidden_size)
-        if hid_NxLxD is None or tuple(hid_NxLxD.shape) != want:
-            got = None if hid_NxLxD is None else tuple(hid_NxLxD.shape)
-            raise ValueError(f"teacher_fn returned hidden states {got}; expected {want} (rows, seq_len, d_T)")
-        if not torch.isfinite(hid_NxLxD).all():
-            raise ValueError("teacher_fn returned non-finite hidden states")
-    return idx_NxLxK, val_NxLxK, hid_NxLxD
-
-
-def _encode(spec: CacheSpec, rows: np.ndarray, teacher_fn: TeacherFn, row_tokens_fn: RowTokensFn) -> np.ndarray:
-    """Records of consecutive `rows` as bytes, in file order."""
-    tokens_NxL = row_tokens_fn(rows)
-    if tuple(tokens_NxL.shape) != (len(rows), spec.seq_len) or tokens_NxL.is_floating_point():
-        raise ValueError(f"row_tokens_fn returned {tokens_NxL.dtype} {tuple(tokens_NxL.shape)}; "
-                         f"expected integer token ids of shape ({len(rows)}, {spec.seq_len})")
-    nh = int((rows < spec.hidden_rows).sum())  # rows ascend: those with hidden states come first
-    idx, val, hid = _teacher(spec, teacher_fn, tokens_NxL.long(), nh > 0)
-    ids = idx.cpu().numpy().astype(spec.index_dtype).reshape(len(rows), -1).view(np.uint8)
-    topk = _with_crc([ids, _to_bytes(val, spec.values_dtype)])
-    parts = [topk[nh:].reshape(-1)]
-    if nh:
-        full = np.concatenate([topk[:nh], _with_crc([_to_bytes(hid[:nh], spec.hidden_dtype)])], axis=1)
-        parts.insert(0, full.reshape(-1))
-    return np.concatenate(parts)
-
-
-def _write_shard(root: Path, spec: CacheSpec, r: range, teacher_fn: TeacherFn, row_tokens_fn: RowTokensFn,
-                 batch_rows: int, bar: tqdm) -> None:
-    entry = shard_record(spec, r)
-    path = root / entry["file"]
-    tmp = path.with_name(path.name + ".tmp")
-    (root / (shard_name(r) + ".json")).unlink(missing_ok=True)
-    digest = hashlib.sha256()
-    with open(tmp, "wb") as f:
-        for start in range(r.start, r.stop, batch_rows):
-            rows = np.arange(start, min(start + batch_rows, r.stop))
-            data = _encode(spec, rows, teacher_fn, row_tokens_fn)
-            f.write(data)
-            digest.update(data)
-            bar.update(len(rows) * spec.seq_len)
-        f.flush()
-        os.fsync(f.fileno())
-    if tmp.stat().st_size != entry["bytes"]:
-        raise RuntimeError(f"{tmp}: wrote {tmp.stat().st_size} bytes, expected {entry['bytes']}")
-    os.replace(tmp, path)
-    write_json(root / (shard_name(r) + ".json"), {**entry, "sha256": digest.hexdigest()})
+def task_shards(spec: CacheSpec, task: int, tasks: int) -> range:
+    """Shard indices that worker `task` of `tasks` builds (cache.task, cache.tasks): a block of whole shards."""
+    if not 0 <= task < tasks:
+        raise ValueError(f"cache.task={task} must lie in [0, cache.tasks={tasks})")
+    n = max(len(shard_ranges(spec, p)) for p in PARTS)
+    return range(n * task // tasks, n * (task + 1) // tasks)
 
 
 def _claim(root: Path, spec: CacheSpec) -> None:
-    """Record the spec in a new directory, or refuse one started with another spec."""
-    path = root / "spec.json"
-    raw = read_json(path)
-    if raw is None:
-        write_json(path, dataclasses.asdict(spec))
+    """Record the spec's identity in a new cache directory, or check that the directory holds this one."""
+    if (root / "spec.json").exists():
+        if problems := diff(load_spec(root), spec):
+            raise CacheError(f"{root} holds a cache built with another spec ({'; '.join(problems)}): "
+                             f"choose another cache.dir or delete {root}")
         return
-    problems = diff(spec_of(raw, path), spec, (f.name for f in dataclasses.fields(CacheSpec)))
-    if problems:
-        raise CacheError(f"{root} holds a cache built with another spec ({'; '.join(problems)}): "
-                         f"choose another cache.dir or delete {root}")
+    write_json(root / "spec.json", {"format": FORMAT, **dataclasses.replace(spec, rows=0, hidden_rows=0).identity()})
 
 
-def _finalize(root: Path, spec: CacheSpec) -> bool:
-    """Write manifest.json if every shard has its record; say whether it did."""
-    entries = [read_json(root / (shard_name(r) + ".json")) for r in shard_ranges(spec)]
-    if any(entry is None for entry in entries):
-        return False
-    write_json(root / "manifest.json", {"format": FORMAT, "spec": dataclasses.asdict(spec),
-                                         "index_dtype": spec.index_dtype.name,
-                                         "bytes_per_token": bytes_per_token(spec), "shards": entries})
-    return True
+def _teacher(spec: CacheSpec, teacher_fn: TeacherFn, tokens_NxL: torch.Tensor, topk: bool, hidden: bool):
+    with torch.inference_mode():
+        idx, val, hid = teacher_fn(tokens_NxL, topk, hidden)
+    n = len(tokens_NxL)
+    if topk:
+        want = (n, spec.seq_len, spec.k)
+        if idx is None or val is None or tuple(idx.shape) != want or tuple(val.shape) != want:
+            got = None if idx is None or val is None else (tuple(idx.shape), tuple(val.shape))
+            raise ValueError(f"teacher_fn returned top-k ids and logits {got}; expected {want} (rows, seq_len, k)")
+        if idx.min() < 0 or idx.max() >= spec.vocab_size:
+            raise ValueError(f"teacher_fn returned top-k ids outside [0, {spec.vocab_size})")
+        if not torch.isfinite(val).all():
+            raise ValueError("teacher_fn returned non-finite top-k logits")
+    if hidden:
+        want = (n, spec.seq_len, spec.hidden_size)
+        if hid is None or tuple(hid.shape) != want:
+            raise ValueError(f"teacher_fn returned hidden states {None if hid is None else tuple(hid.shape)}; "
+                             f"expected {want} (rows, seq_len, d_T)")
+        if not torch.isfinite(hid).all():
+            raise ValueError("teacher_fn returned non-finite hidden states")
+    return idx, val, hid
+
+
+def _write_shards(root: Path, spec: CacheSpec, todo: dict[str, range], teacher_fn: TeacherFn,
+                  row_tokens_fn: RowTokensFn, batch_rows: int, bar: tqdm) -> None:
+    """Write the shards of `todo` (part -> rows, all starting at the same row) with one teacher pass."""
+    start, stop = min(r.start for r in todo.values()), max(r.stop for r in todo.values())
+    files, sums = {}, {}
+    try:
+        for part, r in todo.items():
+            tmp = root / f"{shard_name(part, r)}.bin.tmp"
+            files[part] = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            sums[part] = np.empty((len(r), len(fields(spec, part))), dtype="<u8")
+        for a in range(start, stop, batch_rows):
+            rows = np.arange(a, min(a + batch_rows, stop))
+            tokens_NxL = row_tokens_fn(rows)
+            if tuple(tokens_NxL.shape) != (len(rows), spec.seq_len) or tokens_NxL.is_floating_point():
+                raise ValueError(f"row_tokens_fn returned {tokens_NxL.dtype} {tuple(tokens_NxL.shape)}; "
+                                 f"expected integer token ids of shape ({len(rows)}, {spec.seq_len})")
+            want = {part: r for part, r in todo.items() if rows[0] < r.stop}
+            idx, val, hid = _teacher(spec, teacher_fn, tokens_NxL.long(), "topk" in want, "hidden" in want)
+            bar.update(len(rows) * spec.seq_len)
+            for part, r in want.items():
+                n = min(len(rows), r.stop - rows[0])
+                arrays = encode_topk(spec, idx[:n], val[:n]) if part == "topk" else encode_hidden(spec, hid[:n])
+                at, _ = offsets(spec, part, len(r))
+                for i, (f, t) in enumerate(zip(fields(spec, part), arrays)):
+                    data = as_bytes(t.cpu())
+                    sums[part][rows[0] - r.start:rows[0] - r.start + n, i] = row_digests(data)
+                    os.pwrite(files[part], memoryview(data).cast("B"), at[i] + (rows[0] - r.start) * f.row_bytes)
+        for part, r in todo.items():
+            _, table = offsets(spec, part, len(r))
+            os.pwrite(files[part], sums[part].tobytes(), table)
+            os.fsync(files[part])
+    finally:
+        for fd in files.values():
+            os.close(fd)
+    for part, r in todo.items():
+        name = shard_name(part, r)
+        os.replace(root / f"{name}.bin.tmp", root / f"{name}.bin")
+        write_json(root / f"{name}.json", {"start_row": r.start, "end_row": r.stop,
+                                           "bytes": (root / f"{name}.bin").stat().st_size})
+
+
+def _drop_superseded(root: Path, part: str, r: range) -> None:
+    """Remove a shorter last shard of an earlier extent that shard `r` now covers."""
+    for path in (root / part).glob(f"{r.start:010d}-*.json"):
+        stop = int(path.stem.partition("-")[2])
+        if stop < r.stop:
+            path.unlink(missing_ok=True)
+            path.with_suffix(".bin").unlink(missing_ok=True)
 
 
 def build(spec: CacheSpec, out_dir: str | os.PathLike, teacher_fn: TeacherFn, row_tokens_fn: RowTokensFn,
-          rows: range | None = None, *, batch_rows: int = 8, progress: bool = True) -> bool:
-    """Build the shards that overlap `rows` (default: all) and are not yet complete; return whether
-    the whole cache is complete (its manifest written).
-
-    teacher_fn(tokens [n, L] long) -> (top-k ids [n, L, K], top-k logits [n, L, K], hidden [n, L, D] or
-    None); row_tokens_fn(rows [n] int64) -> tokens [n, L]. A killed build resumes at its first shard
-    that is not complete and verified (sha256). Workers may build overlapping ranges at the same
-    time: each shard is built under its own file lock, and whichever worker completes the last shard
-    writes the manifest.
-    """
+          shards: range | None = None, *, batch_rows: int = 8, progress: bool = True) -> bool:
+    """Build what the spec's extents need of shards `shards` (indices; default all) and the cache lacks;
+    return whether both extents are complete. A killed build resumes at its first missing shard (a shard is
+    written to a temporary name, then renamed, then recorded). Workers may build overlapping shards at once:
+    each shard index is built under a lock of its own."""
     if batch_rows < 1:
         raise ValueError(f"cache.batch_rows={batch_rows} must be positive")
     root = Path(out_dir)
-    (root / "locks").mkdir(parents=True, exist_ok=True)
+    for sub in ("locks", *PARTS):
+        (root / sub).mkdir(parents=True, exist_ok=True)
     with FileLock(root / "locks" / "cache.lock"):
         _claim(root, spec)
-    rows = range(spec.rows) if rows is None else rows
-    mine = [r for r in shard_ranges(spec) if r.start < rows.stop and rows.start < r.stop]
+    layout = {part: shard_ranges(spec, part) for part in PARTS}
+    indices = range(max(map(len, layout.values()))) if shards is None else shards
 
-    def problem(r: range) -> str | None:
-        return check_shard(root, spec, r, read_json(root / (shard_name(r) + ".json")), full=True)
+    def missing(i: int) -> dict[str, range]:
+        return {p: layout[p][i] for p in PARTS if i < len(layout[p]) and covering(root, spec, p, layout[p][i]) is None}
 
-    todo = []
-    for r in tqdm(mine, desc="check built shards", unit="shard", disable=not progress):
-        if (why := problem(r)) is not None:
-            todo.append(r)
-            if (root / (shard_name(r) + ".json")).exists():
-                log.warning("rebuilding %s", why)
-    with tqdm(total=sum(len(r) for r in todo) * spec.seq_len, unit="tok", unit_scale=True,
-              desc=f"teacher cache {root.name}", disable=not progress) as bar:
-        for r in todo:
-            with FileLock(root / "locks" / (shard_name(r) + ".lock")):
-                if problem(r) is None:  # another worker built it meanwhile
-                    bar.total -= len(r) * spec.seq_len
-                    bar.refresh()
-                    continue
-                _write_shard(root, spec, r, teacher_fn, row_tokens_fn, batch_rows, bar)
-    with FileLock(root / "locks" / "cache.lock"):
-        return _finalize(root, spec)
+    todo = {i: need for i in indices if (need := missing(i))}
+    total = sum(max(len(r) for r in need.values()) for need in todo.values()) * spec.seq_len
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"teacher cache {root.name}", disable=not progress,
+              mininterval=5) as bar:
+        for i in todo:
+            with FileLock(root / "locks" / f"shard-{i}.lock"):
+                if need := missing(i):  # another worker may have built it meanwhile
+                    _write_shards(root, spec, need, teacher_fn, row_tokens_fn, batch_rows, bar)
+                    for part, r in need.items():
+                        _drop_superseded(root, part, r)
+    return all(built_extent(root, spec, p) >= spec.extent(p) for p in PARTS)

@@ -1,0 +1,150 @@
+"""`python -m hldx.bench`: speed, side by side in one process. The training step of NLL, KD, HLDC and HLDF's
+phase 1 (HT), a bare PyTorch loop, and the loader that feeds them.
+
+    python -m hldx.bench student=gemma3-123m teacher=gemma3-3.4b train.seq_len=512 train.batch_size=1 \\
+        [bench.json=PATH] [bench.steps=5] [bench.warmup=3] [bench.methods=[kd,loader]] [train.compile=true]
+
+Steps (bench.methods nll, kd, hldc, ht, bare): each is `Trainer.step` itself on the step that hldx.loader
+reads ahead, as in training, from a real teacher cache (hldx.store) of random top-k logits and hidden states
+in the configured teacher's shapes, so no trained teacher is needed. The bare loop is model(tokens).logits ->
+cross-entropy -> backward -> clipping -> AdamW on the same model and batches. The runs take turns, one step
+each per round, the order rotating every round; after bench.warmup rounds, a run's time is the median of
+its bench.steps steps (CUDA events on a GPU, the host clock on a CPU); every step's time is kept too
+(step_s_all), to judge the spread. On CUDA, a host-device synchronisation inside a measured step raises.
+
+Loader (bench.methods loader): Loader.get over every step of the bench's rows, for what KD, HLDC and HT
+read, hidden states in bfloat16 and float8_e4m3, with one reader thread and cache.readers, page cache warm
+(tokens_per_s.loader_*); ratio.loader_gpu_* divides one reader's rate by what that method's student consumes
+at plan.mfu of plan.peak_flops (an H100 at 40% by default), ratio.loader_readers*_vs_1_* cache.readers'
+rate by one reader's.
+
+Reported: tokens/s; step-time ratios to NLL per token next to the plan's FLOP ratios (budget.accounting;
+a cached teacher costs no FLOPs); trainer/bare; on a GPU, MFU against the device's documented bf16 peak and
+the peak memory allocated during each run's steps (everything the bench holds counts: weights, the one AdamW
+state the trainer's steps share, the bare loop's own; measure one method alone with bench.methods=[kd] for a
+run's footprint).
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from hldx import cli, data, job
+from hldx import config as C
+from hldx.bench.loading import loader_bench
+from hldx.bench.steps import STEPS, device_name, measure, method_flops, random_cache, train_steps
+from hldx.device import device_of, peak_flops
+
+RUNS = (*STEPS, "loader")
+__all__ = ["bench", "format_table", "main", "measure", "report"]
+
+
+def _methods(cfg: DictConfig) -> list[str]:
+    chosen = list(cfg.bench.methods)
+    if not chosen or any(m not in RUNS for m in chosen):
+        raise C.ConfigError(f"bench.methods={chosen} is invalid: expected a non-empty list out of {list(RUNS)}")
+    return [m for m in RUNS if m in chosen]
+
+
+def bench(cfg: DictConfig) -> dict:
+    """Measure every chosen run side by side; the results as a JSON-able dict (see the module docstring)."""
+    job.check(cfg, launch=False)
+    chosen, b, t = _methods(cfg), cfg.bench, cfg.train
+    if b.threads:
+        torch.set_num_threads(b.threads)
+    device = device_of(cfg)
+    tokenizer = data.tokenizer_for(cfg)
+    full = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    count = min(full.count, t.batch_size * (b.warmup + b.steps))   # the rows the bench reads (and caches)
+    rows = data.Rows(full.tokens_RxL[:count], f"{full.digest}-{count}rows", full.path)
+    setup = {"device": device_name(device), "torch": torch.__version__, "student": cfg.student.name,
+             "teacher": cfg.teacher.model.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
+             "precision": "fp32" if device.type != "cuda" or t.precision == "fp32" else "bf16",
+             "compile": bool(t.compile), "loss_chunk": t.loss_chunk, "accounting": cfg.budget.accounting,
+             "warmup": b.warmup, "steps": b.steps, "cache_readers": cfg.cache.readers,
+             "cache_prefetch": cfg.cache.prefetch}
+    steps = [m for m in chosen if m in STEPS]
+    result = setup | {"tokens_per_s": {}, "ratio": {}}
+    with tempfile.TemporaryDirectory(prefix="hldx-bench-") as tmp:
+        if steps:
+            reader = random_cache(cfg, rows, Path(tmp) / "cache", data.tokenizer_digest(tokenizer)) \
+                if set(steps) - {"nll", "bare"} else None
+            seconds, peak, trainer = train_steps(cfg, steps, rows, reader, tokenizer, device, Path(tmp),
+                                                 sync_debug=True)
+            result |= {"micro_batch_size": trainer.micro} | report(cfg, seconds, peak_flops(device), peak)
+        if "loader" in chosen:
+            loading = loader_bench(cfg, rows, data.tokenizer_digest(tokenizer), Path(tmp))
+            for key in ("tokens_per_s", "ratio"):
+                loading[key] = result[key] | loading[key]
+            result |= loading
+    return result
+
+
+def report(cfg: DictConfig, seconds: dict[str, list[float]], peak: float | None,
+           peak_mem_gib: dict[str, float]) -> dict:
+    """Medians, rates and ratios of the measured seconds per step; MFU against `peak` FLOP/s when known."""
+    t = cfg.train
+    tokens = t.batch_size * t.seq_len
+    step_s = {m: statistics.median(s) for m, s in seconds.items()}
+    tps = {m: tokens / s for m, s in step_s.items()}
+    costs = method_flops(cfg)
+    flops = {m: costs["nll" if m == "bare" else m] for m in tps}
+    pairs = {f"{m}_nll": m for m in ("kd", "hldc", "ht") if m in tps and "nll" in tps}
+    ratio = {key: step_s[m] / step_s["nll"] for key, m in pairs.items()}
+    if "nll" in tps and "bare" in tps:
+        ratio["trainer_bare"] = tps["nll"] / tps["bare"]
+    out = {"tokens_per_step": tokens, "step_s": step_s, "step_s_all": seconds, "tokens_per_s": tps,
+           "flops_per_token": flops, "flop_ratio": {key: flops[m] / flops["nll"] for key, m in pairs.items()},
+           "ratio": ratio}
+    if peak:
+        out["mfu"] = {m: tps[m] * flops[m] / peak for m in tps}
+    if peak_mem_gib:
+        out["peak_mem_gib"] = peak_mem_gib
+    return out
+
+
+def format_table(result: dict) -> str:
+    """The human-readable summary."""
+    head = (f"{result['device']} | {result['student']} | {result['batch_size']}x{result['seq_len']} tokens/step | "
+            f"{result['precision']} | compile={result['compile']} | median of {result['steps']} rounds after "
+            f"{result['warmup']} warm-up")
+    lines = [head, ""]
+    if "step_s" in result:
+        lines.append(f"{'run':5} {'step s':>9} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'time/NLL':>9} "
+                     f"{'FLOP/NLL':>9}")
+        mfu, mem = result.get("mfu", {}), result.get("peak_mem_gib", {})
+        step_s, flops = result["step_s"], result["flops_per_token"]
+        for m, s in step_s.items():
+            time_ratio = s / step_s["nll"] if "nll" in step_s else math.nan
+            flop_ratio = flops[m] / flops["nll"] if "nll" in flops else math.nan
+            mfu_text = f"{mfu[m]:6.1%}" if m in mfu else f"{'-':>6}"
+            mem_text = f"{mem[m]:9.2f}" if m in mem else f"{'-':>9}"
+            lines.append(f"{m:5} {s:9.4f} {result['tokens_per_s'][m]:10.0f} {mfu_text} {mem_text} "
+                         f"{time_ratio:9.3f} {flop_ratio:9.4f}")
+    loaders = {k: v for k, v in result["tokens_per_s"].items() if k.startswith("loader_")}
+    if loaders:
+        lines += ["", f"{'loader':38} {'tokens/s':>12}"] + [f"{k:38} {v:12,.0f}" for k, v in loaders.items()]
+    lines += ["", "ratios: " + ", ".join(f"{k}={v:.3f}" for k, v in result["ratio"].items())]
+    return "\n".join(lines)
+
+
+@cli.command
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    cfg = C.compose(args)
+    result = bench(cfg)
+    print(format_table(result))
+    if cfg.bench.json:
+        Path(cfg.bench.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {cfg.bench.json}")
+    return 0

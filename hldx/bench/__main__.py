@@ -1,0 +1,5 @@
+import sys
+
+from hldx.bench import main
+
+sys.exit(main())
