@@ -181,6 +181,8 @@ def identity(cfg: DictConfig) -> dict:
     if method in DISTILLED:
         # teacher.source is part of it: an online teacher's forward is charged to the FLOPs budget
         ident["teacher"] = OmegaConf.to_container(cfg.teacher, resolve=True)
+        if cfg.teacher.source == "cache":  # what the cache rounds the teacher's outputs to
+            ident["cache"] = {k: cfg.cache[k] for k in ("values_dtype", "hidden_dtype")[:1 if method == "kd" else 2]}
     if method in ("hldc", "hldf"):
         ident["hidden"] = OmegaConf.to_container(cfg.hidden, resolve=True)
     return ident
