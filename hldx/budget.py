@@ -221,3 +221,74 @@ def cache_storage(configs: list[DictConfig], jobs: list[RunPlan], rows: int | No
     return {"rows": top, "hidden_rows": hidden, "topk_bytes_per_token": per_token["topk"],
             "hidden_bytes_per_token": per_token["hidden"], "tokens": top * seq, "hidden_tokens": hidden * seq,
             "bytes": round(seq * (top * per_token["topk"] + hidden * per_token["hidden"]))}
+
+
+def _activation_bytes_per_token(cfg: DictConfig, phase: str, gpu: bool) -> float:
+    """What one token's forward keeps for the backward: per decoder layer the inputs of its norms (float32:
+    the residual stream) and of its matmuls, attention and GeGLU (bfloat16 on a GPU, float32 on a CPU), about
+    5 d + 3 q + 3 kv + 4 I values; the logits and their gradient at the head; the regressor's."""
+    s, t = cfg.student, cfg.teacher.model
+    half = 2 if gpu else 4
+    q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
+    layer = 4 * 5 * s.hidden_size + half * (3 * q + 3 * kv + 4 * s.intermediate_size)
+    if phase == "ht":
+        width = cfg.method.get("regressor_expansion", 4) * s.hidden_size
+        return middle_layer(s.num_hidden_layers, cfg.hidden.student_layer) * layer + 4 * (width + t.hidden_size)
+    head = 2 * half * s.vocab_size + 4 * s.hidden_size
+    return s.num_hidden_layers * layer + head + (4 * t.hidden_size if phase == "hldc" else 0)
+
+
+def memory_per_rank(cfg: DictConfig, mode: str, ranks: int, gpu: bool = True) -> dict[str, float]:
+    """Bytes per rank of each phase of cfg's job under parallel `mode` on `ranks` ranks, the largest phase's:
+    weights (float32; under FSDP2 a shard, plus a layer and the root unsharded in bf16 for compute),
+    gradients (float32, DDP's buckets are their views), AdamW's two moments, and the activations of one
+    micro-batch (train.micro_batch_size, else the rank's share of train.batch_size). An estimate, to refuse
+    what cannot fit before launch; the GPU bench measures the real peak."""
+    s, t = cfg.student, cfg.train
+    n = count_parameters(s)
+    expansion = cfg.method.get("regressor_expansion", 4)
+    micro = t.micro_batch_size or max(1, t.batch_size // ranks)
+    shard = ranks if mode == "fsdp" else 1
+    layer = (n["backbone"] - 2 * s.hidden_size) / s.num_hidden_layers  # one decoder layer's parameters
+    worst: dict[str, float] = {}
+    for phase in phases(cfg):
+        reg = _regressor_params(phase.regressor, s.hidden_size, cfg.teacher.model.hidden_size, expansion) \
+            if phase.regressor else 0
+        p = n["total"] + reg
+        out = {"weights": 4 * p / shard, "gradients": 4 * p / shard, "adamw": 8 * p / shard,
+               "activations": micro * t.seq_len * _activation_bytes_per_token(cfg, phase.name, gpu)}
+        if mode == "fsdp":
+            out["weights"] += (2 if gpu else 4) * (2 * layer + n["embedding"] + reg)  # unsharded for compute
+            out["gradients"] += 4 * layer  # one layer's full gradient before its reduce-scatter
+        out["total"] = sum(out.values())
+        if out["total"] > worst.get("total", 0):
+            worst = out
+    return worst
+
+
+def parallel_mode(cfg: DictConfig, ranks: int) -> str:
+    """train.parallel, auto resolved: fsdp when DDP's estimate per rank exceeds plan.device_memory or its model
+    states alone (weights, gradients, AdamW) take half of it (the 3.4B teacher), else ddp with several ranks
+    and none with one."""
+    if cfg.train.parallel != "auto":
+        return cfg.train.parallel
+    ddp = memory_per_rank(cfg, "ddp", ranks)
+    if ddp["total"] > cfg.plan.device_memory or ddp["total"] - ddp["activations"] > cfg.plan.device_memory / 2:
+        return "fsdp"
+    return "ddp" if ranks > 1 else "none"
+
+
+def check_memory(cfg: DictConfig, ranks: int) -> None:
+    """Refuse, before launch, a job on `ranks` GPUs whose estimated memory per rank exceeds plan.device_memory,
+    naming the fix."""
+    mode = parallel_mode(cfg, ranks)
+    need = memory_per_rank(cfg, mode, ranks)
+    if need["total"] <= cfg.plan.device_memory:
+        return
+    parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in need.items() if k != "total")
+    fixes = [] if mode == "fsdp" else ["train.parallel=fsdp (shards weights, gradients and AdamW)"]
+    fixes += [f"a smaller train.micro_batch_size (now {cfg.train.micro_batch_size or cfg.train.batch_size // ranks})",
+              f"more ranks (now {ranks})"]
+    raise C.ConfigError(f"plan.device_memory={cfg.plan.device_memory / 1e9:g} GB is too small for this job: "
+                        f"{need['total'] / 1e9:.1f} GB per rank under train.parallel={mode} on {ranks} rank(s) "
+                        f"({parts} GB); try " + ", or ".join(fixes))

@@ -25,7 +25,7 @@ def build(overrides: list[str]) -> int:
     cfg = config.compose(overrides)
     plan = job.check(cfg)
     job.ensure_teacher(cfg)  # before the ranks join: one process pre-trains it, the others wait for its lock
-    join(cfg)
+    join(cfg, alone=False)
     rank, size = world()
     tokenizer = data.tokenizer_for(cfg)
     rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))

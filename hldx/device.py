@@ -29,15 +29,21 @@ def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def join(cfg: DictConfig) -> None:
-    """Join the job's process group when it has several ranks: torchrun's variables, or SLURM's (several
-    tasks of one job) exported as torchrun's. NCCL on GPUs, gloo on CPUs."""
+def join(cfg: DictConfig, alone: bool = False) -> None:
+    """Join the job's process group when it has several ranks (torchrun's variables, or SLURM's for several
+    tasks of one job, exported as torchrun's), or, `alone`, a group of one (DDP or FSDP2 on one process).
+    NCCL on GPUs, gloo on CPUs."""
     if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "RANK" not in os.environ:
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        cuda = device_of(cfg).type == "cuda"
+    if dist.is_initialized():
+        return
+    cuda = device_of(cfg).type == "cuda"
+    backend = "nccl" if cuda else "gloo"
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(backend)
+    elif alone:  # an engine (DDP, FSDP2) on one process: a group of one
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

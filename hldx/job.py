@@ -109,10 +109,9 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
         batches = data.Batches(rows, cfg.train.batch_size, rank, size)
         trainer = Trainer(cfg, plan, batches, source, run_dir, tokenizer, tracker.log if tracker else None,
                           tracker.run_id if tracker else None)
-        model = trainer.fit()
+        model = trainer.fit().to(device_of(cfg))  # its weights are in final/ already
         if tracker is None:
             return {}
-        model.save_pretrained(final)
         tokenizer.save_pretrained(final)
         result = evaluation.evaluate(model.eval(), tokenizer, cfg)
         metrics = result.metrics

@@ -1,6 +1,7 @@
 """Gemma3 students and teachers from config, mid-layer taps and the HLD regressors."""
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -109,18 +110,62 @@ def forward(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int | None = No
     return logits_BxLxV, seen["h"]
 
 
+def truncated(model: Gemma3ForCausalLM, layer: int) -> nn.Module:
+    """The backbone up to decoder layer `layer`, sharing its modules: the embedding and the first `layer` layers,
+    no final norm, so its last_hidden_state is HF's hidden_states[layer] and nothing above it runs."""
+    body = copy.copy(model.model)
+    body._modules = dict(body._modules)
+    body.layers, body.norm = nn.ModuleList(list(model.model.layers)[:layer]), nn.Identity()
+    return body
+
+
 def forward_to_layer(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int, **model_kwargs) -> Tensor:
     """The hidden state after `layer`, computing only the embedding and the first `layer` layers."""
     model_kwargs.setdefault("attention_mask", attention_masks(model.config, tokens_BxL))
-    backbone = model.model
-    layers = backbone.layers
-    backbone.layers = layers[:layer]
-    try:
-        with _tap(model, layer) as seen:
-            backbone(input_ids=tokens_BxL, use_cache=False, **model_kwargs)
-    finally:
-        backbone.layers = layers
-    return seen["h"]
+    return truncated(model, layer)(input_ids=tokens_BxL, use_cache=False, **model_kwargs).last_hidden_state
+
+
+class PhaseNet(nn.Module):
+    """What one phase trains, as one module (what DDP or FSDP2 wraps), its forward giving what the loss needs:
+    (logits, None) for NLL and KD; (logits, W_R h) for HLDC, the linear regressor on the tapped layer's
+    state h; (None, MLP(h)) for HLDF's phase 1, whose module holds only the embedding, the first layers and
+    the regressor (`bottom`). Its parameter names are the student's (`lm.` or `body.` in front) and the
+    regressor's (`regressor.`)."""
+
+    def __init__(self, lm: Gemma3ForCausalLM, layer: int, regressor: nn.Module | None = None, bottom: bool = False):
+        super().__init__()
+        self.layer, self.config = layer, lm.config
+        if bottom:
+            self.body = truncated(lm, layer)
+        else:
+            self.lm = lm
+        self.regressor = regressor
+
+    def forward(self, tokens_BxL: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        masks = attention_masks(self.config, tokens_BxL)
+        if hasattr(self, "body"):
+            hidden = self.body(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).last_hidden_state
+            return None, self.regressor(hidden)
+        if self.regressor is None:
+            return self.lm(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).logits, None
+        with _tap(self.lm, self.layer) as seen:
+            logits_BxLxV = self.lm(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).logits
+        return logits_BxLxV, self.regressor(seen["h"])
+
+    def layers(self) -> list[nn.Module]:
+        """The decoder layers it runs (FSDP2 shards each on its own)."""
+        return list(self.body.layers if hasattr(self, "body") else self.lm.model.layers)
+
+    @staticmethod
+    def student_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A PhaseNet state dict as the student's (Gemma3ForCausalLM) keys: the regressor's dropped."""
+        out = {}
+        for key, value in state.items():
+            if key.startswith("lm."):
+                out[key[3:]] = value
+            elif key.startswith("body."):
+                out["model." + key[5:]] = value
+        return out
 
 
 def compile_layers(model: nn.Module) -> None:

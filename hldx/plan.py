@@ -14,7 +14,7 @@ import json
 import sys
 
 from hldx import config as C
-from hldx import budget, cli, data
+from hldx import cli, data
 from hldx import job as J
 from hldx.budget import RunPlan, cache_storage, gpu_hours, throughput
 from hldx.errors import ConfigError

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from hldx import config as C
 from hldx import cli, job
+from hldx.budget import parallel_mode
 from hldx.device import join
 
 
@@ -34,7 +35,7 @@ def main(cfg: DictConfig) -> float | None:
     C.warn_unused(cfg, list(HydraConfig.get().overrides.task))
     if cfg.method.name in C.DISTILLED:
         job.ensure_teacher(cfg)  # before the ranks join: one process pre-trains it, the others wait for its lock
-    join(cfg)
+    join(cfg, alone=parallel_mode(cfg, 1) != "none")
     metrics = job.execute(cfg)
     return metrics.get("eval/val_logppl")
 

@@ -156,6 +156,7 @@ class Train:
     device: str = key(Rule("auto, cpu, cuda or cuda:N", lambda v: v in ("auto", "cpu", "cuda")
                            or (isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit())))
     precision: str = key(one_of("auto", "bf16", "fp32"))
+    parallel: str = key(one_of("auto", "none", "ddp", "fsdp"))
     compile: bool = key()
     loss_chunk: int = key(integer(1))
 
@@ -227,6 +228,8 @@ class Plan:
     bench: Optional[str] = key(null=True)
     mfu: Any = key(number(0, 1, lo_open=True))
     peak_flops: Any = key(number(0, lo_open=True))
+    device_memory: Any = key(number(0, lo_open=True))
+    ranks: Optional[int] = key(integer(1), null=True)
 
 
 @dataclass

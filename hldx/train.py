@@ -1,17 +1,14 @@
-"""The training loop: phases, AdamW, warm-up + cosine schedule, precision, checkpoints and exact resume.
+"""The training loop: phases, AdamW, warm-up + cosine schedule, precision, and on several ranks DDP or FSDP2.
 
-A run is resumable at every checkpoint: the data order and the schedule are pure functions of the step,
-so a checkpoint holds the weights, the optimizer, the regressor and (phase, step). Started again with the
-same command, a killed run ends with bitwise-identical weights on CPU.
+Each phase trains one module (hldx.models.PhaseNet) on the engine hldx.parallel wraps it in, fed by hldx.loader;
+checkpoints and exact resume are hldx.checkpoint's. Started again with the same command, a killed run ends
+with bitwise-identical weights on CPU.
 """
 from __future__ import annotations
 
 import math
 import shutil
-import signal
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,61 +19,17 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from hldx import losses
-from hldx.budget import PhasePlan, RunPlan
+from hldx.budget import PhasePlan, RunPlan, parallel_mode
+from hldx.checkpoint import Checkpoint, Preemption, barrier, save_start, start_dir
 from hldx.data import Batches
 from hldx.device import device_of, peak_flops, world
 from hldx.errors import ConfigError
 from hldx.loader import Loader, Micro, Step
 from hldx.methods import Phase, phases
-from hldx.models import bottom_parameters, build_model, build_regressor, compile_layers, forward, forward_to_layer, \
-    load_model, middle_layer
+from hldx.models import PhaseNet, build_model, build_regressor, compile_layers, load_model, middle_layer
+from hldx.parallel import Engine
 from hldx.store import CacheReader
 from hldx.teacher import OnlineTeacher
-
-def _all_reduce_mean(tensors: list[Tensor]) -> None:
-    """Average tensors across ranks in one flat buffer (the gradients of a step, or logged sums)."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-class Preemption:
-    """SIGUSR2 (SLURM's warning before a time limit or preemption) and SIGTERM only raise a flag; the
-    loop checkpoints at the next step boundary, then hands SIGUSR2 to the handler that was there before
-    (submitit's, which requeues the job) or exits. All ranks stop at the same step."""
-
-    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-
-    def __enter__(self) -> Preemption:
-        self.received, self.previous = 0, {}
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._raise_flag) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _raise_flag(self, signum, _frame) -> None:
-        self.received = signum
-
-    def requested(self, device: torch.device) -> bool:
-        if world()[1] == 1:
-            return bool(self.received)
-        flag = torch.tensor([float(self.received)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.received = int(flag.item())
-        return bool(self.received)
-
-    def stop(self) -> None:
-        previous = self.previous.get(self.received)
-        if self.received == signal.SIGUSR2 and callable(previous):
-            previous(signal.SIGUSR2, None)  # submitit: checkpoint the job description and requeue
-        raise SystemExit(f"stopped by signal {self.received} after a checkpoint; the same command resumes")
 
 
 def lr_at(peak: float, final_fraction: float, phase: Phase, plan: PhasePlan, step: int) -> float:
@@ -105,37 +58,6 @@ def _optimizer(cfg: DictConfig, params: list[nn.Parameter], extra: list[nn.Param
                              fused=device.type == "cuda" or None)
 
 
-@dataclass
-class Checkpoint:
-    """What a resume needs besides the weights; stored next to an HF-format model directory."""
-    phase: int = 0
-    step: int = 0
-    tracking_run_id: str | None = None
-    optimizer: dict | None = None
-    regressor: dict | None = None
-    extra: dict = field(default_factory=dict)
-
-    @staticmethod
-    def load(run_dir: Path) -> Checkpoint | None:
-        state = run_dir / "ckpt" / "state.pt"
-        if not state.exists():
-            return None
-        return Checkpoint(**torch.load(state, map_location="cpu", weights_only=True))
-
-    def save(self, run_dir: Path, model, tokenizer) -> None:
-        """Atomic: written beside, then renamed over the previous checkpoint."""
-        tmp, final, old = run_dir / "ckpt.tmp", run_dir / "ckpt", run_dir / "ckpt.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
-        torch.save(self.__dict__, tmp / "state.pt")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 class Trainer:
     """Runs the phases of a plan on one student; `log(metrics, step)` receives the training curves."""
 
@@ -152,6 +74,10 @@ class Trainer:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
             self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")) else None
         self.rank, self.world = world()
+        self.mode = parallel_mode(cfg, self.world)
+        if self.mode != "none" and not dist.is_initialized():
+            raise ConfigError(f"train.parallel={self.mode} needs the job's process group: start the ranks with "
+                              f"torchrun, or as tasks of a SLURM job")
         micro = cfg.train.micro_batch_size or cfg.train.batch_size // self.world
         local = cfg.train.batch_size // self.world
         if local % micro:
@@ -159,18 +85,21 @@ class Trainer:
                               f"{local} (train.batch_size={cfg.train.batch_size} over {self.world} ranks)")
         self.micro = micro
 
-    def loss(self, phase: Phase, model, regressor, micro: Micro) -> dict[str, Tensor]:
+    def engine(self, phase: Phase, model: nn.Module, regressor: nn.Module | None) -> Engine:
+        """The phase's module on this job's ranks."""
+        return Engine(PhaseNet(model, self.layer, regressor, bottom=phase.name == "ht"), self.mode, self.device)
+
+    def loss(self, phase: Phase, engine: Engine, micro: Micro) -> dict[str, Tensor]:
         """The phase's objective on one micro-batch, with its parts for logging."""
         cfg = self.cfg
         if self.online is not None:
             micro.topk_idx_BxLxK, micro.topk_val_BxLxK, micro.hidden_BxLxD = self.online(
                 micro.tokens_BxL, phase.needs_teacher_logits, phase.needs_teacher_hidden)
         tokens_BxL, idx, val, target = micro.tokens_BxL, micro.topk_idx_BxLxK, micro.topk_val_BxLxK, micro.hidden_BxLxD
+        logits, predicted = engine.module(tokens_BxL)
         if phase.name == "ht":
-            hidden = forward_to_layer(model, tokens_BxL, self.layer)
-            ht = losses.hidden_mse(regressor(hidden), target)
+            ht = losses.hidden_mse(predicted, target)
             return {"loss": ht, "loss_ht": ht}
-        logits, hidden = forward(model, tokens_BxL, self.layer if phase.name == "hldc" else None)
         if phase.name == "nll":
             nll = losses.nll(logits, tokens_BxL, chunk=cfg.train.loss_chunk)
             return {"loss": nll, "loss_nll": nll}
@@ -178,65 +107,52 @@ class Trainer:
                                              chunk=cfg.train.loss_chunk)
         parts = {"loss": total, "loss_nll": nll, "loss_kd": kd}
         if phase.name == "hldc":
-            emb = losses.hidden_mse(regressor(hidden), target)
+            emb = losses.hidden_mse(predicted, target)
             parts |= {"loss": total + cfg.gamma * emb, "loss_emb": emb}
         return parts
 
-    def step(self, phase: Phase, model, regressor, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-             extra: list[nn.Parameter], batch: Step, sums: dict[str, Tensor]) -> None:
+    def step(self, phase: Phase, engine: Engine, optimizer: torch.optim.Optimizer, batch: Step,
+             sums: dict[str, Tensor]) -> None:
         """One optimizer step on one batch: forward and backward per micro-batch (the loss parts, averaged
-        over micro-batches, are added into `sums`), gradient all-reduce across ranks, clipping, AdamW."""
+        over micro-batches, are added into `sums`; gradients are reduced across ranks after the last one),
+        clipping, AdamW."""
         n_micro = len(batch) // self.micro
-        for start in range(0, len(batch), self.micro):
+        for i, start in enumerate(range(0, len(batch), self.micro)):
             micro = batch.micro(start, self.micro)
-            with self.autocast or torch.autocast("cpu", enabled=False):
-                parts = self.loss(phase, model, regressor, micro)
-            (parts["loss"] / n_micro).backward()
+            with engine.micro(last=i + 1 == n_micro), self.autocast or torch.autocast("cpu", enabled=False):
+                parts = self.loss(phase, engine, micro)
+                (parts["loss"] / n_micro).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / n_micro
-        if self.world > 1:
-            _all_reduce_mean([p.grad for p in params + extra if p.grad is not None])
         if self.cfg.train.grad_clip:
-            nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-            if extra:
-                nn.utils.clip_grad_norm_(extra, self.cfg.train.grad_clip)
+            engine.clip(self.cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def fit(self) -> nn.Module:
-        cfg, device = self.cfg, self.device
-        resume = Checkpoint.load(self.run_dir)
-        if resume is None:
-            model = build_model(cfg.student, cfg.seed)
-            resume = Checkpoint()
-        else:
-            model = load_model(str(self.run_dir / "ckpt" / "model"))
-        model.to(device).train()
-        if cfg.train.compile:
-            compile_layers(model)
+        """Train every phase left (from the checkpoint, if there is one); the student at the end."""
+        cfg, n = self.cfg, len(self.plan.phases)
+        resume = Checkpoint.load(self.run_dir) or Checkpoint(ranks=self.world)
+        resume.check_ranks(self.run_dir, self.world)
         resume.tracking_run_id = self.tracking_run_id
         self.state = resume
-        all_phases = phases(cfg)
-        total_steps = sum(p.steps for p in self.plan.phases)
+        if resume.phase == 0 and resume.step == 0:
+            save_start(build_model(cfg.student, cfg.seed), start_dir(self.run_dir, 0, n))
         done = sum(p.steps for p in self.plan.phases[:resume.phase]) + resume.step
-        bar = tqdm(total=total_steps, initial=done, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=sum(p.steps for p in self.plan.phases), initial=done, unit="step", dynamic_ncols=True,
                    disable=None if self.rank == 0 else True)
         with Preemption() as self.preemption:
-            for index in range(resume.phase, len(all_phases)):
-                phase, plan = all_phases[index], self.plan.phases[index]
+            for index in range(resume.phase, n):
                 start = resume.step if index == resume.phase else 0
-                self._run_phase(index, phase, plan, model, start, bar)
+                self._run_phase(index, phases(cfg)[index], self.plan.phases[index], start, bar)
         bar.close()
-        return model
+        return load_model(str(start_dir(self.run_dir, n, n)))
 
-    def _checkpoint(self, model) -> None:
-        if self.rank == 0:
-            self.state.save(self.run_dir, model, self.tokenizer)
-        if self.world > 1:
-            dist.barrier()
-
-    def _run_phase(self, index: int, phase: Phase, plan: PhasePlan, model, start: int, bar) -> None:
-        cfg, device = self.cfg, self.device
+    def _run_phase(self, index: int, phase: Phase, plan: PhasePlan, start: int, bar) -> None:
+        cfg, device, n = self.cfg, self.device, len(self.plan.phases)
+        model = load_model(str(start_dir(self.run_dir, index, n))).to(device).train()
+        if cfg.train.compile:
+            compile_layers(model)
         regressor = None
         if phase.regressor:
             with torch.random.fork_rng(devices=[]):  # the student's own initialisation stays untouched
@@ -244,25 +160,34 @@ class Trainer:
                 regressor = build_regressor(phase.regressor, cfg.student.hidden_size,
                                             cfg.teacher.model.hidden_size,
                                             cfg.method.get("regressor_expansion", 4)).to(device)
-            if self.state.regressor and start > 0:
-                regressor.load_state_dict(self.state.regressor)
-        params = bottom_parameters(model, self.layer) if phase.name == "ht" else list(model.parameters())
-        extra = list(regressor.parameters()) if regressor is not None else []
-        optimizer = _optimizer(cfg, params, extra, device)
-        if self.state.optimizer and start > 0:
-            optimizer.load_state_dict(self.state.optimizer)
+        engine = self.engine(phase, model, regressor)
+        optimizer = _optimizer(cfg, engine.params, engine.extra, device)
+        if start > 0:
+            engine.load(self.run_dir / "ckpt" / "dcp", optimizer)
         first_step = sum(p.steps for p in self.plan.phases[:index])   # data position continues across phases
         parts = [part for part, needed in (("topk", phase.needs_teacher_logits), ("hidden", phase.needs_teacher_hidden))
                  if needed and self.reader is not None]
         loader = Loader(self.batches, self.reader, parts, range(first_step + start, first_step + plan.steps), device,
                         cfg.cache.prefetch, cfg.cache.readers)
         with loader:
-            self._steps(index, phase, plan, model, regressor, optimizer, params, extra, loader, start, bar)
+            stop = self._steps(index, phase, plan, engine, optimizer, loader, start, bar)
+        # The phase's end: the student's weights, gathered, are where the next phase (or the run) starts.
+        end = load_model(str(start_dir(self.run_dir, index, n)))
+        end.load_state_dict(engine.student_state(), strict=False)  # HLDF's phase 1: its bottom; the rest as it was
+        save_start(end, start_dir(self.run_dir, index + 1, n))
+        self.state.phase, self.state.step = index + 1, 0
+        self.state.save(self.run_dir)
+        if self.rank == 0:
+            shutil.rmtree(start_dir(self.run_dir, index, n), ignore_errors=True)
+        barrier()
+        if stop:
+            self.preemption.stop()
 
-    def _steps(self, index: int, phase: Phase, plan: PhasePlan, model, regressor, optimizer, params, extra,
-               loader: Loader, start: int, bar) -> None:
+    def _steps(self, index: int, phase: Phase, plan: PhasePlan, engine: Engine, optimizer, loader: Loader,
+               start: int, bar) -> bool:
+        """The phase's steps from `start`; whether a stop was asked for at its last one (the phase ends first)."""
         cfg, device = self.cfg, self.device
-        first_step = sum(p.steps for p in self.plan.phases[:index])   # data position continues across phases
+        first_step = sum(p.steps for p in self.plan.phases[:index])
         flops_before = sum(p.flops for p in self.plan.phases[:index])
         token_flops = self.plan.flops_per_token[phase.name]
         step_tokens = cfg.train.batch_size * cfg.train.seq_len
@@ -273,19 +198,19 @@ class Trainer:
             lr = lr_at(cfg.lr, cfg.train.final_lr_fraction, phase, plan, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            self.step(phase, model, regressor, optimizer, params, extra, loader.get(first_step + step), sums)
+            self.step(phase, engine, optimizer, loader.get(first_step + step), sums)
             bar.update(1)
             window_steps += 1
             last = step + 1 == plan.steps
             if (step + 1) % cfg.train.log_every == 0 or last:
+                names = sorted(sums)
+                values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in names])
                 if self.world > 1:
-                    names = sorted(sums)
-                    values = [torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in names]
-                    _all_reduce_mean(values)
-                    sums = dict(zip(names, values))
+                    dist.all_reduce(values)
+                    values /= self.world
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * step_tokens / elapsed
-                metrics = {f"train/{k}": float(v) / window_steps for k, v in sums.items()}
+                metrics = {f"train/{k}": float(v) / window_steps for k, v in zip(names, values.tolist())}
                 metrics |= {"train/lr": lr, "train/phase": index,
                             "train/tokens": (first_step + step + 1) * step_tokens,
                             "train/flops": flops_before + (step + 1) * step_tokens * token_flops,
@@ -296,11 +221,12 @@ class Trainer:
                     self.log(metrics, first_step + step + 1)
                 bar.set_postfix(phase=phase.name, loss=f"{metrics['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
-            stop = self.preemption.requested(device)
-            if stop or last or (step + 1) % cfg.train.ckpt_every == 0:
-                self.state.phase, self.state.step = (index + 1, 0) if last else (index, step + 1)
-                self.state.optimizer = None if last else optimizer.state_dict()
-                self.state.regressor = None if (last or regressor is None) else regressor.state_dict()
-                self._checkpoint(model)
+            stop = self.preemption.requested()
+            if last:
+                return stop
+            if stop or (step + 1) % cfg.train.ckpt_every == 0:
+                self.state.phase, self.state.step = index, step + 1
+                self.state.save(self.run_dir, lambda path: engine.save(path, optimizer))
             if stop:
                 self.preemption.stop()
+        return False

@@ -15,7 +15,7 @@ from hldx import config as C
 from hldx import data
 from hldx.bench.steps import READS, method_phases, random_cache
 from hldx.loader import Loader
-from hldx.models import bottom_parameters, build_model, build_regressor, compile_layers
+from hldx.models import build_model, build_regressor, compile_layers
 from hldx.train import Trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -39,22 +39,21 @@ def _one_step(method: str, device: str, compile: bool, reader, batches, tokenize
     torch.manual_seed(1)
     regressor = build_regressor(kind, cfg.student.hidden_size, cfg.teacher.model.hidden_size).to(dev) if kind \
         else None
-    params = bottom_parameters(model, trainer.layer) if method == "ht" else list(model.parameters())
-    extra = list(regressor.parameters()) if regressor is not None else []
-    before = torch.cat([p.detach().flatten().cpu() for p in params + extra])
+    phase = method_phases(cfg)[method]
+    engine = trainer.engine(phase, model, regressor)
+    params = engine.params + engine.extra
+    before = torch.cat([p.detach().flatten().cpu() for p in params])
     sums: dict = {}
     with Loader(batches, reader, READS[method], range(2), dev) as loader:
-        optimizer = torch.optim.SGD(params + extra, lr=1.0)
-        trainer.step(method_phases(cfg)[method], model, regressor, optimizer, params, extra, loader.get(0), sums)
+        trainer.step(phase, engine, torch.optim.SGD(params, lr=1.0), loader.get(0), sums)
         if dev.type == "cuda":  # the hot loop reads nothing back from the device: a second step, syncs refused
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                trainer.step(method_phases(cfg)[method], model, regressor, torch.optim.SGD(params + extra, lr=0.0),
-                             params, extra, loader.get(1), {})
+                trainer.step(phase, engine, torch.optim.SGD(params, lr=0.0), loader.get(1), {})
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-    after = torch.cat([p.detach().flatten().cpu() for p in params + extra])
+    after = torch.cat([p.detach().flatten().cpu() for p in params])
     return {k: float(v) for k, v in sums.items()}, after - before
 
 

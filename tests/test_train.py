@@ -1,6 +1,7 @@
 """The trainer end to end on tiny runs: MLflow names, exact resume, the schedule, HLDC/HLDF semantics."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,12 +68,13 @@ def test_kd_run_logs_the_design_names_and_is_skipped_when_finished(tiny, tmp_pat
 
 
 def _kill_after_checkpoint(cmd: list[str], env: dict, ckpt: Path) -> None:
+    """Start cmd, SIGKILL it once it has written a checkpoint inside its first phase."""
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (ckpt / "state.pt").exists():
+    while not (ckpt / "state.json").exists() or json.loads((ckpt / "state.json").read_text())["step"] == 0:
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.time() < deadline
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
@@ -115,8 +117,8 @@ def test_hldf_resumes_across_the_phase_boundary(tiny, tmp_path, monkeypatch):
     _, reference = _run(overrides + [f"paths.runs={tmp_path}/reference"])
     save = Checkpoint.save
     for stop_at in (3, p1_steps, p1_steps + 6):
-        def save_then_stop(state, run_dir, model, tokenizer):
-            save(state, run_dir, model, tokenizer)
+        def save_then_stop(state, run_dir, write_state=None):
+            save(state, run_dir, write_state)
             if sum(p.steps for p in plan_run(cfg).phases[:state.phase]) + state.step >= stop_at:
                 raise _Interrupt  # as if killed right after this checkpoint
 

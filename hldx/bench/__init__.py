@@ -40,7 +40,8 @@ from hldx import cli, data, job
 from hldx import config as C
 from hldx.bench.loading import loader_bench
 from hldx.bench.steps import STEPS, device_name, measure, method_flops, random_cache, train_steps
-from hldx.device import device_of, peak_flops
+from hldx.budget import parallel_mode
+from hldx.device import device_of, join, peak_flops
 
 RUNS = (*STEPS, "loader")
 __all__ = ["bench", "format_table", "main", "measure", "report"]
@@ -60,6 +61,7 @@ def bench(cfg: DictConfig) -> dict:
     if b.threads:
         torch.set_num_threads(b.threads)
     device = device_of(cfg)
+    join(cfg, alone=parallel_mode(cfg, 1) != "none")  # FSDP2 for the 3.4B preset: a process group of one
     tokenizer = data.tokenizer_for(cfg)
     full = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
     count = min(full.count, t.batch_size * (b.warmup + b.steps))   # the rows the bench reads (and caches)

@@ -14,11 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
+from hldx import config as C
 from hldx import data
 from hldx.budget import flops_per_token
 from hldx.loader import Loader
 from hldx.methods import Phase, phases
-from hldx.models import bottom_parameters, build_model, build_regressor, compile_layers, middle_layer
+from hldx.models import build_model, build_regressor, compile_layers, middle_layer
 from hldx.store import CacheReader, CacheSpec, build, open_cache
 from hldx.train import Trainer, _optimizer
 
@@ -139,20 +140,22 @@ def train_steps(cfg: DictConfig, chosen: list[str], rows: data.Rows, reader: Cac
     d_s, d_t = cfg.student.hidden_size, cfg.teacher.model.hidden_size
     regressors = {"hldc": build_regressor("linear", d_s, d_t).to(device),
                   "ht": build_regressor("mlp", d_s, d_t, cfg.method.get("regressor_expansion", 4)).to(device)}
+    step_phases = method_phases(cfg)
+    steps = [m for m in chosen if m != "bare"]
+    if trainer.mode != "none" and len(chosen) > 1:
+        raise C.ConfigError(f"train.parallel={trainer.mode} wraps one phase's module at a time: bench one method "
+                            f"(bench.methods=[{chosen[0]}]), not {chosen}")
+    engines = {m: trainer.engine(step_phases[m], model, regressors.get(m)) for m in steps}
+    loaders = {m: Loader(batches, reader, READS[m], range(rounds), device, cfg.cache.prefetch, cfg.cache.readers)
+               for m in steps}
     # One AdamW for every trainer step: a step updates only what got gradients, so its cost is that of the
     # phase's own optimizer, and the bench holds one optimizer state (as a run does) instead of four.
-    everything = list(model.parameters())
-    optimizer = _optimizer(cfg, everything, [p for r in regressors.values() for p in r.parameters()], device)
-    step_phases = method_phases(cfg)
-    loaders = {m: Loader(batches, reader, READS[m], range(rounds), device, cfg.cache.prefetch, cfg.cache.readers)
-               for m in chosen if m != "bare"}
+    params = list({id(p): p for e in engines.values() for p in e.params}.values()) or list(model.parameters())
+    extra = list({id(p): p for e in engines.values() for p in e.extra}.values())
+    optimizer = _optimizer(cfg, params, extra, device)
 
     def trainer_run(method: str) -> Callable[[int], None]:
-        regressor = regressors.get(method)
-        params = bottom_parameters(model, trainer.layer) if method == "ht" else everything
-        extra = list(regressor.parameters()) if regressor is not None else []
-        return lambda r: trainer.step(step_phases[method], model, regressor, optimizer, params, extra,
-                                      loaders[method].get(r), {})
+        return lambda r: trainer.step(step_phases[method], engines[method], optimizer, loaders[method].get(r), {})
 
     runs = {m: trainer_run(m) for m in loaders}
     if "bare" in chosen:
