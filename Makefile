@@ -5,7 +5,7 @@ BIN      = $(VENV)/bin
 # Without a GPU, take the CPU build of torch (a plain `pip install torch` may pull a multi-GB CUDA build).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.5" || echo "torch==2.13.0")
 
-.PHONY: setup test-setup demo test
+.PHONY: setup test-setup demo test gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,3 +26,6 @@ demo: setup
 test: test-setup
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -ra
+
+gpu-check: setup
+	bash tests/gpu-check.sh

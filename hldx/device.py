@@ -29,6 +29,11 @@ def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def ranks() -> int:
+    """How many ranks this job has (torchrun's WORLD_SIZE, or SLURM's tasks), before it joins them."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
 def join(cfg: DictConfig, alone: bool = False) -> None:
     """Join the job's process group when it has several ranks (torchrun's variables, or SLURM's for several
     tasks of one job, exported as torchrun's), or, `alone`, a group of one (DDP or FSDP2 on one process).

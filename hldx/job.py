@@ -7,6 +7,7 @@ or a budget too small for one step fails in seconds, before a teacher is trained
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch.distributed as dist
@@ -23,10 +24,11 @@ from hldx.train import Checkpoint, Trainer
 log = logging.getLogger("hldx")
 
 
-def check(cfg: DictConfig, launch: bool = True) -> RunPlan:
+def check(cfg: DictConfig, launch: bool = True, ranks: int | None = None) -> RunPlan:
     """Every check of a job, and its plan: the config's types and ranges and the keys that must agree, each
-    subsystem's keys, the plan of each stage it runs (the on-demand teacher's pre-training included); with
-    `launch`, also what must exist to run it (the teacher checkpoint, the tracking server)."""
+    subsystem's keys, the plan of each stage it runs (the on-demand teacher's pre-training included), its
+    memory per rank on `ranks` GPUs (plan.ranks, else 1); with `launch`, also what must exist to run it (the
+    teacher checkpoint, the tracking server)."""
     C.check(cfg)
     data.check(cfg)
     models.check(cfg)
@@ -39,6 +41,8 @@ def check(cfg: DictConfig, launch: bool = True) -> RunPlan:
         except ConfigError as err:
             raise ConfigError(f"the on-demand teacher (teacher.build.tokens={cfg.teacher.build.tokens}, "
                               f"teacher.build.lr={cfg.teacher.build.lr}): {err}") from None
+    if cfg.train.device != "cpu":  # a GPU job, or one that will be where there is a GPU
+        budget.check_memory(cfg, ranks or cfg.plan.ranks or 1)
     if launch:
         check_epochs(cfg, plan)
         tracking.check(cfg)
@@ -65,13 +69,19 @@ def check_epochs(cfg: DictConfig, plan: RunPlan, rows: int | None = None) -> Non
 
 
 def ensure_teacher(cfg: DictConfig) -> None:
-    """Pre-train the on-demand teacher once (file-locked: parallel jobs wait for the first one)."""
+    """Pre-train the on-demand teacher once (file-locked: parallel jobs wait for the first one; the ranks of a
+    job that has joined its process group train it together)."""
     path = teacher.teacher_path(cfg)
     if cfg.teacher.ckpt or path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.parent / "build.lock")):
-        if not path.exists():
+    rank, size = world()
+    # Inside a job's process group its ranks train the teacher together, rank 0 holding the lock.
+    with FileLock(str(path.parent / "build.lock")) if rank == 0 else nullcontext():
+        missing = [not path.exists()]
+        if size > 1:
+            dist.broadcast_object_list(missing)
+        if missing[0]:
             log.info("pre-training the %s teacher once (shared by every run): %s", cfg.teacher.model.name, path)
             execute(teacher.teacher_config(cfg), role="teacher", run_dir=path.parent)
 
@@ -103,6 +113,8 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
         source = teacher.teacher_source(cfg, tokenizer, rows, plan, device_of(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = Checkpoint.load(run_dir)
+    if resume is not None:
+        resume.check_ranks(run_dir, size)  # before its MLflow run is touched
     tracker = tracking.Tracker(cfg, plan.run_key, role, run_id=resume.tracking_run_id if resume else None) \
         if rank == 0 else None
     try:

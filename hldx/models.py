@@ -67,13 +67,29 @@ def _count_parameters(shape: tuple) -> dict[str, int]:
     return {"total": total, "embedding": embedding, "backbone": total - embedding}
 
 
+class _Branch(torch.autograd.Function):
+    """Identity whose backward hands on, as one sum, the gradients that reach its output."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g
+
+
 @contextmanager
 def _tap(model: Gemma3ForCausalLM, layer: int):
-    """Capture the output of decoder layer `layer` (1-based), i.e. HF hidden_states[layer]."""
+    """Capture the output of decoder layer `layer` (1-based), i.e. HF hidden_states[layer]. The layers above
+    get it through _Branch, so its gradient is (what the layers above send) + (what the tap's user sends), in
+    that grouping whatever order autograd runs in: the same sum whether FSDP2 wraps the layers or not."""
     seen: dict[str, Tensor] = {}
 
     def hook(_module, _args, out):
         seen["h"] = out[0] if isinstance(out, tuple) else out
+        above = _Branch.apply(seen["h"])
+        return (above, *out[1:]) if isinstance(out, tuple) else above
 
     handle = model.model.layers[layer - 1].register_forward_hook(hook)
     try:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
@@ -30,7 +31,6 @@ class Engine:
 
     def __init__(self, net: PhaseNet, mode: str, device: torch.device):
         self.net, self.mode = net, mode
-        regressor = {id(p) for p in (net.regressor.parameters() if net.regressor is not None else [])}
         if mode == "ddp":
             self.module = nn.parallel.DistributedDataParallel(
                 net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
@@ -47,8 +47,10 @@ class Engine:
         else:
             self.module = net
         # The student's parameters and the regressor's, clipped apart (HLDC with gamma=0 stays KD exactly).
-        self.params = [p for p in net.parameters() if id(p) not in regressor]
-        self.extra = [p for p in net.parameters() if id(p) in regressor]
+        # (named after wrapping: FSDP2 replaces the parameters by sharded ones)
+        named = list(net.named_parameters())
+        self.params = [p for name, p in named if not name.startswith("regressor.")]
+        self.extra = [p for name, p in named if name.startswith("regressor.")]
 
     def micro(self, last: bool):
         """The context of one micro-batch's forward and backward: gradients are reduced after the last one."""
@@ -59,9 +61,18 @@ class Engine:
         return nullcontext()
 
     def clip(self, max_norm: float) -> None:
-        nn.utils.clip_grad_norm_(self.params, max_norm)
-        if self.extra:
-            nn.utils.clip_grad_norm_(self.extra, max_norm)
+        """Scale the student's gradients, then the regressor's, so each group's norm is at most max_norm, as
+        clip_grad_norm_ does; the norm is summed in float64 (over the shards, under FSDP2), so the scale, rounded
+        to float32, does not depend on how the gradients are split over ranks."""
+        for group in (self.params, self.extra):
+            grads = [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in group) if g is not None]
+            if not grads:
+                continue
+            squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads]).sum()
+            if self.mode == "fsdp":
+                dist.all_reduce(squares)
+            scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0).float()
+            torch._foreach_mul_(grads, scale)
 
     def _state(self, optimizer: torch.optim.Optimizer) -> dict:
         net, optim = get_state_dict(self.module, optimizer)

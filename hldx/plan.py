@@ -16,17 +16,20 @@ import sys
 from hldx import config as C
 from hldx import cli, data
 from hldx import job as J
-from hldx.budget import RunPlan, cache_storage, gpu_hours, throughput
+from hldx.budget import (RunPlan, cache_storage, gpu_hours, memory_per_rank, parallel_mode,
+                         throughput)
 from hldx.errors import ConfigError
 from hldx.study import BadJob, expand_sweep, plan_jobs, refusal
 
 
 def format_table(jobs: list[RunPlan], accounting: str, rates: list[dict[str, float]] | None = None,
-                 rates_source: str = "") -> str:
-    """The human-readable plan; with `rates` (tokens/s per GPU of each job's phases), its GPU-hours."""
+                 rates_source: str = "", memory: list[tuple[str, float]] | None = None) -> str:
+    """The human-readable plan; with `rates` (tokens/s per GPU of each job's phases), its GPU-hours; with
+    `memory` ((engine, bytes per rank) of each job), its memory per rank."""
     lines = [f"accounting: {accounting}  |  budget: {jobs[0].budget}  |  {len(jobs)} unique jobs", ""]
     header = f"{'run_key':16}  {'job':44} {'C/token':>9} {'C/C_data':>8}  {'phase':5} {'tokens':>10} " \
-             f"{'steps':>8} {'FLOPs':>9}" + (f" {'tok/s/GPU':>9} {'GPU-h':>8}" if rates else "")
+             f"{'steps':>8} {'FLOPs':>9}" + (f" {'tok/s/GPU':>9} {'GPU-h':>8}" if rates else "") + \
+             (f" {'engine':>6} {'GB/rank':>7}" if memory else "")
     lines += [header, "-" * len(header)]
     for j, job in enumerate(jobs):
         name = "|".join([job.method] + [f"{k}={C.short(v)}" for k, v in job.hp.items() if v is not None])
@@ -36,7 +39,9 @@ def format_table(jobs: list[RunPlan], accounting: str, rates: list[dict[str, flo
             line = f"{left} {c:9.3g} {c / job.flops_per_token['data']:8.4f}  {p.name:5} {p.tokens:10.4g} " \
                    f"{p.steps:8d} {p.flops:9.3g}"
             if rates:
-                line += f" {rates[j][p.name]:9.4g}" + (f" {gpu_hours(job, rates[j]):8.4g}" if i == 0 else "")
+                line += f" {rates[j][p.name]:9.4g}" + (f" {gpu_hours(job, rates[j]):8.4g}" if i == 0 else " " * 9)
+            if memory and i == 0:
+                line += f" {memory[j][0]:>6} {memory[j][1] / 1e9:7.1f}"
             lines.append(line)
     total = sum(j.total_flops for j in jobs)
     lines += ["", f"total: {total:.4g} FLOPs over {len(jobs)} jobs"]
@@ -64,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         raise refusal(bad, len(jobs), "")
     cfg, jobs = planned[0][1], [run for _, _, run in planned]
     source = throughput(cfg)[1]
-    print(format_table(jobs, cfg.budget.accounting, rates, source))
+    ranks = cfg.plan.ranks or 1
+    memory = [(parallel_mode(c, ranks), memory_per_rank(c, parallel_mode(c, ranks), ranks)) for _, c, _ in planned]
+    print(format_table(jobs, cfg.budget.accounting, rates, source, [(m, b["total"]) for m, b in memory]))
+    print(f"memory per rank: an estimate for {ranks} rank(s) per job (plan.ranks), jobs over plan.device_memory="
+          f"{cfg.plan.device_memory / 1e9:g} GB refused")
     tokens, exact = data.train_tokens(cfg)
     rows = None if tokens is None else tokens // cfg.train.seq_len
     passes = [J.epochs(c, run, rows) for _, c, run in planned]
@@ -88,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(cfg.plan.json, "w") as f:
             json.dump({"accounting": cfg.budget.accounting, "throughput": source, "gpu_hours": sum(hours),
                        "teacher_cache": storage, "train_tokens": tokens, "train_tokens_exact": exact,
-                       "jobs": [j.as_json() | {"gpu_hours": h, "tokens_per_s": r, "epochs": n}
-                                for j, h, r, n in zip(jobs, hours, rates, passes)]}, f, indent=2)
+                       "jobs": [j.as_json() | {"gpu_hours": h, "tokens_per_s": r, "epochs": n, "parallel": m[0],
+                                               "memory_per_rank": m[1], "ranks": ranks}
+                                for j, h, r, n, m in zip(jobs, hours, rates, passes, memory)]}, f, indent=2)
         print(f"wrote {cfg.plan.json}")
     return 0
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from hldx import config as C
 from hldx import cli, job
 from hldx.budget import parallel_mode
-from hldx.device import join
+from hldx.device import join, ranks
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
@@ -31,7 +31,7 @@ from hldx.device import join
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # here, not under __main__: SLURM jobs start here
     transformers.utils.logging.disable_progress_bar()
-    job.check(cfg)  # every key and every stage's plan, before any work
+    job.check(cfg, ranks=ranks())  # every key and every stage's plan, before any work
     C.warn_unused(cfg, list(HydraConfig.get().overrides.task))
     if cfg.method.name in C.DISTILLED:
         job.ensure_teacher(cfg)  # before the ranks join: one process pre-trains it, the others wait for its lock

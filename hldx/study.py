@@ -57,15 +57,17 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
 
 
-def plan_jobs(jobs: list[list[str]], launch: bool = False) -> tuple[list[Planned], list[str]]:
+def plan_jobs(jobs: list[list[str]], launch: bool = False, ranks: int | None = None
+              ) -> tuple[list[Planned], list[str]]:
     """The distinct jobs (the first of each run_key) with their config and plan, and an error line per bad job.
-    Every job passes hldx.job.check; `launch`: also what a job needs to run (its teacher checkpoint)."""
+    Every job passes hldx.job.check (on `ranks` ranks each); `launch`: also what a job needs to run (its
+    teacher checkpoint, data enough for its epochs)."""
     planned, errors, seen, compose = [], [], set(), C.Composer()
     shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()  # not repeated in each error line
     for job in jobs:
         try:
             cfg = compose(job)
-            run = J.check(cfg, launch=False)
+            run = J.check(cfg, launch=False, ranks=ranks)
             if launch:
                 teacher.check(cfg, launch=True)
                 J.check_epochs(cfg, run)
@@ -84,15 +86,16 @@ def plan_sweep(overrides: list[str]) -> tuple[list[RunPlan], list[str]]:
     return [run for _, _, run in planned], errors
 
 
-def check_sweep(jobs: list[list[str]], launcher: str = "") -> list[list[str]]:
+def check_sweep(jobs: list[list[str]], launcher: str = "", ranks: int | None = None) -> list[list[str]]:
     """The jobs of a sweep left to launch, one per run_key, before anything is launched.
 
-    Every job is composed, checked and planned; bad jobs, a distilled job without its teacher, a SLURM
+    Every job is composed, checked and planned (on `ranks` ranks: the launcher's); bad jobs, a job too big for
+    plan.device_memory, a distilled job without its teacher, a SLURM
     launcher (`launcher`: hydra.launcher._target_) without `sbatch` on PATH and a tracking server that does
     not answer raise ConfigError naming each of them. Of jobs with the same run_key only the first is kept;
     a finished run is skipped, a failed or interrupted one is kept (it resumes from its checkpoint).
     """
-    planned, errors = plan_jobs(jobs, launch=True)
+    planned, errors = plan_jobs(jobs, launch=True, ranks=ranks)
     problems = []
     if launcher.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
         problems.append("  hydra/launcher submits to SLURM, but sbatch is not on PATH: launch from a SLURM "

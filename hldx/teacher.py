@@ -34,6 +34,7 @@ def teacher_config(cfg: DictConfig) -> DictConfig:
     tcfg.lr = cfg.teacher.build.lr
     tcfg.budget = schema.Budget(flops=None, ot=None, tokens=cfg.teacher.build.tokens, accounting="exact")
     tcfg.data.vocab_size = cfg.student.vocab_size
+    tcfg.train.parallel = "auto"  # its own engine: it may be trained before the student's ranks join
     return tcfg
 
 

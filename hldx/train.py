@@ -133,7 +133,7 @@ class Trainer:
         """Train every phase left (from the checkpoint, if there is one); the student at the end."""
         cfg, n = self.cfg, len(self.plan.phases)
         resume = Checkpoint.load(self.run_dir) or Checkpoint(ranks=self.world)
-        resume.check_ranks(self.run_dir, self.world)
+        resume.check_ranks(self.run_dir, self.world)  # hldx.job checks it first; the Trainer stands alone too
         resume.tracking_run_id = self.tracking_run_id
         self.state = resume
         if resume.phase == 0 and resume.step == 0:

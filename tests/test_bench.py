@@ -27,8 +27,9 @@ def test_bench_json_holds_the_measured_rates_and_their_ratios(hldx_cache, tmp_pa
     assert B.main(TINY + [f"bench.json={out}"]) == 0
     r = json.loads(out.read_text())
 
-    # Every trainer run is Trainer.step, once per round (1 warm-up + 2 measured).
-    assert sorted(phases_stepped) == sorted(["nll", "kd", "hldc", "ht"] * 3)
+    # Every trainer run is Trainer.step, once per round (1 warm-up + 2 measured); the ranks bench's one-rank
+    # NLL step runs in this process too (its two-rank groups in processes of their own).
+    assert sorted(phases_stepped) == sorted(["nll", "kd", "hldc", "ht"] * 3 + ["nll"] * 3)
     runs = {"nll", "kd", "hldc", "ht", "bare"}
     assert r["device"].startswith("cpu") and r["precision"] == "fp32"
     assert "mfu" not in r and "peak_mem_gib" not in r  # unknown on a CPU
@@ -36,7 +37,9 @@ def test_bench_json_holds_the_measured_rates_and_their_ratios(hldx_cache, tmp_pa
     assert set(r["step_s"]) == set(r["flops_per_token"]) == runs
     loaders = {f"loader_{m}{h}{n}" for m in ("kd", "hldc", "ht") for h in ("", "_float8_e4m3") for n in ("", "_readers2")
                if not (m == "kd" and h)}
-    assert set(r["tokens_per_s"]) == runs | loaders
+    ranks = {"ranks_single", "ranks_ddp", "ranks_fsdp"}
+    assert set(r["tokens_per_s"]) == runs | loaders | ranks
+    assert all(len(r["ranks_s_all"][k.removeprefix("ranks_")]) == 3 for k in ranks)
     for m in runs:
         assert 0 < r["step_s"][m] < 60 and math.isclose(r["tokens_per_s"][m], 128 / r["step_s"][m])
     tps = r["tokens_per_s"]
@@ -46,7 +49,8 @@ def test_bench_json_holds_the_measured_rates_and_their_ratios(hldx_cache, tmp_pa
         "trainer_bare": tps["nll"] / tps["bare"]} | {
         k.replace("loader_", "loader_gpu_"): tps[k] / gpu[k.split("_")[1]] for k in loaders if "readers" not in k} | {
         "loader_readers2_vs_1_" + k.removeprefix("loader_").removesuffix("_readers2"): tps[k] / tps[k[:-9]]
-        for k in loaders if "readers" in k})
+        for k in loaders if "readers" in k} | {
+        f"{m}_single": tps[f"ranks_{m}"] / tps["ranks_single"] for m in ("ddp", "fsdp")})
     # What a student at 40% of an H100's bf16 peak consumes: 0.4 * 989e12 / FLOPs per token.
     f = r["flops_per_token"]
     assert gpu == pytest.approx({m: 0.4 * 989e12 / f[m] for m in ("kd", "hldc", "ht")})

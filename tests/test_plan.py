@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Gemma3ForCausalLM
 
 from hldx import config as C
-from hldx.models import build_regressor, count_parameters, forward_to_layer, gemma3_config
-from hldx.budget import flops_per_token, plan_run
+from hldx.models import build_model, build_regressor, count_parameters, forward_to_layer, gemma3_config
+from hldx.budget import flops_per_token, memory_per_rank, plan_run
 from hldx.plan import main
 from hldx.study import expand_sweep, plan_sweep
 
@@ -145,3 +145,44 @@ def test_plan_json(tmp_path, capsys):
     assert plan["teacher_cache"]["topk_bytes_per_token"] == 512 + 2 * 8 / 512  # + a checksum per row and array
     assert plan["teacher_cache"]["bytes"] == round((512 + 2 * 8 / 512) * kd["phases"][0]["tokens"])
     assert plan["teacher_cache"]["hidden_rows"] == 0 and plan["teacher_cache"]["rows"] * 512 == kd["phases"][0]["tokens"]
+
+
+def test_memory_estimate_against_what_torch_holds():
+    """The estimate's model states are AdamW's real tensors; its activations within 20% of what autograd
+    saves for the backward (saved-tensor hooks, each storage counted once) at the 123M student's shapes."""
+    cfg = C.compose(["student=gemma3-123m", "train.seq_len=256", "train.batch_size=1", "method=nll"])
+    est = memory_per_rank(cfg, "none", 1, gpu=False)
+    model = build_model(cfg.student, 0).train()
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    tokens_1xL = torch.randint(0, cfg.student.vocab_size, (1, 256))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = model(tokens_1xL, labels=tokens_1xL).loss
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = sum(n for ptr, n in saved.items() if ptr not in params)
+    assert est["activations"] == pytest.approx(activations, rel=0.2)
+    loss.backward()
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.step()
+    assert est["weights"] == sum(p.nbytes for p in model.parameters())
+    assert est["gradients"] == sum(p.grad.nbytes for p in model.parameters())
+    assert est["adamw"] == sum(s[k].nbytes for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq"))
+
+
+def test_plan_refuses_a_job_that_cannot_fit_and_names_the_fixes(capsys):
+    """The 3.4B teacher's pre-training: whole on one rank under DDP it needs 139 GB, refused before launch; under
+    FSDP2 on 8 ranks at micro-batches of 8, about 29 GB per rank, planned."""
+    teacher = ["method=nll", "student=gemma3-3.4b", "train=paper"]
+    assert main(teacher + ["train.parallel=ddp"]) == 2
+    err = capsys.readouterr().err
+    assert "plan.device_memory=80 GB is too small" in err and "139.3 GB per rank under train.parallel=ddp" in err
+    assert "train.parallel=fsdp" in err and "train.micro_batch_size" in err and "more ranks (now 1)" in err
+    assert main(teacher + ["plan.ranks=8", "train.micro_batch_size=8"]) == 0  # auto: fsdp for the 3.4B model
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(tuple("0123456789abcdef"))
+               and "nll|" in line)
+    assert row.split()[-2:] == ["fsdp", "29.2"]
+

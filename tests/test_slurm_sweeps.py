@@ -1,11 +1,12 @@
 """Sweeps at cluster scale: `python -m hldx.run -m ... hydra/launcher=slurm_cpu` on the real single-node SLURM
 cluster (tests/slurm_cluster.py), every job logging to a real `mlflow server` on loopback.
 
-One sweep of 4 jobs, 2 distinct runs (KD ignores gamma), each a 2-rank DDP job (two SLURM tasks, gloo). Once
+One sweep of 4 jobs, 2 distinct runs (KD ignores gamma), each a 2-rank FSDP2 job (two SLURM tasks, gloo). Once
 both train, `scontrol requeue` interrupts the first (SIGTERM: it checkpoints and exits, SLURM requeues it) and
 `scancel --signal=USR2` the second (SLURM's warning before a time limit or a preemption: it checkpoints and
 submitit requeues it). Both resume into their MLflow run, every step logged once; the first must end with the
-weights of an uninterrupted 2-rank run (torchrun), bitwise. The same command again launches nothing.
+weights of an uninterrupted 2-rank DDP run (torchrun), bitwise: both engines, on SLURM and off it, are exact.
+The same command again launches nothing.
 Apart: 16 processes logging at once to one server lose no run and no metric.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ TINY = ["train.seq_len=32", "train.batch_size=4", "data.max_train_tokens=32768",
         "eval.val_sequences=8", "eval.tasks=[val]", "method=kd", "budget.tokens=8192", "train.ckpt_every=4",
         "train.log_every=5"]  # 64 steps; a checkpoint every 4
 GRID = ["tau=0.5,1", "gamma=0.1,0.05"]
-SLURM = ["hydra/launcher=slurm_cpu", "hydra.launcher.tasks_per_node=2"]
+SLURM = ["hydra/launcher=slurm_cpu", "hydra.launcher.tasks_per_node=2", "train.parallel=fsdp"]
 EXPERIMENT = "slurm-sweep"
 
 
@@ -75,7 +76,7 @@ def slurm_sweep(server, slurm_cluster, hldx_cache, tmp_path_factory) -> Sweep:  
     """The sweep, its two jobs interrupted once they train; and an uninterrupted 2-rank run of the first."""
     root = tmp_path_factory.mktemp("slurm-sweep")
     keys = [C.run_key(C.compose(TINY + [tau])) for tau in ("tau=0.5", "tau=1")]
-    ckpts = [root / "runs" / key / "ckpt" / "state.pt" for key in keys]
+    ckpts = [root / "runs" / key / "ckpt" / "state.json" for key in keys]
     t0 = time.time()
     sweep = subprocess.Popen(sweep_cmd(server, root, "multirun"), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
@@ -117,8 +118,8 @@ def test_sweep_launches_each_distinct_run_once_as_a_two_rank_job(slurm_sweep, sl
     runs = student_runs(server)
     assert sorted(r.info.run_name for r in runs) == ["kd|lr=4e-4|tau=0.5|alpha=0.7", "kd|lr=4e-4|tau=1|alpha=0.7"]
     assert {r.info.status for r in runs} == {"FINISHED"} and "eval/val_logppl" in runs[0].data.metrics
-    # Each job ran as two SLURM tasks (the logs of ranks 0 and 1); that they trained as one 2-rank DDP job shows
-    # in the requeued job's weights: bitwise those of a 2-rank torchrun run.
+    # Each job ran as two SLURM tasks (the logs of ranks 0 and 1); that they trained as one 2-rank job shows in
+    # the requeued job's weights: bitwise those of a 2-rank torchrun run.
     logs = slurm_sweep.root / "multirun" / ".submitit"
     for job in slurm_sweep.jobs:
         assert sorted(p.name for p in (logs / job).glob("*_log.out")) == [f"{job}_0_log.out", f"{job}_1_log.out"]

@@ -18,6 +18,10 @@ read, hidden states in bfloat16 and float8_e4m3, with one reader thread and cach
 at plan.mfu of plan.peak_flops (an H100 at 40% by default), ratio.loader_readers*_vs_1_* cache.readers'
 rate by one reader's.
 
+Ranks (bench.methods ranks, on a CPU): the NLL step on one process at train.batch_size against two processes
+at half of it each (torch's threads split between them), under DDP and under FSDP2, rounds taking turns:
+tokens_per_s.ranks_*, ratio.ddp_single and ratio.fsdp_single (two ranks' rate over one's).
+
 Reported: tokens/s; step-time ratios to NLL per token next to the plan's FLOP ratios (budget.accounting;
 a cached teacher costs no FLOPs); trainer/bare; on a GPU, MFU against the device's documented bf16 peak and
 the peak memory allocated during each run's steps (everything the bench holds counts: weights, the one AdamW
@@ -39,11 +43,12 @@ from omegaconf import DictConfig
 from hldx import cli, data, job
 from hldx import config as C
 from hldx.bench.loading import loader_bench
+from hldx.bench.ranks import ranks_bench
 from hldx.bench.steps import STEPS, device_name, measure, method_flops, random_cache, train_steps
 from hldx.budget import parallel_mode
 from hldx.device import device_of, join, peak_flops
 
-RUNS = (*STEPS, "loader")
+RUNS = (*STEPS, "loader", "ranks")
 __all__ = ["bench", "format_table", "main", "measure", "report"]
 
 
@@ -81,11 +86,12 @@ def bench(cfg: DictConfig) -> dict:
             seconds, peak, trainer = train_steps(cfg, steps, rows, reader, tokenizer, device, Path(tmp),
                                                  sync_debug=True)
             result |= {"micro_batch_size": trainer.micro} | report(cfg, seconds, peak_flops(device), peak)
-        if "loader" in chosen:
-            loading = loader_bench(cfg, rows, data.tokenizer_digest(tokenizer), Path(tmp))
+        extra = ([loader_bench(cfg, rows, data.tokenizer_digest(tokenizer), Path(tmp))] if "loader" in chosen else []) \
+            + ([ranks_bench(cfg, rows)] if "ranks" in chosen else [])
+        for part in extra:
             for key in ("tokens_per_s", "ratio"):
-                loading[key] = result[key] | loading[key]
-            result |= loading
+                part[key] = result[key] | part[key]
+            result |= part
     return result
 
 
@@ -130,9 +136,10 @@ def format_table(result: dict) -> str:
             mem_text = f"{mem[m]:9.2f}" if m in mem else f"{'-':>9}"
             lines.append(f"{m:5} {s:9.4f} {result['tokens_per_s'][m]:10.0f} {mfu_text} {mem_text} "
                          f"{time_ratio:9.3f} {flop_ratio:9.4f}")
-    loaders = {k: v for k, v in result["tokens_per_s"].items() if k.startswith("loader_")}
-    if loaders:
-        lines += ["", f"{'loader':38} {'tokens/s':>12}"] + [f"{k:38} {v:12,.0f}" for k, v in loaders.items()]
+    for part in ("loader", "ranks"):  # the rates of the loader and of the rank groups
+        rates = {k: v for k, v in result["tokens_per_s"].items() if k.startswith(part + "_")}
+        if rates:
+            lines += ["", f"{part:38} {'tokens/s':>12}"] + [f"{k:38} {v:12,.0f}" for k, v in rates.items()]
     lines += ["", "ratios: " + ", ".join(f"{k}={v:.3f}" for k, v in result["ratio"].items())]
     return "\n".join(lines)
 

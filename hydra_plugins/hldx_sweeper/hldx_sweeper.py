@@ -35,7 +35,9 @@ class HldxSweeper(BasicSweeper):
         (jobs,) = BasicSweeper.split_arguments(overrides, None)
         state = Singleton.get_state()  # composing the jobs re-initialises Hydra's globals: keep the sweep's
         try:
-            todo = check_sweep(jobs, self.config.hydra.launcher._target_)
+            launcher = self.config.hydra.launcher
+            ranks = int(launcher.get("nodes") or 1) * int(launcher.get("tasks_per_node") or 1)
+            todo = check_sweep(jobs, launcher._target_, ranks)
         except UserError as err:  # one message naming each bad job, exit status 2
             raise SystemExit(report("python -m hldx.run", err)) from None
         finally:
