@@ -1,4 +1,8 @@
-"""The paper's two comparisons: best-vs-best (Table 1) and pointwise against KD at shared (lr, tau, alpha)."""
+"""The paper's two comparisons: best-vs-best (Table 1) and pointwise against KD at shared (lr, tau, alpha).
+
+Pointwise statistics count independent units only: each variant (HLDC's gamma, HLDF's p1) at a point, or a
+point with its variants averaged; seeds are averaged within a unit first, so a replicate never counts as
+another point, and NLL is compared once per lr (against the mean of the KD runs at that lr)."""
 from __future__ import annotations
 
 import logging
@@ -7,26 +11,32 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.runs import COLUMNS, HPARAMS, METHODS, METRICS, RUN_ID
+from analysis.runs import COLUMNS, HPARAMS, METHODS, METRICS, RUN_ID, SEED
 from hldx import evaluation
 
 log = logging.getLogger(__name__)
 
 POINT = ["student", "lr", "tau", "alpha"]  # a shared hyperparameter point
 RANDOM_ERR = {f"{task}_err": err for task, err in evaluation.RANDOM_ERR.items()}  # Table 1's Random row
-POINTWISE = ["student", "method", *HPARAMS, "metric", "score", "kd_score", "improvement", "paired",
-             RUN_ID, "kd_run_id"]
-SUMMARY = ["student", "method", "metric", "n", "improve", "tie", "worsen", "median_improvement", "ci_low",
-           "ci_high", "sign_p"]
+POINTWISE = ["student", "method", *HPARAMS, SEED, "point", "variant", "metric", "score", "kd_score", "improvement",
+             "paired", RUN_ID, "kd_run_id"]
+VIEWS = ("variant", "point")
+SUMMARY = ["view", "student", "method", "variant", "metric", "n", "improve", "tie", "worsen", "median_improvement",
+           "ci_low", "ci_high", "sign_p", "seeds", "seed_sd"]
 
 
-def best(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per (student, method) the run with the lowest val_logppl, Random and Teacher rows first."""
-    ranked = runs.dropna(subset=["val_logppl"])
+def _text(x: float) -> str:
+    return f"{x:g}"
+
+
+def best(runs: pd.DataFrame, on: str = "val_logppl") -> pd.DataFrame:
+    """Per (student, method) the run with the lowest `on` (the paper: val_logppl), Random and Teacher rows
+    first."""
+    ranked = runs.dropna(subset=[on])
     for student, method in runs.groupby(["student", "method"]).groups.keys() - \
             ranked.groupby(["student", "method"]).groups.keys():
-        log.warning("no %s run of student %r has val_logppl: it has no best row", method, student)
-    chosen = runs.loc[ranked.groupby(["student", "method"], sort=False)["val_logppl"].idxmin(), COLUMNS]
+        log.warning("no %s run of student %r has %s: it has no best row", method, student, on)
+    chosen = runs.loc[ranked.groupby(["student", "method"], sort=False)[on].idxmin(), COLUMNS]
     teacher = chosen["method"] == "teacher"
     random = pd.DataFrame([{"student": "", "method": "random", **RANDOM_ERR}], columns=COLUMNS)
     return pd.concat([random, chosen[teacher], chosen[~teacher]], ignore_index=True)
@@ -35,25 +45,48 @@ def best(runs: pd.DataFrame) -> pd.DataFrame:
 def pointwise(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (compared run, KD partner, metric); improvement = kd_score - score (> 0: better than KD).
 
-    HLDC/HLDF runs pair with the KD run(s) of the same (student, lr, tau, alpha); NLL runs with every KD run
-    of the same (student, lr), and take that run's tau and alpha as their point. A run with no partner is
-    kept with paired=False and empty KD columns.
+    HLDC/HLDF runs pair with the KD run of the same (student, lr, tau, alpha) and seed; their `point` is that
+    (lr, tau, alpha), their `variant` the gamma or p1 that KD lacks. NLL runs pair with every KD run of the same
+    (student, lr) and seed; their point is the lr alone. A run with no partner is kept with paired=False and
+    empty KD columns.
     """
-    kd = runs.loc[runs["method"] == "kd", POINT + METRICS + [RUN_ID]]
+    kd = runs.loc[runs["method"] == "kd", POINT + [SEED] + METRICS + [RUN_ID]]
     kd = kd.rename(columns={RUN_ID: "kd_run_id", **{m: f"{m}_kd" for m in METRICS}})
-    hld = runs[runs["method"].isin(["hldc", "hldf"])].merge(kd, on=POINT, how="left", indicator=True)
+    hld = runs[runs["method"].isin(["hldc", "hldf"])].merge(kd, on=POINT + [SEED], how="left", indicator=True)
+    hld["point"] = [f"lr={_text(a)}|tau={_text(b)}|alpha={_text(c)}" for a, b, c in
+                    zip(hld["lr"], hld["tau"], hld["alpha"])]
+    hld["variant"] = [f"gamma={_text(g)}" if m == "hldc" else f"p1={_text(p)}" for m, g, p in
+                      zip(hld["method"], hld["gamma"], hld["p1"])]
     nll = runs[runs["method"] == "nll"].drop(columns=["tau", "alpha"])
-    nll = nll.merge(kd, on=["student", "lr"], how="left", indicator=True)
+    nll = nll.merge(kd, on=["student", "lr", SEED], how="left", indicator=True)
+    nll["point"], nll["variant"] = [f"lr={_text(a)}" for a in nll["lr"]], ""
     pairs = pd.concat([hld, nll], ignore_index=True)
     pairs["paired"] = pairs.pop("_merge") == "both"
     long = pd.concat(
-        [pairs[["student", "method", *HPARAMS, "paired", RUN_ID, "kd_run_id"]].assign(
+        [pairs[["student", "method", *HPARAMS, SEED, "point", "variant", "paired", RUN_ID, "kd_run_id"]].assign(
             metric=m, score=pairs[m], kd_score=pairs[f"{m}_kd"]) for m in METRICS],
         ignore_index=True)
     long["improvement"] = long["kd_score"] - long["score"]
     long["_m"], long["_k"] = long["method"].map(METHODS.index), long["metric"].map(METRICS.index)
-    long = long.sort_values(["student", "_m", *HPARAMS, "_k", "kd_run_id"], kind="stable")
+    long = long.sort_values(["student", "_m", *HPARAMS, SEED, "_k", "kd_run_id"], kind="stable")
     return long[POINTWISE].reset_index(drop=True)
+
+
+def units(points: pd.DataFrame, view: str) -> pd.DataFrame:
+    """The independent units of a comparison, one row each: per `variant` view a (point, variant), per `point`
+    view a point, its differences averaged over the variants (and, for NLL, over the KD runs of its lr)
+    within each seed, then over seeds. Columns: the keys, improvement (the seed average), seeds, seed_sd (the
+    between-seed standard deviation of that seed's difference; NaN with one seed)."""
+    if view not in VIEWS:
+        raise ValueError(f"view {view!r}: expected one of {VIEWS}")
+    keys = ["student", "method", "metric", "point"] + (["variant"] if view == "variant" else [])
+    paired = points[points["paired"]].dropna(subset=["improvement"])
+    per_seed = paired.groupby(keys + [SEED], sort=False)["improvement"].mean().reset_index()
+    out = per_seed.groupby(keys, sort=False)["improvement"].agg(["mean", "count", "std"]).reset_index()
+    out = out.rename(columns={"mean": "improvement", "count": "seeds", "std": "seed_sd"})
+    if view == "point":
+        out["variant"] = ""
+    return out
 
 
 def sign_test(improve: int, worsen: int) -> float:
@@ -75,18 +108,27 @@ def bootstrap_median_ci(x_N: np.ndarray, seed: int = 0, n_boot: int = 10_000,
 
 
 def summary(points: pd.DataFrame, seed: int = 0, n_boot: int = 10_000) -> pd.DataFrame:
-    """Per (student, method, metric): counts of improve/tie/worsen, median improvement, its CI, sign-test p.
-
-    Scores equal as logged are ties (improvement exactly 0); unpaired points and missing scores are not counted.
-    """
+    """Both views (`units`), per (student, method, [variant,] metric): counts of improve/tie/worsen over the
+    independent units, their median improvement, its bootstrap CI, the sign-test p; seeds per unit and the
+    median between-seed spread. A unit whose (averaged) improvement is exactly 0 is a tie."""
     rows = []
-    for (student, method, metric), group in points.groupby(["student", "method", "metric"], sort=False):
-        d_N = group["improvement"].dropna().to_numpy(dtype=float)
-        improve, worsen = int((d_N > 0).sum()), int((d_N < 0).sum())
-        low, high = bootstrap_median_ci(d_N, seed, n_boot) if len(d_N) else (math.nan, math.nan)
-        rows.append({"student": student, "method": method, "metric": metric, "n": len(d_N),
-                     "improve": improve, "tie": len(d_N) - improve - worsen, "worsen": worsen,
-                     "median_improvement": float(np.median(d_N)) if len(d_N) else math.nan,
-                     "ci_low": low, "ci_high": high,
-                     "sign_p": sign_test(improve, worsen) if len(d_N) else math.nan})
-    return pd.DataFrame(rows, columns=SUMMARY)
+    for view in VIEWS:
+        table = units(points, view)
+        for (student, method, variant, metric), group in table.groupby(["student", "method", "variant", "metric"],
+                                                                       sort=False):
+            d_N = group["improvement"].to_numpy(dtype=float)
+            improve, worsen = int((d_N > 0).sum()), int((d_N < 0).sum())
+            low, high = bootstrap_median_ci(d_N, seed, n_boot)
+            rows.append({"view": view, "student": student, "method": method, "variant": variant, "metric": metric,
+                         "n": len(d_N), "improve": improve, "tie": len(d_N) - improve - worsen, "worsen": worsen,
+                         "median_improvement": float(np.median(d_N)), "ci_low": low, "ci_high": high,
+                         "sign_p": sign_test(improve, worsen), "seeds": int(group["seeds"].max()),
+                         "seed_sd": float(group["seed_sd"].median())})
+    out = pd.DataFrame(rows, columns=SUMMARY)
+    out["_m"], out["_k"] = out["method"].map(METHODS.index), out["metric"].map(METRICS.index)
+    return out.sort_values(["view", "student", "_m", "variant", "_k"], kind="stable", key=_view_order)[SUMMARY] \
+        .reset_index(drop=True)
+
+
+def _view_order(col: pd.Series) -> pd.Series:
+    return col.map(VIEWS.index) if col.name == "view" else col

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from analysis import figures
@@ -44,7 +45,7 @@ def _best_per_student(table: pd.DataFrame) -> pd.DataFrame:
     """True where a student's run has the lowest value of a metric among that student's methods (Table 1)."""
     bold = pd.DataFrame(False, index=table.index, columns=table.columns)
     students = ~table["method"].isin(["random", "teacher"])
-    for m in METRICS:
+    for m in [m for m in METRICS if m in table]:
         low = table[students].groupby("student")[m].transform("min")
         bold.loc[low.index, m] = table.loc[low.index, m] == low
     return bold
@@ -59,7 +60,7 @@ def make_figures(points: pd.DataFrame, out: Path) -> list[tuple[str, Path]]:
     made = []
     if points["improvement"].notna().any():
         val = points[points["metric"] == "val_logppl"]
-        if val["improvement"].notna().any():
+        if val.loc[val["method"] != "nll", "improvement"].notna().any():  # the histograms show HLDC and HLDF
             made.append(("Fig. 1 kind: val log-ppl improvement over KD, per student",
                          figures.histograms(val, "student", "Val log-ppl: improvement over KD",
                                             out / "fig1_val_logppl_hist.png")))
@@ -81,20 +82,30 @@ def make_figures(points: pd.DataFrame, out: Path) -> list[tuple[str, Path]]:
 
 
 def render(source: str, runs: pd.DataFrame, best_df: pd.DataFrame, points: pd.DataFrame,
-           summary_df: pd.DataFrame, figs: list[tuple[str, Path]]) -> str:
+           summary_df: pd.DataFrame, figs: list[tuple[str, Path]], select_on: str, absent: list[str]) -> str:
     """report.md: tables and figures in reading order."""
     counts = ", ".join(f"{m}: {n}" for m, n in runs.groupby("method", sort=False).size().items())
     parts = [f"# Report: {source}", f"{len(runs)} finished runs ({counts}).",
              "All metrics are lower-is-better; improvement = KD's score - the method's score (> 0: better "
-             "than KD).",
-             "## Best vs best (Table 1 kind)",
-             "Per (student, method) the run with the lowest val_logppl; bold: best of a student.",
+             "than KD)."]
+    if absent:
+        parts.append(_absent(absent))
+    parts += ["## Best vs best (Table 1 kind)",
+             f"Per (student, method) the run with the lowest {select_on} (selected on that split"
+             f"{', as the paper does' if select_on == 'val_logppl' else ''}; `--select-on` chooses); bold: best "
+             "of a student.",
              markdown_table(best_df, _best_per_student(best_df)),
              "## Pointwise against KD at shared (lr, tau, alpha)",
-             "HLDC/HLDF runs pair with the KD run of their point, NLL with every KD run of its lr. Ties (equal "
-             "as logged) are neither improvements nor losses; median with a 95% bootstrap interval; two-sided "
-             "exact sign test over the non-tied points.",
-             markdown_table(summary_df)]
+             "HLDC/HLDF runs pair with the KD run of their point and seed; NLL with the KD runs of its lr and "
+             "seed, compared once per lr against their mean. The statistics count independent units only: "
+             "seeds are averaged within a unit (seeds, seed_sd: their number and between-seed standard "
+             "deviation), and the sign test and the bootstrap run over the units. Ties (equal as logged) are "
+             "neither improvements nor losses; median with a 95% bootstrap interval; two-sided exact sign test "
+             "over the non-tied units.",
+             "### Per variant (unit: a point, for each gamma of HLDC and each p1 of HLDF apart)",
+             markdown_table(_view(summary_df, "variant")),
+             "### Per point (unit: a point, its variants averaged)",
+             markdown_table(_view(summary_df, "point"))]
     parts += [f"![{caption}]({path.name})\n\n*{caption}*" for caption, path in figs]
     if not figs:
         parts.append("No paired points: no figures (a compared run needs a KD run at its point).")
@@ -110,14 +121,38 @@ def render(source: str, runs: pd.DataFrame, best_df: pd.DataFrame, points: pd.Da
     return "\n\n".join(parts) + "\n"
 
 
+def _absent(metrics: list[str]) -> str:
+    return (f"Left out: {', '.join(metrics)}: no run has them (their evaluations were skipped, see each run's "
+            "hldx.eval_skipped.* tags; `python -m hldx.evaluate` adds them later).")
+
+
+def _view(summary_df: pd.DataFrame, view: str) -> pd.DataFrame:
+    return summary_df[summary_df["view"] == view].drop(columns="view").reset_index(drop=True)
+
+
 def log_report(out: Path, experiment: str, tracking_uri: str | None, note: str) -> tuple[str, str]:
-    """Log `out` as the artifacts of a new summary run (tag hldx.role=report); returns (experiment_id, run_id)."""
+    """Log `out` as the artifacts of a new summary run (tag hldx.role=report) and `note` as the experiment's
+    description (MLflow's note); returns (experiment_id, run_id)."""
     client = MlflowClient(tracking_uri)
     exp_id = client.get_experiment_by_name(experiment).experiment_id
     run = client.create_run(exp_id, run_name="report", tags={"hldx.role": "report", "mlflow.note.content": note})
     client.log_artifacts(run.info.run_id, str(out))
     client.set_terminated(run.info.run_id)
+    client.set_experiment_tag(exp_id, "mlflow.note.content", note)
     return exp_id, run.info.run_id
+
+
+def log_vs_kd(points: pd.DataFrame, tracking_uri: str | None) -> int:
+    """Into every paired run: vs_kd/eval/<metric> (KD's value minus its own; NLL: against the mean of its KD
+    runs) and the tag hldx.kd_run. Returns how many runs were written."""
+    client = MlflowClient(tracking_uri)
+    paired = points[points["paired"] & (points[RUN_ID] != "")].dropna(subset=["improvement"])
+    now = int(time.time() * 1000)
+    for run_id, group in paired.groupby(RUN_ID, sort=False):
+        vs = group.groupby("metric", sort=False)["improvement"].mean()
+        client.log_batch(run_id, metrics=[Metric(f"vs_kd/eval/{m}", float(v), now, 0) for m, v in vs.items()],
+                         tags=[RunTag("hldx.kd_run", ",".join(sorted(set(group["kd_run_id"]))))])
+    return paired[RUN_ID].nunique()
 
 
 class Parser(argparse.ArgumentParser):
@@ -138,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the CSVs, figures and report.md")
     parser.add_argument("--no-log", action="store_true", help="do not log the report back to MLflow")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--select-on", default="val_logppl", choices=METRICS,
+                        help="the metric best-vs-best selects each method's run on (default, as the paper: "
+                        "val_logppl); the table reports every metric of that run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
@@ -145,14 +183,21 @@ def main(argv: list[str] | None = None) -> int:
         raise BadInput(f"--runs-csv {args.runs_csv} is invalid: expected a CSV file of runs")
     runs = read_csv(args.runs_csv) if args.runs_csv else read_mlflow(args.experiment, args.tracking_uri)
     args.out.mkdir(parents=True, exist_ok=True)
-    best_df, points = best(runs), pointwise(runs)
+    absent = [m for m in METRICS if runs[m].isna().all()]
+    if args.select_on in absent:
+        raise BadInput(f"--select-on {args.select_on} is invalid: no run has that metric")
+    best_df, points = best(runs, args.select_on).drop(columns=absent), pointwise(runs)
+    points = points[~points["metric"].isin(absent)].reset_index(drop=True)
     summary_df = summary(points, seed=args.seed)
     best_df.to_csv(args.out / "best.csv", index=False)
     points.to_csv(args.out / "pointwise.csv", index=False)
     summary_df.to_csv(args.out / "summary.csv", index=False)
     figs = make_figures(points, args.out)
     source = f"experiment {args.experiment}" if args.experiment else f"{args.runs_csv}"
-    (args.out / "report.md").write_text(render(source, runs, best_df, points, summary_df, figs))
+    (args.out / "report.md").write_text(render(source, runs, best_df, points, summary_df, figs, args.select_on,
+                                               absent))
+    if absent:
+        print(_absent(absent))
 
     print(f"\nBest vs best ({len(runs)} finished runs)\n\n{markdown_table(best_df)}\n")
     print(f"Pointwise against KD\n\n{markdown_table(summary_df)}\n")
@@ -163,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment and not args.no_log:
         note = f"Best vs best\n\n{markdown_table(best_df)}\n\nPointwise against KD\n\n{markdown_table(summary_df)}"
         exp_id, run_id = log_report(args.out, args.experiment, args.tracking_uri, note)
+        print(f"Logged vs_kd/eval/* and hldx.kd_run into {log_vs_kd(points, args.tracking_uri)} run(s)")
         uri = args.tracking_uri or mlflow.get_tracking_uri()
         where = f"{uri}/#/experiments/{exp_id}/runs/{run_id}" if uri.startswith("http") else \
             f"run {run_id} in experiment {exp_id} at {uri} (browse: mlflow ui --backend-store-uri {uri})"

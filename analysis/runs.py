@@ -19,6 +19,7 @@ METRICS = ["val_logppl", "wikitext_logppl", "hellaswag_err", "piqa_err", "arc_ea
 COLUMNS = ["student", "method", *HPARAMS, *METRICS]
 METHODS = ["nll", "kd", "hldc", "hldf", "teacher"]  # "teacher": the run tagged hldx.role=teacher
 RUN_ID = "run_id"  # optional extra column: the MLflow run id, empty for CSV rows without one
+SEED = "seed"      # optional extra column: the run's initialisation seed, 0 for CSV rows without one
 
 
 def _typed(df: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -37,9 +38,13 @@ def _typed(df: pd.DataFrame, where: str) -> pd.DataFrame:
                              "use a number or leave the cell empty")
         df[col] = values.astype(float)
     df[RUN_ID] = df[RUN_ID].fillna("").astype(str) if RUN_ID in df else ""
+    seeds = pd.to_numeric(df[SEED], errors="coerce") if SEED in df else pd.Series(0, index=df.index)
+    if seeds.isna().any():
+        raise BadInput(f"{where}: column 'seed' holds a non-integer {df[SEED][seeds.isna()].iloc[0]!r}")
+    df[SEED] = seeds.astype(int)
     order = df["method"].map(METHODS.index)
-    df = df.assign(_order=order).sort_values(["student", "_order", *HPARAMS], kind="stable")
-    return df[COLUMNS + [RUN_ID]].reset_index(drop=True)
+    df = df.assign(_order=order).sort_values(["student", "_order", *HPARAMS, SEED], kind="stable")
+    return df[COLUMNS + [SEED, RUN_ID]].reset_index(drop=True)
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:
@@ -62,6 +67,7 @@ def _row(run) -> dict:
         "method": "teacher" if teacher else params.get("method", tags.get("hldx.method", "")),
         **{h: params.get(h) for h in HPARAMS},
         **{m: metrics.get(f"eval/{m}") for m in METRICS},
+        SEED: params.get("seed", 0),
         RUN_ID: run.info.run_id,
     }
 
@@ -95,5 +101,5 @@ def read_mlflow(experiment: str, tracking_uri: str | None = None) -> pd.DataFram
     if not latest:
         raise BadInput(f"experiment {experiment!r} has no FINISHED runs to report on "
                          f"({len(runs)} run(s) in other states); train some with `python -m hldx.run`")
-    df = pd.DataFrame([_row(r) for r in latest.values()], columns=COLUMNS + [RUN_ID])
+    df = pd.DataFrame([_row(r) for r in latest.values()], columns=COLUMNS + [SEED, RUN_ID])
     return _typed(df, f"experiment {experiment!r}")

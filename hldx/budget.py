@@ -103,6 +103,7 @@ class RunPlan:
     phases: list[PhasePlan]
     budget: str
     budget_flops: float
+    name: str = ""    # the MLflow run name (hldx.config.run_name)
 
     @property
     def total_flops(self) -> float:
@@ -145,8 +146,21 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         result.append(PhasePlan(phase.name, steps * step_tokens, steps, steps * step_tokens * costs[phase.name],
                                 _warmup(cfg, steps), offset, offset + steps, _warmup(cfg, offset + steps)))
     return RunPlan(cfg.method.name, cfg.student.name, C.run_key(cfg), C.hparams(cfg), costs, result,
-                   described, total)
+                   described, total, C.run_name(cfg))
 
+
+
+def real_flops(cfg: DictConfig, plan: RunPlan) -> float:
+    """The FLOPs the run's modules really perform (the exact accounting) over the tokens its plan gives it."""
+    exact = flops_per_token(OmegaConf.merge(cfg, {"budget": {"accounting": "exact"}}))
+    return sum(p.tokens * exact[p.name] for p in plan.phases)
+
+
+def accounting_bias(cfg: DictConfig, plan: RunPlan) -> float:
+    """The run's real FLOPs over its KD partner's at the same budget, minus 1: 0 under the exact accounting;
+    under the paper's, HLDC pays for twice its W_R and HLDF's phase-1 MLP is charged as 2 d_S d_T."""
+    kd = C.as_kd(cfg)
+    return real_flops(cfg, plan) / real_flops(kd, plan_run(kd)) - 1
 
 
 def throughput(cfg: DictConfig) -> tuple[dict[str, float], str]:

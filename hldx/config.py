@@ -7,6 +7,7 @@ subsystems check their own keys (data.check, teacher.check, ...); `hldx.job.chec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -188,6 +189,28 @@ def identity(cfg: DictConfig) -> dict:
     return ident
 
 
+@functools.cache
+def _kd_method() -> DictConfig:
+    """`method=kd` as Hydra composes it (its schema, then conf/method/kd.yaml), without Hydra: this runs inside
+    a Hydra job, whose global state a compose would reset."""
+    body = OmegaConf.load(CONF_DIR / "method" / "kd.yaml")
+    return OmegaConf.merge(OmegaConf.structured(schema.KD), {k: v for k, v in body.items() if k != "defaults"})
+
+
+def as_kd(cfg: DictConfig, tau: float | None = None, alpha: float | None = None) -> DictConfig:
+    """cfg's run as KD (at its own tau and alpha unless given): the partner it is compared with."""
+    kd = cfg.copy()
+    kd.method = _kd_method().copy()
+    kd.tau, kd.alpha = cfg.tau if tau is None else tau, cfg.alpha if alpha is None else alpha
+    return kd
+
+
+def kd_partner_key(cfg: DictConfig, tau: float, alpha: float) -> str:
+    """The run_key of the KD run that cfg's run is compared with at (tau, alpha) (an HLD run's own point; an
+    NLL run has one partner per KD point at its lr)."""
+    return run_key(as_kd(cfg, tau, alpha))
+
+
 def digest(obj) -> str:
     """A short content hash of a JSON-able object."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -212,6 +235,7 @@ def hp_key(cfg: DictConfig) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """Readable MLflow run name, e.g. hldf|lr=4e-4|tau=1|alpha=0.7|p1=0.05."""
+    """Readable MLflow run name, e.g. hldf|lr=4e-4|tau=1|alpha=0.7|p1=0.05 (and |seed=S for a seed other than 0)."""
     hp = hparams(cfg)
-    return "|".join([cfg.method.name] + [f"{k}={short(v)}" for k, v in hp.items() if v is not None])
+    seed = [f"seed={cfg.seed}"] if cfg.seed else []
+    return "|".join([cfg.method.name] + [f"{k}={short(v)}" for k, v in hp.items() if v is not None] + seed)

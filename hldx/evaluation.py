@@ -313,8 +313,10 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: Di
     finally:
         model.train(was_training)
     ev.results = {t: ev.results[t] for t in tasks if t in ev.results}
-    for task, why in ev.skipped.items():
-        log.warning("eval: %s skipped: %s", task, why)
+    if ev.skipped:  # one line; each task's reason and fix is in its hldx.eval_skipped.<task> tag
+        first, why = next(iter(ev.skipped.items()))
+        log.warning("eval: %d task(s) skipped (%s); %s: %s%s", len(ev.skipped), ", ".join(ev.skipped), first, why,
+                    "; the others' reasons are in the run's hldx.eval_skipped.* tags" if len(ev.skipped) > 1 else "")
     return ev
 
 

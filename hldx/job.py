@@ -129,6 +129,8 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
         metrics = result.metrics
         tracker.log(metrics, sum(p.steps for p in plan.phases))
         tracker.tag(**{"hldx.ckpt": str(final.resolve())}, **result.tags())
+        if role == "student":
+            tracker.compare_with_kd(cfg, metrics)
     except BaseException as err:
         if tracker is not None:
             tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
@@ -138,3 +140,4 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
     log.info("%s finished: %s | checkpoint %s | MLflow run %s at %s", C.run_name(cfg), shown, final,
              tracker.run_id, cfg.tracking.uri)
     return metrics
+

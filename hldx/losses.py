@@ -156,12 +156,17 @@ def kd_objective(logits_BxLxV: Tensor, tokens_BxL: Tensor, topk_idx_BxLxK: Tenso
     return (1 - alpha) * loss_nll + alpha * loss_kd, loss_nll, loss_kd
 
 
-def hidden_mse(pred_BxLxD: Tensor, target_BxLxD: Tensor, eps: float = 1e-6) -> Tensor:
-    """MSE between per-token L2-normalised vectors (paper eq. 4 and L_emb); each vector is divided by
-    max(||x||, eps). Lies in [0, 4 / D]."""
+def hidden_loss(pred_BxLxD: Tensor, target_BxLxD: Tensor, kind: str = "mse", eps: float = 1e-6) -> Tensor:
+    """The distance between per-token L2-normalised vectors (each divided by max(||x||, eps)), averaged over
+    tokens: `mse` also averages over the D dimensions (the paper's MeanSquaredError, eq. 4 and L_emb; in
+    [0, 4/D]), `mse_sum` sums over them (D x mse, in [0, 4]), `cosine` is 1 - cos (in [0, 2]; for unit
+    vectors ||a - b||^2 = 2 - 2 cos, so it is mse_sum / 2)."""
     if pred_BxLxD.shape != target_BxLxD.shape:
         raise ValueError(f"hidden states differ in shape: prediction {tuple(pred_BxLxD.shape)} vs teacher "
                          f"{tuple(target_BxLxD.shape)}; the regressor must map d_S to d_T")
     dtype = _compute_dtype(pred_BxLxD, target_BxLxD)
-    return F.mse_loss(F.normalize(pred_BxLxD.to(dtype), dim=-1, eps=eps),
-                      F.normalize(target_BxLxD.to(dtype), dim=-1, eps=eps))
+    pred_BxLxD, target_BxLxD = pred_BxLxD.to(dtype), target_BxLxD.to(dtype)
+    if kind == "cosine":
+        return 1 - F.cosine_similarity(pred_BxLxD, target_BxLxD, dim=-1, eps=eps).mean()
+    mse = F.mse_loss(F.normalize(pred_BxLxD, dim=-1, eps=eps), F.normalize(target_BxLxD, dim=-1, eps=eps))
+    return mse * pred_BxLxD.shape[-1] if kind == "mse_sum" else mse

@@ -16,7 +16,7 @@ import sys
 from hldx import config as C
 from hldx import cli, data
 from hldx import job as J
-from hldx.budget import (RunPlan, cache_storage, gpu_hours, memory_per_rank, parallel_mode,
+from hldx.budget import (RunPlan, accounting_bias, cache_storage, gpu_hours, memory_per_rank, parallel_mode,
                          throughput)
 from hldx.errors import ConfigError
 from hldx.study import BadJob, expand_sweep, plan_jobs, refusal
@@ -32,10 +32,9 @@ def format_table(jobs: list[RunPlan], accounting: str, rates: list[dict[str, flo
              (f" {'engine':>6} {'GB/rank':>7}" if memory else "")
     lines += [header, "-" * len(header)]
     for j, job in enumerate(jobs):
-        name = "|".join([job.method] + [f"{k}={C.short(v)}" for k, v in job.hp.items() if v is not None])
         for i, p in enumerate(job.phases):
             c = job.flops_per_token[p.name]
-            left = f"{job.run_key:16}  {name:44}" if i == 0 else " " * 62
+            left = f"{job.run_key:16}  {job.name:44}" if i == 0 else " " * 62
             line = f"{left} {c:9.3g} {c / job.flops_per_token['data']:8.4f}  {p.name:5} {p.tokens:10.4g} " \
                    f"{p.steps:8d} {p.flops:9.3g}"
             if rates:
@@ -48,6 +47,25 @@ def format_table(jobs: list[RunPlan], accounting: str, rates: list[dict[str, flo
     if rates:
         hours = sum(gpu_hours(job, r) for job, r in zip(jobs, rates))
         lines.append(f"total: {hours:.4g} GPU-hours at the tokens/s per GPU {rates_source}")
+    return "\n".join(lines)
+
+
+BIAS_WARNING = 1e-3  # a method whose real compute differs from KD's by more than 0.1% is named
+
+
+def bias_table(planned: list) -> str:
+    """Under budget.accounting=paper: each distinct (student, method, p1)'s real (exact) FLOPs against its KD
+    partner's at the same budget, with a warning above BIAS_WARNING."""
+    seen: dict[tuple, float] = {}
+    for _, c, run in planned:
+        key = (c.student.name, c.method.name, c.p1 if c.method.name == "hldf" else None)
+        if key not in seen and c.method.name != "kd":
+            seen[key] = accounting_bias(c, run)
+    lines = ["accounting bias (budget.accounting=paper): each method's real FLOPs (the exact accounting) against "
+             "KD's at the same budget"]
+    for (student, method, p1), bias in seen.items():
+        flag = "  <- WARNING: above 0.1%" if abs(bias) > BIAS_WARNING else ""
+        lines.append(f"  {student:12} {method:5} {'' if p1 is None else f'p1={p1:g}':9} {bias:+.3%}{flag}")
     return "\n".join(lines)
 
 
@@ -74,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(jobs, cfg.budget.accounting, rates, source, [(m, b["total"]) for m, b in memory]))
     print(f"memory per rank: an estimate for {ranks} rank(s) per job (plan.ranks), jobs over plan.device_memory="
           f"{cfg.plan.device_memory / 1e9:g} GB refused")
+    if cfg.budget.accounting == "paper":
+        print(bias_table(planned))
     tokens, exact = data.train_tokens(cfg)
     rows = None if tokens is None else tokens // cfg.train.seq_len
     passes = [J.epochs(c, run, rows) for _, c, run in planned]

@@ -214,6 +214,7 @@ class Cache:
 class Hidden:
     student_layer: Optional[int] = key(integer(1), null=True)
     teacher_layer: Optional[int] = key(integer(1), null=True)
+    loss: str = key(one_of("mse", "mse_sum", "cosine"))  # hldx.losses.hidden_loss
 
 
 @dataclass

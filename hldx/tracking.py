@@ -82,6 +82,29 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         self.mlflow.set_terminated(self.run_id, status=status)
 
+    def compare_with_kd(self, cfg: DictConfig, metrics: dict[str, float]) -> None:
+        """Log vs_kd/<metric> (KD's value minus this run's: > 0 is better) and the tag hldx.kd_run when this
+        run's KD partner has finished: the KD run at the same (lr, tau, alpha), student and seed; for NLL the
+        KD runs at its lr, against their mean. analysis.report fills in the runs that finish first."""
+        if cfg.method.name == "kd":
+            return
+        hp = C.hp_key(cfg)
+        point = f"tags.`hldx.hp_key` = '{hp}'" if cfg.method.name != "nll" else f"tags.`hldx.hp_key` LIKE '{hp}|%'"
+        found = self.mlflow.search_runs(
+            [self.experiment], filter_string=f"tags.`hldx.method` = 'kd' and tags.`hldx.student` = "
+            f"'{cfg.student.name}' and params.seed = '{cfg.seed}' and attributes.status = 'FINISHED' and {point}")
+        latest: dict[str, object] = {}  # the latest run of each partner's run_key: the same run but for the method
+        for r in sorted(found, key=lambda r: r.info.end_time or 0):
+            key = C.kd_partner_key(cfg, float(r.data.params["tau"]), float(r.data.params["alpha"]))
+            if r.data.tags.get("hldx.run_key") == key:
+                latest[key] = r
+        if not latest:
+            return
+        vs = {f"vs_kd/{k}": sum(r.data.metrics[k] for r in latest.values()) / len(latest) - v
+              for k, v in metrics.items() if all(k in r.data.metrics for r in latest.values())}
+        self.log(vs, 0)
+        self.tag(**{"hldx.kd_run": ",".join(sorted(r.info.run_id for r in latest.values()))})
+
 
 def finished_run(cfg: DictConfig, key: str) -> str | None:
     """The id of a FINISHED run with this run_key in the experiment, if any."""

@@ -58,6 +58,25 @@ def _optimizer(cfg: DictConfig, params: list[nn.Parameter], extra: list[nn.Param
                              fused=device.type == "cuda" or None)
 
 
+def adam_sqrt_v_percentiles(optimizer: torch.optim.AdamW, qs: tuple[float, ...] = (0.1, 0.5)) -> list[float]:
+    """Percentiles of sqrt(v_hat), AdamW's bias-corrected second-moment root (what train.eps is added to), over
+    every element of the trained parameters that a gradient has reached (embedding rows of tokens not seen yet
+    are left out; under FSDP2, over this rank's shard)."""
+    roots = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "exp_avg_sq" in state:
+                v = state["exp_avg_sq"]
+                v = v.to_local() if hasattr(v, "to_local") else v
+                v_N = v.flatten().float()
+                roots.append((v_N[v_N > 0] / (1 - group["betas"][1] ** float(state["step"]))).sqrt())
+    all_N = torch.cat(roots) if roots else torch.empty(0)
+    if not all_N.numel():
+        return [math.nan] * len(qs)
+    return [float(all_N.kthvalue(max(1, math.ceil(q * all_N.numel()))).values) for q in qs]
+
+
 class Trainer:
     """Runs the phases of a plan on one student; `log(metrics, step)` receives the training curves."""
 
@@ -98,7 +117,7 @@ class Trainer:
         tokens_BxL, idx, val, target = micro.tokens_BxL, micro.topk_idx_BxLxK, micro.topk_val_BxLxK, micro.hidden_BxLxD
         logits, predicted = engine.module(tokens_BxL)
         if phase.name == "ht":
-            ht = losses.hidden_mse(predicted, target)
+            ht = losses.hidden_loss(predicted, target, cfg.hidden.loss)
             return {"loss": ht, "loss_ht": ht}
         if phase.name == "nll":
             nll = losses.nll(logits, tokens_BxL, chunk=cfg.train.loss_chunk)
@@ -107,7 +126,7 @@ class Trainer:
                                              chunk=cfg.train.loss_chunk)
         parts = {"loss": total, "loss_nll": nll, "loss_kd": kd}
         if phase.name == "hldc":
-            emb = losses.hidden_mse(predicted, target)
+            emb = losses.hidden_loss(predicted, target, cfg.hidden.loss)
             parts |= {"loss": total + cfg.gamma * emb, "loss_emb": emb}
         return parts
 
@@ -217,6 +236,9 @@ class Trainer:
                             "perf/tokens_per_s": tokens_per_s}
                 if peak:
                     metrics["perf/mfu"] = tokens_per_s * token_flops / peak
+                if phase.name == "ht":  # is AdamW's eps of the order of sqrt(v) (hidden.loss=mse)?
+                    p10, p50 = adam_sqrt_v_percentiles(optimizer)
+                    metrics |= {"train/adam_sqrt_v_p10": p10, "train/adam_sqrt_v_p50": p50}
                 if self.log is not None:
                     self.log(metrics, first_step + step + 1)
                 bar.set_postfix(phase=phase.name, loss=f"{metrics['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")

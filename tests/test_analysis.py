@@ -14,7 +14,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from analysis import report
-from analysis.compare import best, bootstrap_median_ci, pointwise, sign_test, summary
+from analysis.compare import SUMMARY, best, bootstrap_median_ci, pointwise, sign_test, summary
 from analysis.runs import COLUMNS, METRICS, read_csv, read_mlflow
 
 TABLE3 = Path(__file__).parent / "fixtures" / "paper_table3_123m.csv"  # the paper's Table 3 (123M), as printed
@@ -143,15 +143,55 @@ def test_best_vs_best_on_table3_matches_table1():
 
 def test_pointwise_on_table3_reproduces_the_papers_claims():
     points = pointwise(read_csv(TABLE3))
-    stats = summary(points, n_boot=2000).set_index(["method", "metric"])
+    stats = summary(points, n_boot=2000).set_index(["view", "method", "variant", "metric"])
     assert points["paired"].all()
-    assert stats["n"].to_dict() == {k: 12 if k[0] == "nll" else 24 for k in stats.index}
-    hldf = stats.loc[("hldf", "val_logppl")]
-    assert hldf["improve"] > hldf["n"] / 2 and hldf["ci_low"] > 0  # "modest but systematic improvement"
-    assert abs(stats.loc[("hldc", "val_logppl"), "median_improvement"]) <= 0.001  # "HLDC matches KD"
-    assert 4 <= stats.loc[("nll", "val_logppl"), "improve"] <= 8  # "roughly half of KD runs fail to beat NLL"
+    # The independent units: 12 points per HLD variant (both gammas, both p1) and per HLD method, 3 lr for NLL.
+    assert stats["n"].to_dict() == {k: 3 if k[1] == "nll" else 12 for k in stats.index}
+    for view, variant in [("variant", "p1=0.01"), ("variant", "p1=0.05"), ("point", "")]:
+        hldf = stats.loc[(view, "hldf", variant, "val_logppl")]  # "modest but systematic improvement"
+        assert hldf["improve"] >= 11 and hldf["ci_low"] > 0 and hldf["sign_p"] < 0.01, variant
+    hldc = stats.loc[("point", "hldc", "", "val_logppl")]  # "HLDC matches KD" (to within 0.001)
+    assert abs(hldc["median_improvement"]) <= 0.001 and hldc["improve"] == 0
+    nll = stats.loc[("point", "nll", "", "val_logppl")]  # "roughly half of KD runs fail to beat NLL"
+    assert (nll["improve"], nll["worsen"]) == (2, 1)
     for metric in METRICS[2:]:  # "downstream results show KD outperforming NLL on nearly all points"
-        assert stats.loc[("nll", metric), "worsen"] > stats.loc[("nll", metric), "improve"], metric
+        assert stats.loc[("point", "nll", "", metric), "worsen"] == 3, metric
+    # Fig. 1's signs: HLDF's val log-ppl improvements mostly positive, HLDC's none.
+    val = points[points["metric"] == "val_logppl"]
+    assert (val.loc[val["method"] == "hldf", "improvement"] > 0).mean() > 0.9
+    assert (val.loc[val["method"] == "hldc", "improvement"] > 0).sum() == 0
+
+
+def test_the_point_is_the_unit_not_the_run(tmp_path):
+    """8 points, each with two HLDF variants that both beat KD: 8 independent signs, sign_p = 2 / 2^8 = 0.0078
+    (pooling the 16 runs would claim 2 / 2^16 = 3.1e-5)."""
+    rows = []
+    for i in range(8):
+        point = {"student": "s", "lr": 1e-4 * (i + 1), "tau": 1.0, "alpha": 0.7}
+        rows += [{**point, "method": "kd", **scores(3.0)}] + [
+            {**point, "method": "hldf", "p1": p1, **scores(2.99 - 0.001 * i)} for p1 in (0.01, 0.05)]
+    stats = summary(pointwise(via_csv(tmp_path, rows)), n_boot=200).set_index(["view", "method", "variant", "metric"])
+    for unit in [("point", "hldf", ""), ("variant", "hldf", "p1=0.01"), ("variant", "hldf", "p1=0.05")]:
+        row = stats.loc[(*unit, "val_logppl")]
+        assert (row["n"], row["improve"]) == (8, 8) and row["sign_p"] == pytest.approx(2 / 2**8), unit
+        assert 2 / 2**8 == pytest.approx(0.0078, abs=1e-4)
+
+
+def test_seeds_pair_with_the_kd_run_of_their_seed_and_are_averaged(tmp_path):
+    """Two seeds at one point: each HLDC seed against the KD run of its seed; the point counts once, its
+    improvement the mean over seeds and their spread the between-seed standard deviation."""
+    point = {"student": "s", "lr": 4e-4, "tau": 1.0, "alpha": 0.7}
+    rows = [{**point, "method": "kd", "seed": 0, **scores(3.0)}, {**point, "method": "kd", "seed": 1, **scores(3.2)},
+            {**point, "method": "hldc", "gamma": 0.1, "seed": 0, **scores(2.9)},
+            {**point, "method": "hldc", "gamma": 0.1, "seed": 1, **scores(3.15)}]
+    path = tmp_path / "runs.csv"
+    pd.DataFrame(rows, columns=COLUMNS + ["seed"]).to_csv(path, index=False)
+    points = pointwise(read_csv(path))
+    val = points[points["metric"] == "val_logppl"].set_index("seed")
+    assert val["improvement"].to_dict() == pytest.approx({0: 0.1, 1: 0.05})  # 3.0 - 2.9 and 3.2 - 3.15
+    row = summary(points, n_boot=200).set_index(["view", "metric"]).loc[("point", "val_logppl")]
+    assert (row["n"], row["seeds"]) == (1, 2) and row["median_improvement"] == pytest.approx(0.075)
+    assert row["seed_sd"] == pytest.approx(np.std([0.1, 0.05], ddof=1))
 
 
 def test_ties_counted_from_the_printed_table():
@@ -159,7 +199,8 @@ def test_ties_counted_from_the_printed_table():
     with open(TABLE3) as fh:
         rows = list(csv.DictReader(fh))
     kd = {(r["lr"], r["tau"], r["alpha"]): r for r in rows if r["method"] == "KD"}
-    stats = summary(pointwise(read_csv(TABLE3)), n_boot=200).set_index(["method", "metric"])
+    stats = summary(pointwise(read_csv(TABLE3)), n_boot=200)
+    stats = stats[stats["view"] == "variant"].groupby(["method", "metric"])[["tie", "improve"]].sum()
     for method, metric in itertools.product(["HLDC", "HLDF"], METRICS):
         runs = [r for r in rows if r["method"] == method]
         ties = sum(r[metric] == kd[r["lr"], r["tau"], r["alpha"]][metric] for r in runs)
@@ -191,10 +232,13 @@ def test_pairing_rules_and_missing_data(tmp_path):
     assert len(unpaired) == 2 * len(METRICS) and unpaired["kd_score"].isna().all()
     hldc = points[(points["method"] == "hldc") & points["paired"]].set_index("metric")
     assert hldc.loc["val_logppl", "improvement"] == 0.0 and hldc.loc[METRICS[1:], "improvement"].isna().all()
-    stats = summary(points, n_boot=200).set_index(["method", "metric"])
+    stats = summary(points, n_boot=200)
+    stats = stats[stats["view"] == "point"].set_index(["method", "metric"])
     assert stats.loc[("hldc", "val_logppl"), ["n", "tie"]].tolist() == [1, 1]
-    assert stats.loc[("hldc", "piqa_err"), "n"] == 0 and math.isnan(stats.loc[("hldc", "piqa_err"), "sign_p"])
+    assert ("hldc", "piqa_err") not in stats.index  # no unit: no row
     assert stats.loc[("hldf", "piqa_err"), ["improve", "worsen"]].tolist() == [0, 1]
+    nll = stats.loc[("nll", "val_logppl")]  # once for its lr: against the mean of the two KD runs there
+    assert nll["n"] == 1 and nll["median_improvement"] == pytest.approx(0.0, abs=1e-12)
     assert best(runs).set_index("method").loc["kd", "alpha"] == 0.7
 
 
@@ -205,7 +249,7 @@ def test_ties_survive_mlflow_at_logged_precision(mlflow_exp):
     log_run(client, exp, "hldc", 4e-4, 1.0, 0.7, gamma=0.1, metrics=scores(f32))
     log_run(client, exp, "hldf", 4e-4, 1.0, 0.7, p1=0.05, metrics=scores(3.005))
     stats = summary(pointwise(read_mlflow("study", client.tracking_uri)), n_boot=200)
-    stats = stats.set_index(["method", "metric"])
+    stats = stats[stats["view"] == "point"].set_index(["method", "metric"])
     assert stats.loc[("hldc", "val_logppl"), ["tie", "improve", "worsen"]].tolist() == [1, 0, 0]
     assert stats.loc[("hldf", "val_logppl"), ["tie", "improve", "worsen"]].tolist() == [0, 1, 0]
 
@@ -239,19 +283,18 @@ def test_bootstrap_ci_covers_the_true_median():
 
 def test_cli_writes_report_and_logs_summary_run(mlflow_exp, tmp_path, capsys):
     client, exp = mlflow_exp
+    ids = {}
     for lr, val in [(4e-4, 3.1), (1.6e-3, 3.0)]:
-        log_run(client, exp, "kd", lr, 1.0, 0.7, metrics=scores(val))
-        log_run(client, exp, "hldc", lr, 1.0, 0.7, gamma=0.1, metrics=scores(val + 0.01))
-        log_run(client, exp, "hldf", lr, 1.0, 0.7, p1=0.05, metrics=scores(val - 0.01, piqa_err=0.6))
-        log_run(client, exp, "nll", lr, metrics=scores(val + 0.05))
+        ids["kd", lr] = log_run(client, exp, "kd", lr, 1.0, 0.7, metrics=scores(val))
+        ids["hldc", lr] = log_run(client, exp, "hldc", lr, 1.0, 0.7, gamma=0.1, metrics=scores(val + 0.01))
+        ids["hldf", lr] = log_run(client, exp, "hldf", lr, 1.0, 0.7, p1=0.05, metrics=scores(val - 0.01, piqa_err=0.6))
+        ids["nll", lr] = log_run(client, exp, "nll", lr, metrics=scores(val + 0.05))
     out = tmp_path / "report"
     args = ["--experiment", "study", "--tracking-uri", client.tracking_uri, "--out", str(out)]
     assert report.main(args) == 0
     printed = capsys.readouterr().out
-    assert "| tiny | hldf | val_logppl | 2 | 2 | 0 | 0 |" in printed and "summary run" in printed
-    assert pd.read_csv(out / "summary.csv").columns.tolist() == ["student", "method", "metric", "n", "improve",
-                                                                 "tie", "worsen", "median_improvement",
-                                                                 "ci_low", "ci_high", "sign_p"]
+    assert "| point | tiny | hldf |  | val_logppl | 2 | 2 | 0 | 0 |" in printed and "summary run" in printed
+    assert pd.read_csv(out / "summary.csv").columns.tolist() == SUMMARY
     assert pd.read_csv(out / "best.csv").columns.tolist() == COLUMNS
     assert len(pd.read_csv(out / "pointwise.csv")) == 3 * 2 * len(METRICS)
     figures = sorted(p.name for p in out.glob("*.png"))
@@ -263,6 +306,13 @@ def test_cli_writes_report_and_logs_summary_run(mlflow_exp, tmp_path, capsys):
     logged = {a.path for a in client.list_artifacts(summary_run.info.run_id)}
     assert logged == {p.name for p in out.iterdir()}
     assert len(read_mlflow("study", client.tracking_uri)) == 8  # the summary run is not read back
+    # Each compared run carries its comparison, KD's value minus its own, and its partner's id.
+    for (method, lr), delta in {("hldf", 4e-4): 0.01, ("hldc", 4e-4): -0.01, ("nll", 1.6e-3): -0.05}.items():
+        run = client.get_run(ids[method, lr])
+        assert run.data.metrics["vs_kd/eval/val_logppl"] == pytest.approx(delta), method
+        assert run.data.tags["hldx.kd_run"] == ids["kd", lr]
+    assert "vs_kd/eval/val_logppl" not in client.get_run(ids["kd", 4e-4]).data.metrics
+    assert "Pointwise against KD" in client.get_experiment(exp).tags["mlflow.note.content"]  # the experiment's note
 
 
 def test_cli_exits_2_on_empty_experiment(mlflow_exp, tmp_path, capsys):

@@ -230,3 +230,5 @@ def test_cli_offline_hub_tasks_are_skipped_with_the_override_that_fixes_them(ckp
     assert "Salesforce/wikitext" in skipped["wikitext"] and "wikitext103.jsonl" in skipped["wikitext"]
     assert "Rowan/hellaswag" in skipped["hellaswag"] and "hellaswag.jsonl" in skipped["hellaswag"]
     assert "allenai/ai2_arc" in skipped["arc_easy"] and "eval.local_dir=DIR" in skipped["arc_easy"]
+    warned = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("[") and "skipped" in line]
+    assert len(warned) == 1 and "3 task(s) skipped (wikitext, hellaswag, arc_easy)" in warned[0]  # one line

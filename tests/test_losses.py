@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hldx.losses import gathered_log_softmax, hidden_mse, kd_objective, nll, sparse_kd
+from hldx.losses import gathered_log_softmax, hidden_loss, kd_objective, nll, sparse_kd
 
 B, L, V = 2, 5, 11
 
@@ -165,15 +165,33 @@ def test_hidden_mse_matches_hand_computation_and_is_scale_invariant():
     g = torch.Generator().manual_seed(7)
     D = 16
     pred, target = torch.randn(B, L, D, generator=g), 50 * torch.randn(B, L, D, generator=g)
-    loss = hidden_mse(pred, target)
+    loss = hidden_loss(pred, target)
     assert loss.dtype == torch.float32
     assert abs(loss.item() - _hand_mse(pred, target).item()) < 1e-6
     scale_BxLx1 = torch.rand(B, L, 1, generator=g) * 100 + 0.01
-    torch.testing.assert_close(hidden_mse(pred * scale_BxLx1, target), loss)
-    torch.testing.assert_close(hidden_mse(pred, target * scale_BxLx1), loss)
-    assert hidden_mse(pred, 3 * pred).item() < 1e-12
-    torch.testing.assert_close(hidden_mse(pred, -pred), torch.tensor(4 / D))
+    torch.testing.assert_close(hidden_loss(pred * scale_BxLx1, target), loss)
+    torch.testing.assert_close(hidden_loss(pred, target * scale_BxLx1), loss)
+    assert hidden_loss(pred, 3 * pred).item() < 1e-12
+    torch.testing.assert_close(hidden_loss(pred, -pred), torch.tensor(4 / D))
     assert 0 < loss.item() < 4 / D
+
+
+def test_hidden_mse_sum_and_cosine_against_a_per_token_loop():
+    """mse_sum: the squared distance of the unit vectors summed over D, averaged over tokens; cosine: 1 - the
+    angle's cosine (a dot product over the norms, token by token in float64), averaged over tokens."""
+    g = torch.Generator().manual_seed(3)
+    D = 24
+    pred, target = torch.randn(B, L, D, generator=g), 7 * torch.randn(B, L, D, generator=g)
+    dist, cos = [], []
+    for b in range(B):
+        for t in range(L):
+            p, q = pred[b, t].double(), target[b, t].double()
+            dist.append(float(((p / p.norm() - q / q.norm()) ** 2).sum()))
+            cos.append(float(p @ q / (p.norm() * q.norm())))
+    assert hidden_loss(pred, target, "mse_sum").item() == pytest.approx(sum(dist) / len(dist), rel=1e-5)
+    assert hidden_loss(pred, target, "cosine").item() == pytest.approx(1 - sum(cos) / len(cos), rel=1e-5)
+    torch.testing.assert_close(hidden_loss(pred, target, "mse_sum"), D * hidden_loss(pred, target, "mse"))
+    torch.testing.assert_close(hidden_loss(pred, target, "mse_sum"), 2 * hidden_loss(pred, target, "cosine"))
 
 
 def test_bad_shapes_fail_with_clear_errors():
@@ -188,4 +206,4 @@ def test_bad_shapes_fail_with_clear_errors():
     with pytest.raises(ValueError, match="tau"):
         sparse_kd(z, idx, val, 0.0)
     with pytest.raises(ValueError, match="regressor"):
-        hidden_mse(torch.zeros(B, L, 4), torch.zeros(B, L, 5))
+        hidden_loss(torch.zeros(B, L, 4), torch.zeros(B, L, 5))

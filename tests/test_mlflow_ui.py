@@ -1,6 +1,8 @@
 """The MLflow UI as a user sees it: a real `mlflow server` on loopback, runs logged with hldx's names, the report
 logged by `python -m analysis.report`, and headless Chromium (Debian's, driven by Playwright) that groups the runs
-table by hldx.hp_key and opens the summary run's figure. Needs tests/install-browser.sh."""
+table by hldx.hp_key, sorts it by the comparison with KD (vs_kd/eval/val_logppl), finds the summary in the
+experiment's note and opens the summary run's figure. Needs tests/install-browser.sh. The screenshots are
+kept under each test's tmp_path."""
 from __future__ import annotations
 
 import base64
@@ -10,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -121,6 +124,37 @@ def test_runs_table_groups_by_hp_key(server, study, page, tmp_path):
     page.get_by_text(re.compile(r"^Group: ")).nth(len(study["groups"]) - 1).wait_for()
     page.screenshot(path=tmp_path / "grouped.png")
     assert table_groups(page) == study["groups"]
+
+
+def test_runs_table_sorts_by_the_comparison_with_kd(server, study, page, tmp_path):
+    """The runs table ordered by vs_kd/eval/val_logppl (KD's value minus the run's, written by analysis.report),
+    that column shown: HLDF (0.02 better than KD at both points), HLDC (0.01), NLL (0.1 worse); runs without a
+    comparison (KD itself, the report) last. The experiment's note holds the summary tables."""
+    key = "metrics.`vs_kd/eval/val_logppl`"
+    page.goto(server)
+    page.evaluate("() => localStorage.clear()")  # the UI keeps a table's grouping: start from the defaults
+    page.goto(f"{server}/#/experiments/{study['exp']}/runs?orderByKey={urllib.parse.quote(key)}&orderByAsc=false")
+    page.get_by_role("button", name="Columns").click()
+    page.get_by_placeholder("Search columns").fill("vs_kd/eval/val_logppl")
+    page.get_by_text("vs_kd/eval/val_logppl", exact=True).last.click()
+    page.keyboard.press("Escape")
+    page.locator(f'[role=gridcell][col-id="{key}"]').first.wait_for()
+    page.screenshot(path=tmp_path / "sorted-by-vs-kd.png")
+    cells = page.evaluate("""key => [...document.querySelectorAll('[role=gridcell]')].map(c => [
+        Number(c.closest('[role=row]').getAttribute('aria-rowindex')), c.getAttribute('col-id'), c.innerText])
+        .filter(c => c[1] === key || c[1] === 'attributes.`Run Name`')""", key)
+    rows: dict[int, dict[str, str]] = {}
+    for row, col, text in cells:
+        rows.setdefault(row, {})[col] = text.splitlines()[-1]
+    table = [(r["attributes.`Run Name`"].split("|")[0], r[key]) for _, r in sorted(rows.items())]
+    shown = [(method, None if value == "-" else round(float(value), 6)) for method, value in table]
+    assert shown == [("hldf", 0.02)] * 2 + [("hldc", 0.01)] * 2 + [("nll", -0.1)] * 2 + [
+        (m, None) for m, _ in shown[6:]] and sorted(m for m, _ in shown[6:]) == ["kd", "kd", "report"]
+    page.goto(f"{server}/#/experiments/{study['exp']}/runs")
+    note = page.get_by_text("Best vs best").first
+    note.wait_for()
+    page.screenshot(path=tmp_path / "experiment-note.png")
+    assert "Best vs best" in MlflowClient(server).get_experiment(study["exp"]).tags["mlflow.note.content"]
 
 
 def test_summary_run_shows_its_figure(server, study, page, tmp_path):

@@ -10,7 +10,7 @@ from transformers import Gemma3ForCausalLM
 
 from hldx import config as C
 from hldx.models import build_model, build_regressor, count_parameters, forward_to_layer, gemma3_config
-from hldx.budget import flops_per_token, memory_per_rank, plan_run
+from hldx.budget import accounting_bias, flops_per_token, memory_per_rank, plan_run
 from hldx.plan import main
 from hldx.study import expand_sweep, plan_sweep
 
@@ -186,3 +186,25 @@ def test_plan_refuses_a_job_that_cannot_fit_and_names_the_fixes(capsys):
                and "nll|" in line)
     assert row.split()[-2:] == ["fsdp", "29.2"]
 
+
+def test_the_papers_accounting_bias_is_stated(capsys):
+    """Under budget.accounting=paper HLDC is charged 6 x 2 d_S d_T per token for a W_R that costs 6 d_S d_T: its
+    tokens are C_data / (C_data + 12 d_S d_T) of KD's, its real FLOPs (E + 6 d_S d_T) / E of KD's per token (E:
+    the real modules' data FLOPs). Under the exact accounting every method spends KD's real FLOPs."""
+    common = ["student=gemma3-123m", "teacher=gemma3-3.4b", "train=paper", "budget.tokens=1e10"]
+    paper = C.compose(common + ["method=hldc", "budget.accounting=paper"])
+    d_s, d_t = paper.student.hidden_size, paper.teacher.model.hidden_size
+    c_data = flops_per_token(paper)["data"]
+    e_data = flops_per_token(C.compose(common + ["budget.accounting=exact"]))["data"]
+    expected = c_data / (c_data + 12 * d_s * d_t) * (e_data + 6 * d_s * d_t) / e_data - 1
+    assert accounting_bias(paper, plan_run(paper)) == pytest.approx(expected, rel=1e-3)  # steps are rounded
+    for method in (["method=hldc"], ["method=hldf", "p1=0.05"]):
+        exact = C.compose(common + method + ["budget.accounting=exact"])
+        assert abs(accounting_bias(exact, plan_run(exact))) < 1e-4, method  # a step of ~37,700: rounding
+    assert main(["-m", "method=kd,hldc,hldf", "p1=0.01,0.05", "budget.accounting=paper", *common]) == 0
+    out = capsys.readouterr().out
+    lines = {tuple(line.split()[1:3]): line for line in out.splitlines() if line.startswith("  gemma3-123m")}
+    hldc = next(line for (method, _), line in lines.items() if method == "hldc")
+    assert float(hldc.split()[2].rstrip("%")) / 100 == pytest.approx(expected, abs=2e-5)
+    assert hldc.endswith("<- WARNING: above 0.1%")
+    assert "WARNING" not in lines["hldf", "p1=0.01"] and lines["hldf", "p1=0.05"].endswith("WARNING: above 0.1%")

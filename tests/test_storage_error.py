@@ -39,7 +39,7 @@ def emb_error(pred, target, dtype: str) -> tuple[float, float]:
     out = []
     for t in (target, stored):
         p = pred.clone().requires_grad_()
-        loss = losses.hidden_mse(p, t)
+        loss = losses.hidden_loss(p, t)
         loss.backward()
         out.append((loss.detach(), p.grad))
     (l0, g0), (l1, g1) = out

@@ -41,7 +41,7 @@ def test_paper_sweeps_spell_table_2(name, student, ot, p1):
 
 def test_command_line_overrides_win_over_the_sweep_config():
     jobs = expand_sweep(["+sweep=demo", "lr=1e-3", "method=kd,hldf"])
-    assert len(jobs) == 2 * 2  # method x alpha: lr is fixed, method narrowed
+    assert len(jobs) == 2 * 2 * 2  # method x alpha x seed: lr is fixed, method narrowed
     assert all("lr=0.001" in job and "+sweep=demo" in job for job in jobs)
     runs, errors = plan_sweep(["+sweep=demo"])
     assert not errors and len(runs) == 2 + 4 + 4 + 4

@@ -15,10 +15,12 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from hldx import config as C
+from hldx import losses
 from hldx.methods import phases
 from hldx.budget import plan_run
 from hldx.job import execute
-from hldx.train import Checkpoint, lr_at
+from hldx.models import PhaseNet, build_model, build_regressor, middle_layer
+from hldx.train import Checkpoint, adam_sqrt_v_percentiles, lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,6 +105,16 @@ def test_hldc_with_gamma_zero_is_kd_bitwise(tiny):
     _assert_bitwise_equal(_weights(kd), _weights(hldc))
     _, hldc_on = _run(common + ["method=hldc", "gamma=1"])
     assert not torch.equal(_weights(kd)["model.norm.weight"], _weights(hldc_on)["model.norm.weight"])
+    # Each HLDC run, finished after its KD partner, compares itself with it in MLflow: KD's value minus its own.
+    cfg = C.compose(common)
+    mlflow = MlflowClient(cfg.tracking.uri)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    (kd_run,), (same,), (on,) = (mlflow.search_runs([exp], filter_string=f"tags.`hldx.run_key` = '{d.name}'")
+                                 for d in (kd, hldc, hldc_on))
+    assert same.data.metrics["vs_kd/eval/val_logppl"] == 0.0 and same.data.tags["hldx.kd_run"] == kd_run.info.run_id
+    assert on.data.metrics["vs_kd/eval/val_logppl"] == pytest.approx(
+        kd_run.data.metrics["eval/val_logppl"] - on.data.metrics["eval/val_logppl"])
+    assert "vs_kd/eval/val_logppl" not in kd_run.data.metrics
 
 
 class _Interrupt(Exception):
@@ -163,3 +175,58 @@ def test_cached_teacher_gives_the_online_teachers_weights(tiny, tmp_path, method
     _, online = _run(common + ["teacher.source=online", f"paths.runs={tmp_path}/online"])
     _, from_cache = _run(cached)
     _assert_bitwise_equal(_weights(online), _weights(from_cache))
+
+
+def test_adam_sqrt_v_percentiles_follow_adams_recurrence():
+    """sqrt(v_hat) from AdamW's state against the recurrence v <- b2 v + (1 - b2) g^2 kept here by hand."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(50, 20))
+    opt = torch.optim.AdamW([w], lr=1e-2, betas=(0.9, 0.95))
+    v = torch.zeros_like(w, dtype=torch.float64)
+    for step in range(1, 4):
+        loss = (w ** 3).sum() * step
+        loss.backward()
+        v = 0.95 * v + 0.05 * w.grad.double() ** 2
+        opt.step()
+        opt.zero_grad()
+    root = (v / (1 - 0.95 ** 3)).sqrt().flatten().sort().values
+    p10, p50 = adam_sqrt_v_percentiles(opt)
+    assert p10 == pytest.approx(float(root[99]), rel=1e-5) and p50 == pytest.approx(float(root[499]), rel=1e-5)
+
+
+def test_summed_hidden_loss_escapes_adams_eps_in_a_toy_phase_1():
+    """HLDF's phase-1 module (the tiny student's bottom, the MLP to d_T = 2,560) on a learnable target (each
+    token's random vector plus half its predecessor's), 150 AdamW steps at eps = 1e-8: the paper's mse leaves
+    sqrt(v) at the order of eps, and reaches a lower held-out cosine than mse_sum; cosine = mse_sum / 2, the
+    same steps up to eps."""
+    cfg = C.compose([])
+    s, d_teacher = cfg.student, 2560
+    g = torch.Generator().manual_seed(0)
+    vectors_VxD = torch.randn(s.vocab_size, d_teacher, generator=g)
+    train_NxL, held_NxL = torch.randint(0, 64, (64, 32), generator=g), torch.randint(0, 64, (16, 32), generator=g)
+
+    def target(tokens_BxL):
+        return vectors_VxD[tokens_BxL] + 0.5 * vectors_VxD[torch.roll(tokens_BxL, 1, dims=1)]
+
+    result = {}
+    flush = torch.set_flush_denormal(True)  # mse's gradients are tiny: subnormal floats would be slow here
+    try:
+        for kind in ("mse", "mse_sum", "cosine"):
+            torch.manual_seed(0)
+            net = PhaseNet(build_model(s, 0), middle_layer(s.num_hidden_layers, None),
+                           build_regressor("mlp", s.hidden_size, d_teacher), bottom=True)
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+            for step in range(150):
+                batch_BxL = train_NxL[(step % 16) * 4:(step % 16 + 1) * 4]
+                losses.hidden_loss(net(batch_BxL)[1], target(batch_BxL), kind).backward()
+                opt.step()
+                opt.zero_grad()
+            with torch.no_grad():
+                cos = torch.nn.functional.cosine_similarity(net(held_NxL)[1], target(held_NxL), dim=-1).mean()
+            result[kind] = (float(cos), *adam_sqrt_v_percentiles(opt))
+    finally:
+        torch.set_flush_denormal(flush)
+    print({k: f"cos {c:.4f} sqrt_v p10 {p10:.2e} p50 {p50:.2e}" for k, (c, p10, p50) in result.items()})
+    assert result["mse"][2] < 10 * 1e-8 < result["mse_sum"][1]  # mse: in eps's regime; mse_sum: far above it
+    assert result["mse_sum"][0] > result["mse"][0] + 0.002
+    assert result["cosine"][0] == pytest.approx(result["mse_sum"][0], abs=2e-3)
