@@ -13,27 +13,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hldx import cli, config, data, job
-from hldx.device import device_of, join, world
+from hldx import cli, config, job
 from hldx.errors import UserError
-from hldx.store import task_shards, verify
-from hldx.teacher import build_cache, cache_dir, cache_spec
+from hldx.store import verify
 
 def build(overrides: list[str]) -> int:
-    """Build this worker's share of the cache of the composed config: the shards of cache.task of cache.tasks
-    (SLURM array tasks), split again over the job's ranks when it has several."""
-    cfg = config.compose(overrides)
-    plan = job.check(cfg)
-    job.ensure_teacher(cfg)  # before the ranks join: one process pre-trains it, the others wait for its lock
-    join(cfg, alone=False)
-    rank, size = world()
-    tokenizer = data.tokenizer_for(cfg)
-    rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
-    spec = cache_spec(cfg, tokenizer, rows, plan)
-    shards = task_shards(spec, cfg.cache.task * size + rank, cfg.cache.tasks * size)
-    complete = build_cache(cfg, spec, rows, device_of(cfg), shards)
-    print(f"{'complete' if complete else 'partial'} (shards {shards.start}..{shards.stop - 1} of this worker "
-          f"built): {cache_dir(cfg, spec)}, top-k for rows [0, {spec.rows}), hidden states for [0, {spec.hidden_rows})")
+    """Build this worker's share of the cache of the composed config (hldx.job.build_cache_share)."""
+    print(job.build_cache_share(config.compose(overrides)))
     return 0
 
 

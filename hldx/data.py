@@ -16,9 +16,12 @@ import gzip
 import hashlib
 import itertools
 import json
+import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +31,18 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from hldx.config import digest
 from hldx.errors import ConfigError
+from hldx.progress import Progress
 
 FORMAT = 1  # version of what is built; bump it to rebuild every cached tokenizer and stream
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")  # ids 0, 1, 2: Gemma3Config's pad/eos/bos defaults
 CORPUS = Path(__file__).parent / "corpus"
 SPLITS = ("train", "validation")
 ENCODE_BATCH = 1000  # documents per encode call
+log = logging.getLogger("hldx")
 
 
 # ---- sources ----------------------------------------------------------------------------------------
@@ -198,6 +202,12 @@ def _train_tokenizer(cfg: DictConfig, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def built_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerFast | None:
+    """The data's tokenizer if it has been trained already (tokenizer_for trains it), else None."""
+    final = _tokenizer_dir(cfg)
+    return PreTrainedTokenizerFast.from_pretrained(final) if final.is_dir() else None
+
+
 def tokenizer_digest(tokenizer: PreTrainedTokenizerFast) -> str:
     """A content hash of the tokenizer's model, pre-/post-processing and special tokens."""
     state = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -251,16 +261,41 @@ def train_tokens(cfg: DictConfig) -> tuple[int | None, bool]:
     return (int(min(bounds)) if bounds else None), False
 
 
+_WORKER_TOKENIZER: list = []
+
+
+def _start_encoder(tokenizer_json: str) -> None:
+    _WORKER_TOKENIZER[:] = [Tokenizer.from_str(tokenizer_json)]
+
+
+def _encode(batch: list[str]) -> list[list[int]]:
+    """One batch of documents' ids (a tokenizing worker's job)."""
+    return [e.ids for e in _WORKER_TOKENIZER[0].encode_batch_fast(batch, add_special_tokens=False)]
+
+
+def _encoded(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFast) -> Iterator[list[list[int]]]:
+    """The ids of `split`'s documents, batch by batch in corpus order: encoded here, or by data.workers
+    processes (ordered: the same stream, bit for bit)."""
+    texts = documents(cfg, split)
+    batches = iter(lambda: list(itertools.islice(texts, ENCODE_BATCH)), [])
+    workers = cfg.data.get("workers", 1)
+    if workers == 1:
+        yield from ([e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(b, add_special_tokens=False)]
+                    for b in batches)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers, _start_encoder, (tokenizer.backend_tokenizer.to_str(),)) \
+            as pool:
+        yield from pool.imap(_encode, batches)
+
+
 def _write_stream(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFast, spec: dict, out: Path) -> None:
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     eos, max_tokens = tokenizer.eos_token_id, spec["max_tokens"]
-    num_tokens = 0
-    texts = documents(cfg, split)
+    num_tokens, start = 0, time.perf_counter()
     with open(out / "tokens.bin", "wb") as f, \
-            tqdm(desc=f"tokenize {split}", unit="tok", unit_scale=True, total=max_tokens) as bar:
-        while batch := list(itertools.islice(texts, ENCODE_BATCH)):
-            encodings = tokenizer.backend_tokenizer.encode_batch_fast(batch, add_special_tokens=False)
-            ids = np.fromiter(itertools.chain.from_iterable(e.ids + [eos] for e in encodings), dtype=dtype)
+            Progress(desc=f"tokenize {split}", unit="tok", unit_scale=True, total=max_tokens) as bar:
+        for batch in _encoded(cfg, split, tokenizer):
+            ids = np.fromiter(itertools.chain.from_iterable(doc + [eos] for doc in batch), dtype=dtype)
             if max_tokens is not None:
                 ids = ids[: max_tokens - num_tokens]
             ids.tofile(f)
@@ -268,6 +303,9 @@ def _write_stream(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFas
             bar.update(len(ids))
             if num_tokens == max_tokens:
                 break
+    rate = num_tokens / (time.perf_counter() - start)
+    log.info("tokenized %s: %d tokens at %.0f tokens/s, %.0f per worker (data.workers=%d)", split, num_tokens, rate,
+             rate / cfg.data.get("workers", 1), cfg.data.get("workers", 1))
     if num_tokens == 0:
         raise ConfigError(f"the {split} split of data.name={cfg.data.name} data.path={cfg.data.path} holds no text")
     meta = {**spec, "dtype": np.dtype(dtype).name, "num_tokens": num_tokens, "eos_token_id": eos}
@@ -313,7 +351,7 @@ def _write_rows(stream: Stream, seq_len: int, seed: int, meta: dict, out: Path) 
     source_RxL = stream.tokens[: count * seq_len].reshape(count, seq_len)
     order = np.random.default_rng(seed).permutation(count)
     block = max(1, (64 << 20) // (seq_len * source_RxL.itemsize))  # rows per write: ~64 MB
-    with open(out / "rows.bin", "wb") as f, tqdm(total=count, desc="lay down the training order", unit="row",
+    with open(out / "rows.bin", "wb") as f, Progress(total=count, desc="lay down the training order", unit="row",
                                                   unit_scale=True, mininterval=5) as bar:
         for start in range(0, count, block):
             rows = order[start:start + block]

@@ -21,6 +21,7 @@ override that fixes it, it is logged as a warning and tagged hldx.eval_skipped.<
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import tempfile
@@ -35,13 +36,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from hldx import data
 from hldx.device import device_of
 from hldx.errors import ConfigError
 from hldx.models import load_model
+from hldx.progress import Progress
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
@@ -113,7 +114,7 @@ def log_perplexity(model: PreTrainedModel, tokens_NxL: torch.Tensor, batch_size:
     """Mean NLL (nats) per predicted token: tokens 1..L-1 of each row, each given the tokens before it."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for rows_BxL in tqdm(tokens_NxL.split(batch_size), desc="log-perplexity", leave=False):
+    for rows_BxL in Progress(tokens_NxL.split(batch_size), desc="log-perplexity", leave=False):
         rows_BxL = rows_BxL.to(device)
         logits_BxLxV = model(input_ids=rows_BxL, use_cache=False).logits
         total += F.cross_entropy(logits_BxLxV[:, :-1].flatten(0, 1).float(), rows_BxL[:, 1:].flatten(),
@@ -268,6 +269,22 @@ def check(cfg: DictConfig) -> None:
                               f"{', '.join(DOWNSTREAM[task].scores)}")
 
 
+def unreadable(cfg: DictConfig) -> dict[str, str]:
+    """{task: the fix} for each of eval.tasks (but val, the training corpus's split) whose data cannot be read
+    now: offline without eval.local_dir, or its file missing there. Asks the hub once, in seconds."""
+    tasks = [t for t in cfg.eval.tasks if t != "val"]
+    if cfg.eval.local_dir is None:
+        if _hub_answers():
+            return {}
+        return {t: f"offline, pass eval.local_dir=DIR holding {_stem(t)}.jsonl" for t in tasks}
+    return {t: f"write {_local_path(cfg, _stem(t))}" for t in tasks if not _local_path(cfg, _stem(t)).is_file()}
+
+
+def _stem(task: str) -> str:
+    return WIKITEXT_FILE if task == "wikitext" else DOWNSTREAM[task].task
+
+
+@functools.cache
 def _hub_answers(timeout_s: float = 3.0) -> bool:
     """Whether the hub can be reached, asked once in seconds (datasets alone retries each task for ~25 s)."""
     import requests

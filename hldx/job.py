@@ -16,9 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from hldx import budget, data, evaluation, models, teacher, tracking
 from hldx import config as C
-from hldx.budget import RunPlan, plan_run
-from hldx.device import device_of, world
+from hldx.budget import RunPlan, parallel_mode, plan_run
+from hldx.device import device_of, join, ranks, world
 from hldx.errors import ConfigError
+from hldx.store import task_shards
 from hldx.train import Checkpoint, Trainer
 
 log = logging.getLogger("hldx")
@@ -45,6 +46,9 @@ def check(cfg: DictConfig, launch: bool = True, ranks: int | None = None) -> Run
         budget.check_memory(cfg, ranks or cfg.plan.ranks or 1)
     if launch:
         check_epochs(cfg, plan)
+        if cfg.eval.mode == "full" and (missing := evaluation.unreadable(cfg)):
+            raise ConfigError("eval=full needs every task's data, and it cannot be read for " + "; ".join(
+                f"{task} (fix: {fix})" for task, fix in missing.items()) + "; or pass eval=quick")
         tracking.check(cfg)
     return plan
 
@@ -141,3 +145,30 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
              tracker.run_id, cfg.tracking.uri)
     return metrics
 
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """A job as `python -m hldx.run` runs it, on the ranks this process was started among: every check, the
+    on-demand teacher (before the ranks join: one process pre-trains it, the others wait for its lock), the
+    process group, then train -> evaluate -> log."""
+    check(cfg, ranks=ranks())
+    if cfg.method.name in C.DISTILLED:
+        ensure_teacher(cfg)
+    join(cfg, alone=parallel_mode(cfg, 1) != "none")
+    return execute(cfg)
+
+
+def build_cache_share(cfg: DictConfig) -> str:
+    """Build this worker's share of the teacher cache of cfg's job, the shards of cache.task of cache.tasks
+    (SLURM array tasks), split again over the job's ranks; what it did, in one line."""
+    plan = check(cfg)
+    ensure_teacher(cfg)
+    join(cfg, alone=False)
+    rank, size = world()
+    tokenizer = data.tokenizer_for(cfg)
+    rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    spec = teacher.cache_spec(cfg, tokenizer, rows, plan)
+    shards = task_shards(spec, cfg.cache.task * size + rank, cfg.cache.tasks * size)
+    complete = teacher.build_cache(cfg, spec, rows, device_of(cfg), shards)
+    return (f"{'complete' if complete else 'partial'} (shards {shards.start}..{shards.stop - 1} of this worker "
+            f"built): {teacher.cache_dir(cfg, spec)}, top-k for rows [0, {spec.rows}), hidden states for "
+            f"[0, {spec.hidden_rows})")

@@ -22,8 +22,7 @@ from omegaconf import DictConfig
 
 from hldx import config as C
 from hldx import cli, job
-from hldx.budget import parallel_mode
-from hldx.device import join, ranks
+from hldx.device import ranks
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
@@ -33,11 +32,7 @@ def main(cfg: DictConfig) -> float | None:
     transformers.utils.logging.disable_progress_bar()
     job.check(cfg, ranks=ranks())  # every key and every stage's plan, before any work
     C.warn_unused(cfg, list(HydraConfig.get().overrides.task))
-    if cfg.method.name in C.DISTILLED:
-        job.ensure_teacher(cfg)  # before the ranks join: one process pre-trains it, the others wait for its lock
-    join(cfg, alone=parallel_mode(cfg, 1) != "none")
-    metrics = job.execute(cfg)
-    return metrics.get("eval/val_logppl")
+    return job.run(cfg).get("eval/val_logppl")
 
 
 if __name__ == "__main__":

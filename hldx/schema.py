@@ -121,6 +121,7 @@ class Embedded:
     vocab_size: int = key(integer(259))
     seed: int = key(integer(0))
     max_epochs: int = key(integer(1))
+    workers: int = key(integer(1))
 
 
 @dataclass

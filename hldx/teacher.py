@@ -3,6 +3,7 @@ outputs read online or from the teacher cache it builds (hldx.store)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -10,9 +11,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from transformers import PreTrainedTokenizerFast
 
 from hldx import config as C
-from hldx import schema
+from hldx import data, schema
 from hldx.data import tokenizer_digest
 from hldx.errors import ConfigError, check as require
 from hldx.models import forward, forward_to_layer, load_model, middle_layer
@@ -64,11 +66,29 @@ def check(cfg: DictConfig, launch: bool = True) -> None:
         raise ConfigError(f"teacher.ckpt is not set: pass teacher.ckpt=DIR (the teacher, pre-trained with "
                           f"python -m hldx.run method=nll student={cfg.teacher.model.name})")
     if cfg.teacher.ckpt:
-        if not (Path(cfg.teacher.ckpt).expanduser() / "config.json").exists():
-            raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt} holds no checkpoint (config.json missing): point "
-                              f"it at the teacher's saved model directory")
+        check_checkpoint(cfg, Path(cfg.teacher.ckpt).expanduser())
     else:
         teacher_config(cfg)  # an on-demand teacher needs its recipe
+
+
+def check_checkpoint(cfg: DictConfig, path: Path) -> None:
+    """A given teacher.ckpt, before anything runs: its shapes (config.json) against teacher.model, and the
+    tokenizer saved with it against the data's by content digest (once the data's tokenizer exists)."""
+    if not (path / "config.json").exists():
+        raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt} holds no checkpoint (config.json missing): point it at "
+                          f"the teacher's saved model directory")
+    got, want = json.loads((path / "config.json").read_text()), cfg.teacher.model
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
+        if got.get(key) != want[key]:
+            raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt} has {key}={got.get(key)} but teacher.model.{key}="
+                              f"{want[key]}: pick the matching teacher preset or override teacher.model.{key}")
+    ours = data.built_tokenizer(cfg)
+    if (path / "tokenizer.json").exists() and ours is not None:
+        theirs = PreTrainedTokenizerFast.from_pretrained(str(path))
+        if tokenizer_digest(theirs) != tokenizer_digest(ours):
+            raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt} was trained with another tokenizer than data="
+                              f"{cfg.data.name}'s (content digests {tokenizer_digest(theirs)} and "
+                              f"{tokenizer_digest(ours)}): the student must read the teacher's tokens")
 
 
 def load_teacher(cfg: DictConfig) -> torch.nn.Module:

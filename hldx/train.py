@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from tqdm import tqdm
+from hldx.progress import Progress
 
 from hldx import losses
 from hldx.budget import PhasePlan, RunPlan, parallel_mode
@@ -158,8 +158,8 @@ class Trainer:
         if resume.phase == 0 and resume.step == 0:
             save_start(build_model(cfg.student, cfg.seed), start_dir(self.run_dir, 0, n))
         done = sum(p.steps for p in self.plan.phases[:resume.phase]) + resume.step
-        bar = tqdm(total=sum(p.steps for p in self.plan.phases), initial=done, unit="step", dynamic_ncols=True,
-                   disable=None if self.rank == 0 else True)
+        bar = Progress(total=sum(p.steps for p in self.plan.phases), initial=done, unit="step", dynamic_ncols=True,
+                       disable=None if self.rank == 0 else True, line_every_s=math.inf)  # off a tty: a line per log
         with Preemption() as self.preemption:
             for index in range(resume.phase, n):
                 start = resume.step if index == resume.phase else 0

@@ -1,6 +1,7 @@
 """Bad input fails before any training, with a message naming the key and what is allowed."""
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -101,3 +102,27 @@ def test_teacher_with_another_hidden_size_is_refused(tmp_path):
     wrong = C.compose(["method=hldc", f"teacher.ckpt={tmp_path}", "teacher.model.hidden_size=256"])
     with pytest.raises(C.ConfigError, match=r"has hidden_size=128 but teacher.model.hidden_size=256"):
         load_teacher(wrong)
+    with pytest.raises(C.ConfigError, match=r"has hidden_size=128 but teacher.model.hidden_size=256"):
+        check(wrong, launch=True)  # before anything runs: from its config.json, no weights loaded
+
+
+def test_teacher_with_another_tokenizer_is_refused_before_launch(hldx_cache, tmp_path):
+    """The tokenizer saved with teacher.ckpt against the data's, by content digest (not only its size)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from hldx import data
+    from hldx.models import build_model
+
+    cfg = C.compose(["method=kd", f"teacher.ckpt={tmp_path}"])
+    build_model(cfg.teacher.model, seed=0).save_pretrained(tmp_path)
+    ours = data.tokenizer_for(cfg)
+    ours.save_pretrained(tmp_path)
+    check(cfg, launch=True)  # the same tokenizer: accepted
+    state = json.loads(ours.backend_tokenizer.to_str())
+    first, second = list(state["model"]["vocab"])[300:302]  # two learnt tokens swap ids: same size, other ids
+    state["model"]["vocab"][first], state["model"]["vocab"][second] = (state["model"]["vocab"][second],
+                                                                       state["model"]["vocab"][first])
+    (tmp_path / "tokenizer.json").write_text(json.dumps(state))
+    assert len(PreTrainedTokenizerFast.from_pretrained(str(tmp_path))) == len(ours)
+    with pytest.raises(C.ConfigError, match="was trained with another tokenizer than data=embedded's"):
+        check(cfg, launch=True)

@@ -295,3 +295,16 @@ def test_bad_batch_settings(stream, tmp_path):
         data.Batches(order(stream, 0, tmp_path), 6, rank=0, world=4)
     with pytest.raises(ConfigError, match="train.seq_len=1000 is invalid: .* fewer than one row"):
         order(stream, 0, tmp_path, seq=1000)
+
+
+def test_two_tokenizing_workers_write_the_stream_of_one(tmp_path):
+    """data.workers splits the documents over processes and joins them in order: the same tokens, bit for
+    bit, under the same stream digest (the workers are not part of what the stream is)."""
+    streams = []
+    for workers in (1, 2):
+        cfg = compose(["data.max_train_tokens=200000", f"data.workers={workers}", f"paths.cache={tmp_path}/cache-{workers}"])
+        tokenizer = data.tokenizer_for(cfg)
+        streams.append(data.prepare(cfg, "train", tokenizer))
+    one, two = streams
+    assert one.digest == two.digest and len(one.tokens) == 200000
+    assert (one.path / "tokens.bin").read_bytes() == (two.path / "tokens.bin").read_bytes()

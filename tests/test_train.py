@@ -230,3 +230,16 @@ def test_summed_hidden_loss_escapes_adams_eps_in_a_toy_phase_1():
     assert result["mse"][2] < 10 * 1e-8 < result["mse_sum"][1]  # mse: in eps's regime; mse_sum: far above it
     assert result["mse_sum"][0] > result["mse"][0] + 0.002
     assert result["cosine"][0] == pytest.approx(result["mse_sum"][0], abs=2e-3)
+
+
+def test_a_log_that_is_not_a_terminal_gets_a_line_per_log_step(tiny, tmp_path):
+    """As in a SLURM log: the step, the loss, tokens/s and the time left, every train.log_every steps."""
+    overrides = tiny + ["method=nll", f"paths.runs={tmp_path}/runs", "train.log_every=8"]
+    done = subprocess.run([sys.executable, "-m", "hldx.run", *overrides, f"hydra.run.dir={tmp_path}/out"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = plan_run(C.compose(overrides)).phases[0].steps
+    lines = [line for line in done.stderr.splitlines() if "step/s" in line and "loss=" in line]
+    assert len(lines) == steps // 8 + (steps % 8 > 0) + 1  # each log step, and the last count when it closes
+    assert f" 8/{steps} [" in lines[0] and "<" in lines[0] and "tok_s=" in lines[0]  # elapsed<left, tokens/s
+    assert "\r" not in done.stderr

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from tqdm import tqdm
+from hldx.progress import Progress
 
 from hldx import config as C
 from hldx import data
@@ -93,7 +93,7 @@ def measure(runs: dict[str, Callable[[int], None]], rounds: int, warmup: int, de
     names, cuda = list(runs), device.type == "cuda"
     marks: dict[str, list] = {name: [] for name in names}
     peak: dict[str, float] = {}
-    for r in tqdm(range(rounds), desc="bench rounds", unit="round", dynamic_ncols=True):
+    for r in Progress(range(rounds), desc="bench rounds", unit="round", dynamic_ncols=True):
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
             if cuda:

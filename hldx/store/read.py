@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from hldx.progress import Progress
 
 from hldx.store.spec import (PARTS, CacheError, CacheSpec, as_bytes, built_shards, check_shard, decode_hidden,
                              decode_topk, diff, fields, load_spec, offsets, row_digests, shard_bytes, shard_name)
@@ -132,7 +132,7 @@ def verify(out_dir: str | os.PathLike, *, progress: bool = True) -> list[str]:
         problems += [f"{p.relative_to(root)}: an unfinished write (a killed build; building again removes it)"
                      for p in (root / part).glob("*.tmp")]
     reader = CacheReader(root, spec)
-    with tqdm(total=sum(shard_bytes(spec, p, len(r)) for p, r in files), unit="B", unit_scale=True,
+    with Progress(total=sum(shard_bytes(spec, p, len(r)) for p, r in files), unit="B", unit_scale=True,
               desc=f"verify {root.name}", disable=not progress) as bar:
         for part, r in files:
             if (why := check_shard(root, spec, part, r)) is not None:

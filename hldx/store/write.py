@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from filelock import FileLock
-from tqdm import tqdm
+from hldx.progress import Progress
 
 from hldx.store.spec import (FORMAT, PARTS, CacheError, CacheSpec, as_bytes, built_shards, covering, diff,
                              encode_hidden, encode_topk, fields, load_spec, offsets, row_digests, shard_name,
@@ -72,7 +72,7 @@ def _teacher(spec: CacheSpec, teacher_fn: TeacherFn, tokens_NxL: torch.Tensor, t
 
 
 def _write_shards(root: Path, spec: CacheSpec, todo: dict[str, range], teacher_fn: TeacherFn,
-                  row_tokens_fn: RowTokensFn, batch_rows: int, bar: tqdm) -> None:
+                  row_tokens_fn: RowTokensFn, batch_rows: int, bar: Progress) -> None:
     """Write the shards of `todo` (part -> rows, all starting at the same row) with one teacher pass."""
     start, stop = min(r.start for r in todo.values()), max(r.stop for r in todo.values())
     files, sums = {}, {}
@@ -142,7 +142,7 @@ def build(spec: CacheSpec, out_dir: str | os.PathLike, teacher_fn: TeacherFn, ro
 
     todo = {i: need for i in indices if (need := missing(i))}
     total = sum(max(len(r) for r in need.values()) for need in todo.values()) * spec.seq_len
-    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"teacher cache {root.name}", disable=not progress,
+    with Progress(total=total, unit="tok", unit_scale=True, desc=f"teacher cache {root.name}", disable=not progress,
               mininterval=5) as bar:
         for i in todo:
             with FileLock(root / "locks" / f"shard-{i}.lock"):

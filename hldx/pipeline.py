@@ -1,0 +1,263 @@
+"""`python -m hldx.pipeline`: a whole study as dependent stages, from one command.
+
+    python -m hldx.pipeline +sweep=demo                                   # here, the stages in order
+    python -m hldx.pipeline +sweep=paper-123m teacher.ckpt=DIR hydra/launcher=slurm ...   # on SLURM
+    python -m hldx.pipeline --dry-run +sweep=demo hydra/launcher=slurm_cpu  # the sbatch plan, nothing submitted
+
+Stages: tokenize (the training order laid down once) -> teacher (pre-training the on-demand teacher; none
+with teacher.ckpt) -> cache (cache.tasks array tasks, each building its share of the teacher cache for the
+longest job's extents) -> students (one job per distinct run left; NLL students wait for tokenize only) ->
+report (analysis.report over the experiment, once every student has ended). On SLURM each stage is a job or
+job array submitted through submitit with `--dependency=afterok:` on what it needs, named
+`hldx-<stage>-<key>`; no student holds an accelerator while a teacher or a cache is built. The same command
+again resumes: finished runs are skipped, a stage already queued or running (squeue, by name) is waited on,
+never submitted twice, and failed ones are submitted again. Every job is checked before anything is
+submitted, as `python -m hldx.run -m` checks a sweep.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from hldx import cli, data, job, study, teacher
+from hldx import config as C
+from hldx.budget import cache_extents
+
+log = logging.getLogger("hldx")
+CPU_STAGES = ("tokenize", "report")  # no accelerator needed
+
+
+def tokenize(job_overrides: list[str]) -> str:
+    """The tokenize stage: the train stream tokenized and its training order laid down (both cached)."""
+    cfg = C.compose(job_overrides)
+    rows = data.training_rows(cfg, data.prepare(cfg, "train", data.tokenizer_for(cfg)))
+    return f"training order {rows.digest}: {rows.count} rows of {cfg.train.seq_len} tokens"
+
+
+def pretrain_teacher(job_overrides: list[str]) -> str:
+    cfg = C.compose(job_overrides)
+    job.ensure_teacher(cfg)
+    return str(teacher.teacher_path(cfg))
+
+
+def build_cache(job_overrides: list[str]) -> str:
+    return job.build_cache_share(C.compose(job_overrides))
+
+
+class Train:
+    """The student stage: `python -m hldx.run`'s job. Preempted or timed out on SLURM (SIGUSR2) it checkpoints
+    and submitit requeues it (submitit calls `checkpoint`); it resumes from its checkpoint."""
+
+    def __call__(self, job_overrides: list[str]) -> dict[str, float]:
+        return job.run(C.compose(job_overrides))
+
+    def checkpoint(self, job_overrides: list[str]):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, job_overrides)
+
+
+train = Train()
+
+
+def report(command: list[str]) -> int:
+    return subprocess.run(command, check=True).returncode
+
+
+@dataclass
+class Stage:
+    """One job (or job array: several `tasks`) of the study: what it runs and what it waits for."""
+    name: str                                   # tokenize, teacher, cache, student, report
+    key: str                                    # with the name, the SLURM job name: hldx-<name>-<key>
+    fn: object
+    tasks: list = field(default_factory=list)   # one argument of fn per task
+    after: list[str] = field(default_factory=list)  # job names this one waits for
+    ok: bool = True                             # afterok (else afterany: the report runs whatever happened)
+
+    @property
+    def job_name(self) -> str:
+        return f"hldx-{self.name}-{self.key}"
+
+
+def stages(planned: list[study.Planned]) -> list[Stage]:
+    """The stage graph of the study's jobs left to run (planned: distinct, not finished), in submission order."""
+    if not planned:
+        return []
+    first = planned[0][1]
+    overrides = planned[0][0]
+    data_key = C.digest([OmegaConf.to_container(first.data, resolve=True), first.train.seq_len, first.paths.cache])
+    graph = [Stage("tokenize", data_key, tokenize, [overrides])]
+    distilled = [(j, c, r) for j, c, r in planned if c.method.name in C.DISTILLED]
+    after_teacher = [graph[0].job_name]
+    if distilled:
+        j, c, _ = distilled[0]
+        if not c.teacher.ckpt and not teacher.teacher_path(c).exists():
+            graph.append(Stage("teacher", C.run_key(teacher.teacher_config(c)), pretrain_teacher, [j],
+                               [graph[0].job_name]))
+            after_teacher = [graph[-1].job_name]
+        cached = [(j, c, r) for j, c, r in distilled if c.teacher.source == "cache"]
+        if cached:
+            extents = [cache_extents(c, r) for _, c, r in cached]
+            top, hidden = max(e[0] for e in extents), max(e[1] for e in extents)
+            j, c, _ = cached[0]
+            tasks = int(c.cache.tasks)
+            share = [o for o in j if not o.startswith(("cache.task=", "cache.tasks=", "cache.rows=",
+                                                       "cache.hidden_rows="))]
+            share += [f"cache.rows={top}", f"cache.hidden_rows={hidden}", f"cache.tasks={tasks}"]
+            key = C.digest([C.run_key(teacher.teacher_config(c)) if not c.teacher.ckpt else c.teacher.ckpt,
+                            data_key, top, hidden, c.cache.values_dtype, c.cache.hidden_dtype])
+            graph.append(Stage("cache", key, build_cache, [share + [f"cache.task={t}"] for t in range(tasks)],
+                               after_teacher))
+            after_teacher = [graph[-1].job_name]
+    for j, c, r in planned:
+        waits = after_teacher if c.method.name in C.DISTILLED else [graph[0].job_name]
+        graph.append(Stage("student", r.run_key, train, [j], waits))
+    exp = first.tracking.experiment
+    command = [sys.executable, "-m", "analysis.report", "--experiment", exp, "--tracking-uri", first.tracking.uri,
+               "--out", str(Path("reports") / exp)]
+    graph.append(Stage("report", C.digest(exp), report, [command],
+                       [s.job_name for s in graph if s.name == "student"], ok=False))
+    return graph
+
+
+# ---- SLURM ------------------------------------------------------------------------------------------------
+
+def executor(launcher: DictConfig, folder: Path, stage: Stage, dependency: str | None):
+    """A submitit executor from the Hydra launcher preset (hydra/launcher=slurm...), as hydra-submitit-launcher
+    builds one, for this stage: its job name, no GPU for the CPU stages, its dependency."""
+    import submitit
+
+    params = OmegaConf.to_container(launcher, resolve=True)
+    params.pop("_target_", None)
+    params.pop("submitit_folder", None)
+    ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm",
+                               slurm_max_num_timeout=params.pop("max_num_timeout", 0))
+    generic = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes",
+               "stderr_to_stdout"}
+    params["name"] = stage.job_name
+    if stage.name in CPU_STAGES:
+        params |= {"gpus_per_node": None, "nodes": 1, "tasks_per_node": 1}
+    extra = dict(params.pop("additional_parameters", None) or {})
+    if dependency:
+        extra["dependency"] = dependency
+    ex.update_parameters(**{k if k in generic or k == "name" else f"slurm_{k}": v for k, v in params.items()},
+                         slurm_additional_parameters=extra)
+    return ex
+
+
+def queued() -> dict[str, str]:
+    """{job name: SLURM job id} of this user's hldx jobs pending or running (an array: its job id)."""
+    out = subprocess.run(["squeue", "--me", "--noheader", "--format=%F|%j"], capture_output=True, text=True,
+                         check=True).stdout
+    return {name: job_id for job_id, name in (line.split("|", 1) for line in out.split()) if name.startswith("hldx-")}
+
+
+def completed(names: list[str]) -> set[str]:
+    """Of these job names, those whose latest job (every task of an array) COMPLETED, from SLURM's accounting."""
+    out = subprocess.run(["sacct", "--noheader", "--allocations", "--parsable2", "--format=JobName,State,Submit",
+                          "--starttime=now-60days", f"--name={','.join(names)}"], capture_output=True, text=True, check=True).stdout
+    latest: dict[str, tuple[str, set]] = {}
+    for line in out.splitlines():
+        name, state, submitted = line.split("|")
+        when, states = latest.get(name, ("", set()))
+        if submitted > when:
+            latest[name] = (submitted, {state})
+        elif submitted == when:
+            states.add(state)
+    return {name for name, (_, states) in latest.items() if states == {"COMPLETED"}}
+
+
+def submit(graph: list[Stage], launcher: DictConfig, folder: Path, dry_run: bool) -> list[str]:
+    """Submit the stages not already queued or completed (tokenize and cache: SLURM's accounting says; a
+    student's completion is MLflow's, checked before), each with afterok on the SLURM ids of what it waits
+    for; the lines saying what was (or, dry, would be) done."""
+    ids = {} if dry_run else queued()
+    done = set() if dry_run else completed([s.job_name for s in graph if s.name in ("tokenize", "cache")])
+    lines = []
+    for stage in graph:
+        if stage.job_name in ids:
+            lines.append(f"{stage.job_name}: already queued or running as job {ids[stage.job_name]}")
+            continue
+        if stage.job_name in done:
+            lines.append(f"{stage.job_name}: completed before")
+            continue
+        waits = [ids.get(name, f"<{name}>") for name in stage.after if name in ids or dry_run]
+        dependency = f"{'afterok' if stage.ok else 'afterany'}:{':'.join(waits)}" if waits else None
+        if dry_run:
+            tasks = f" array of {len(stage.tasks)}" if len(stage.tasks) > 1 else ""
+            lines.append(f"sbatch --job-name={stage.job_name}{tasks}"
+                         f"{f' --dependency={dependency}' if dependency else ''}")
+            ids[stage.job_name] = f"<{stage.job_name}>"
+            continue
+        ex = executor(launcher, folder, stage, dependency)
+        many = len(stage.tasks) > 1
+        jobs = ex.map_array(stage.fn, stage.tasks) if many else [ex.submit(stage.fn, stage.tasks[0])]
+        ids[stage.job_name] = jobs[0].job_id.split("_")[0]
+        lines.append(f"{stage.job_name}: submitted as job {ids[stage.job_name]}"
+                     f"{f' ({len(jobs)} tasks)' if len(jobs) > 1 else ''}"
+                     f"{f', {dependency}' if dependency else ''}")
+    return lines
+
+
+# ---- here -------------------------------------------------------------------------------------------------
+
+def run_here(graph: list[Stage]) -> None:
+    """The stages in order in this process (the report as its own command, as on SLURM)."""
+    for stage in graph:
+        for i, task in enumerate(stage.tasks):
+            of = f" task {i} of {len(stage.tasks)}" if len(stage.tasks) > 1 else ""
+            log.info("pipeline: %s%s", stage.job_name, of)
+            stage.fn(task)
+
+
+def table(graph: list[Stage]) -> str:
+    """The stage graph: one line per stage."""
+    lines = [f"{'stage':9} {'jobs':>5}  waits for"]
+    for name in dict.fromkeys(s.name for s in graph):
+        group = [s for s in graph if s.name == name]
+        waits = sorted({w.split("-")[1] for s in group for w in s.after})
+        lines.append(f"{name:9} {sum(len(s.tasks) for s in group):5d}  {', '.join(waits) or '-'}")
+    return "\n".join(lines)
+
+
+@cli.command
+def main(argv: list[str] | None = None) -> int:
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-m", "--multirun")]
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    dry_run = "--dry-run" in args
+    args = [a for a in args if a != "--dry-run"]
+    hydra_args = [a for a in args if a.split("=")[0].lstrip("+") in ("hydra/launcher", "sweep") or
+                  a.startswith("hydra.")]
+    hydra = C.compose(hydra_args, with_hydra=True).hydra
+    jobs = study.expand_sweep([a for a in args if not a.startswith("hydra")])  # the jobs, as Hydra's sweeper's
+    slurm = hydra.launcher._target_.endswith("SlurmLauncher")
+    ranks = int(hydra.launcher.get("nodes") or 1) * int(hydra.launcher.get("tasks_per_node") or 1) if slurm else None
+    # Every job checked (and, to submit, sbatch on PATH); the distinct ones left to run.
+    todo = study.check_sweep(jobs, "" if dry_run else hydra.launcher._target_, ranks)
+    planned = [p for p in study.plan_jobs(todo, ranks=ranks)[0]]
+    graph = stages(planned)
+    if not graph:
+        print("pipeline: every run of the study has finished: nothing to do")
+        return 0
+    print(table(graph))
+    if slurm:
+        folder = Path(hydra.sweep.dir) / ".submitit"
+        for line in submit(graph, hydra.launcher, folder, dry_run):
+            print(line)
+    elif dry_run:
+        print("dry run: here, the stages would run in this order, in this process")
+    else:
+        run_here(graph)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
