@@ -278,7 +278,7 @@ def _encoded(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFast) ->
     processes (ordered: the same stream, bit for bit)."""
     texts = documents(cfg, split)
     batches = iter(lambda: list(itertools.islice(texts, ENCODE_BATCH)), [])
-    workers = cfg.data.get("workers", 1)
+    workers = cfg.data.workers
     if workers == 1:
         yield from ([e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(b, add_special_tokens=False)]
                     for b in batches)
@@ -305,7 +305,7 @@ def _write_stream(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFas
                 break
     rate = num_tokens / (time.perf_counter() - start)
     log.info("tokenized %s: %d tokens at %.0f tokens/s, %.0f per worker (data.workers=%d)", split, num_tokens, rate,
-             rate / cfg.data.get("workers", 1), cfg.data.get("workers", 1))
+             rate / cfg.data.workers, cfg.data.workers)
     if num_tokens == 0:
         raise ConfigError(f"the {split} split of data.name={cfg.data.name} data.path={cfg.data.path} holds no text")
     meta = {**spec, "dtype": np.dtype(dtype).name, "num_tokens": num_tokens, "eos_token_id": eos}

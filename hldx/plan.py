@@ -19,6 +19,7 @@ from hldx import job as J
 from hldx.budget import (RunPlan, accounting_bias, cache_storage, gpu_hours, memory_per_rank, parallel_mode,
                          throughput)
 from hldx.errors import ConfigError
+from hldx.stages import stages, table
 from hldx.study import BadJob, expand_sweep, plan_jobs, refusal
 
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.plan.device_memory / 1e9:g} GB refused")
     if cfg.budget.accounting == "paper":
         print(bias_table(planned))
+    print("stages of the study (python -m hldx.pipeline runs them; --dry-run: its sbatch plan):\n"
+          + table(stages(planned)))
     tokens, exact = data.train_tokens(cfg)
     rows = None if tokens is None else tokens // cfg.train.seq_len
     passes = [J.epochs(c, run, rows) for _, c, run in planned]

@@ -46,7 +46,8 @@ def test_the_stages_run_in_order_here_and_a_finished_study_does_nothing(tiny, tm
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
-    order = [line.split("pipeline: ")[1].split("-")[1] for line in done.stderr.splitlines() if "pipeline: hldx-" in line]
+    order = [line.split("pipeline: ")[1].split("-")[1] for line in done.stderr.splitlines()
+             if "pipeline: hldx-" in line]
     assert order == ["tokenize", "teacher", "cache", "cache", "student", "student", "report"]
     assert (tmp_path / "reports" / C.compose(tiny).tracking.experiment / "report.md").exists()
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,

@@ -1,0 +1,134 @@
+"""The stage graph of a study: tokenize -> teacher -> cache -> students -> report, each stage what it runs, what
+it waits for, its GPU-hours and its bytes on disk (hldx.pipeline runs or submits it; hldx.plan prints it)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from hldx import data, job, study, teacher
+from hldx import config as C
+from hldx.budget import cache_extents, cache_storage, flops_per_token, gpu_hours, plan_run, throughput
+from hldx.models import count_parameters
+
+CPU_STAGES = ("tokenize", "report")  # no accelerator needed
+
+
+def tokenize(job_overrides: list[str]) -> str:
+    """The tokenize stage: the train stream tokenized and its training order laid down (both cached)."""
+    cfg = C.compose(job_overrides)
+    rows = data.training_rows(cfg, data.prepare(cfg, "train", data.tokenizer_for(cfg)))
+    return f"training order {rows.digest}: {rows.count} rows of {cfg.train.seq_len} tokens"
+
+
+def pretrain_teacher(job_overrides: list[str]) -> str:
+    cfg = C.compose(job_overrides)
+    job.ensure_teacher(cfg)
+    return str(teacher.teacher_path(cfg))
+
+
+def build_cache(job_overrides: list[str]) -> str:
+    return job.build_cache_share(C.compose(job_overrides))
+
+
+class Train:
+    """The student stage: `python -m hldx.run`'s job. Preempted or timed out on SLURM (SIGUSR2) it checkpoints
+    and submitit requeues it (submitit calls `checkpoint`); it resumes from its checkpoint."""
+
+    def __call__(self, job_overrides: list[str]) -> dict[str, float]:
+        return job.run(C.compose(job_overrides))
+
+    def checkpoint(self, job_overrides: list[str]):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, job_overrides)
+
+
+train = Train()
+
+
+def report(command: list[str]) -> int:
+    return subprocess.run(command, check=True).returncode
+
+
+@dataclass
+class Stage:
+    """One job (or job array: several `tasks`) of the study: what it runs and what it waits for."""
+    name: str                                   # tokenize, teacher, cache, student, report
+    key: str                                    # with the name, the SLURM job name: hldx-<name>-<key>
+    fn: object
+    tasks: list = field(default_factory=list)   # one argument of fn per task
+    after: list[str] = field(default_factory=list)  # job names this one waits for
+    ok: bool = True                             # afterok (else afterany: the report runs whatever happened)
+    gpu_hours: float = 0.0                      # at plan.mfu of plan.peak_flops (or plan.bench's rates)
+    disk_bytes: float = 0.0                     # what it writes that stays
+
+    @property
+    def job_name(self) -> str:
+        return f"hldx-{self.name}-{self.key}"
+
+
+def stages(planned: list[study.Planned]) -> list[Stage]:
+    """The stage graph of the study's jobs left to run (planned: distinct, not finished), in submission order."""
+    if not planned:
+        return []
+    first = planned[0][1]
+    overrides = planned[0][0]
+    data_key = C.digest([OmegaConf.to_container(first.data, resolve=True), first.train.seq_len, first.paths.cache])
+    tokens, _ = data.train_tokens(first)
+    graph = [Stage("tokenize", data_key, tokenize, [overrides], disk_bytes=2 * (tokens or 0))]  # uint16 ids
+    distilled = [(j, c, r) for j, c, r in planned if c.method.name in C.DISTILLED]
+    after_teacher = [graph[0].job_name]
+    if distilled:
+        j, c, _ = distilled[0]
+        given = OmegaConf.is_missing(c.teacher, "ckpt") or c.teacher.ckpt  # the user's teacher (to be) given
+        if not given and not teacher.teacher_path(c).exists():
+            tcfg = teacher.teacher_config(c)
+            graph.append(Stage("teacher", C.run_key(tcfg), pretrain_teacher, [j], [graph[0].job_name],
+                               gpu_hours=gpu_hours(plan_run(tcfg), throughput(tcfg)[0]),
+                               disk_bytes=4 * count_parameters(tcfg.student)["total"]))
+            after_teacher = [graph[-1].job_name]
+        cached = [(j, c, r) for j, c, r in distilled if c.teacher.source == "cache"]
+        if cached:
+            extents = [cache_extents(c, r) for _, c, r in cached]
+            top, hidden = max(e[0] for e in extents), max(e[1] for e in extents)
+            j, c, _ = cached[0]
+            tasks = int(c.cache.tasks)
+            share = [o for o in j if not o.startswith(("cache.task=", "cache.tasks=", "cache.rows=",
+                                                       "cache.hidden_rows="))]
+            share += [f"cache.rows={top}", f"cache.hidden_rows={hidden}", f"cache.tasks={tasks}"]
+            key = C.digest([C.run_key(teacher.teacher_config(c)) if not given else OmegaConf.select(c, "teacher.ckpt"),
+                            data_key, top, hidden, c.cache.values_dtype, c.cache.hidden_dtype])
+            as_student = c.copy()
+            as_student.student = c.teacher.model
+            forward = flops_per_token(as_student)["data"] / 3  # the teacher's forward alone: a third of training
+            storage = cache_storage([c for _, c, _ in cached], [r for _, _, r in cached],
+                                    tokens // c.train.seq_len if tokens else None)  # at most the order's rows
+            graph.append(Stage("cache", key, build_cache, [share + [f"cache.task={t}"] for t in range(tasks)],
+                               after_teacher, gpu_hours=storage["tokens"] * forward / (c.plan.mfu * c.plan.peak_flops)
+                               / 3600, disk_bytes=storage["bytes"]))
+            after_teacher = [graph[-1].job_name]
+    for j, c, r in planned:
+        waits = after_teacher if c.method.name in C.DISTILLED else [graph[0].job_name]
+        graph.append(Stage("student", r.run_key, train, [j], waits, gpu_hours=gpu_hours(r, throughput(c)[0]),
+                           disk_bytes=4 * count_parameters(c.student)["total"]))
+    exp = first.tracking.experiment
+    command = [sys.executable, "-m", "analysis.report", "--experiment", exp, "--tracking-uri", first.tracking.uri,
+               "--out", str(Path("reports") / exp)]
+    graph.append(Stage("report", C.digest(exp), report, [command],
+                       [s.job_name for s in graph if s.name == "student"], ok=False))
+    return graph
+
+
+def table(graph: list[Stage]) -> str:
+    """The stage graph: one line per stage, its jobs, GPU-hours (CPU stages: none) and bytes on disk."""
+    lines = [f"{'stage':9} {'jobs':>5} {'GPU-h':>9} {'disk GB':>9}  waits for"]
+    for name in dict.fromkeys(s.name for s in graph):
+        group = [s for s in graph if s.name == name]
+        waits = sorted({w.split("-")[1] for s in group for w in s.after})
+        lines.append(f"{name:9} {sum(len(s.tasks) for s in group):5d} {sum(s.gpu_hours for s in group):9.4g} "
+                     f"{sum(s.disk_bytes for s in group) / 1e9:9.4g}  {', '.join(waits) or '-'}")
+    return "\n".join(lines)
