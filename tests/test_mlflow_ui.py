@@ -134,7 +134,7 @@ def test_runs_table_sorts_by_the_comparison_with_kd(server, study, page, tmp_pat
     page.goto(server)
     page.evaluate("() => localStorage.clear()")  # the UI keeps a table's grouping: start from the defaults
     page.goto(f"{server}/#/experiments/{study['exp']}/runs?orderByKey={urllib.parse.quote(key)}&orderByAsc=false")
-    page.get_by_role("button", name="Columns").click()
+    page.get_by_role("button", name="Columns", exact=True).click()
     page.get_by_placeholder("Search columns").fill("vs_kd/eval/val_logppl")
     page.get_by_text("vs_kd/eval/val_logppl", exact=True).last.click()
     page.keyboard.press("Escape")
