@@ -84,6 +84,16 @@ def _missing_option(text: str) -> str:
     return f"{group.replace('/', '.')}={option} is invalid: expected {allowed}"
 
 
+def sweep_args(argv: list[str] | None, doc: str) -> list[str] | None:
+    """The overrides of a command that takes a sweep (`-m` optional: it always expands one); None, after
+    printing `doc`, when --help was asked for."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-m", "--multirun")]
+    if any(a in ("-h", "--help") for a in args):
+        print(doc)
+        return None
+    return args
+
+
 def report(prog: str, err: BaseException) -> int:
     """Print the one-line form of a user's mistake and return exit status 2; re-raise anything else."""
     line = explain(err)

@@ -123,9 +123,7 @@ def run_here(graph: list[Stage]) -> None:
 
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-m", "--multirun")]
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
+    if (args := cli.sweep_args(argv, __doc__)) is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     dry_run = "--dry-run" in args
@@ -137,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     slurm = hydra.launcher._target_.endswith("SlurmLauncher")
     ranks = int(hydra.launcher.get("nodes") or 1) * int(hydra.launcher.get("tasks_per_node") or 1) if slurm else None
     # Every job checked (and, to submit, sbatch on PATH); the distinct ones left to run.
-    todo = study.check_sweep(jobs, "" if dry_run else hydra.launcher._target_, ranks)
-    planned = [p for p in study.plan_jobs(todo, ranks=ranks)[0]]
-    graph = stages(planned)
+    graph = stages(study.launch_plan(jobs, "" if dry_run else hydra.launcher._target_, ranks))
     if not graph:
         print("pipeline: every run of the study has finished: nothing to do")
         return 0

@@ -72,9 +72,7 @@ def bias_table(planned: list) -> str:
 
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-m", "--multirun")]
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
+    if (args := cli.sweep_args(argv, __doc__)) is None:
         return 0
     jobs = expand_sweep(args)
     planned, bad = plan_jobs(jobs)

@@ -22,7 +22,6 @@ from omegaconf import DictConfig
 
 from hldx import config as C
 from hldx import cli, job
-from hldx.device import ranks
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
@@ -30,9 +29,8 @@ from hldx.device import ranks
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # here, not under __main__: SLURM jobs start here
     transformers.utils.logging.disable_progress_bar()
-    job.check(cfg, ranks=ranks())  # every key and every stage's plan, before any work
     C.warn_unused(cfg, list(HydraConfig.get().overrides.task))
-    return job.run(cfg).get("eval/val_logppl")
+    return job.run(cfg).get("eval/val_logppl")  # every key and every stage's plan checked before any work
 
 
 if __name__ == "__main__":

@@ -87,7 +87,13 @@ def plan_sweep(overrides: list[str]) -> tuple[list[RunPlan], list[str]]:
 
 
 def check_sweep(jobs: list[list[str]], launcher: str = "", ranks: int | None = None) -> list[list[str]]:
-    """The jobs of a sweep left to launch, one per run_key, before anything is launched.
+    """The overrides of each job of launch_plan's."""
+    return [job for job, _, _ in launch_plan(jobs, launcher, ranks)]
+
+
+def launch_plan(jobs: list[list[str]], launcher: str = "", ranks: int | None = None) -> list[Planned]:
+    """The jobs of a sweep left to launch, one per run_key, with their config and plan, before anything is
+    launched.
 
     Every job is composed, checked and planned (on `ranks` ranks: the launcher's); bad jobs, a job too big for
     plan.device_memory, a distilled job without its teacher, a SLURM
@@ -106,9 +112,9 @@ def check_sweep(jobs: list[list[str]], launcher: str = "", ranks: int | None = N
         raise refusal(errors + problems, len(jobs), " in the sweep; nothing was launched")
     if problems:
         raise ConfigError("nothing was launched:\n" + "\n".join(problems))
-    todo = [(job, cfg) for job, cfg, run in planned if not J.finished(cfg, run.run_key)]
+    todo = [(job, cfg, run) for job, cfg, run in planned if not J.finished(cfg, run.run_key)]
     log.info("sweep: %d job(s), %d distinct, %d finished already: launching %d", len(jobs), len(planned),
              len(planned) - len(todo), len(todo))
-    for job, cfg in todo:
+    for _, cfg, _ in todo:
         log.info("  %s", C.run_name(cfg))
-    return [job for job, _ in todo]
+    return todo

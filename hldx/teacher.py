@@ -71,17 +71,22 @@ def check(cfg: DictConfig, launch: bool = True) -> None:
         teacher_config(cfg)  # an on-demand teacher needs its recipe
 
 
-def check_checkpoint(cfg: DictConfig, path: Path) -> None:
-    """A given teacher.ckpt, before anything runs: its shapes (config.json) against teacher.model, and the
-    tokenizer saved with it against the data's by content digest (once the data's tokenizer exists)."""
+def _check_shapes(cfg: DictConfig, path: Path) -> None:
+    """The teacher saved at `path` (its config.json) against teacher.model's vocabulary, width and depth."""
     if not (path / "config.json").exists():
-        raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt} holds no checkpoint (config.json missing): point it at "
-                          f"the teacher's saved model directory")
+        raise ConfigError(f"teacher.ckpt={path} holds no checkpoint (config.json missing): point it at the "
+                          f"teacher's saved model directory")
     got, want = json.loads((path / "config.json").read_text()), cfg.teacher.model
     for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
         if got.get(key) != want[key]:
-            raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt} has {key}={got.get(key)} but teacher.model.{key}="
+            raise ConfigError(f"the teacher at {path} has {key}={got.get(key)} but teacher.model.{key}="
                               f"{want[key]}: pick the matching teacher preset or override teacher.model.{key}")
+
+
+def check_checkpoint(cfg: DictConfig, path: Path) -> None:
+    """A given teacher.ckpt, before anything runs: its shapes (config.json) against teacher.model, and the
+    tokenizer saved with it against the data's by content digest (once the data's tokenizer exists)."""
+    _check_shapes(cfg, path)
     ours = data.built_tokenizer(cfg)
     if (path / "tokenizer.json").exists() and ours is not None:
         theirs = PreTrainedTokenizerFast.from_pretrained(str(path))
@@ -94,16 +99,8 @@ def check_checkpoint(cfg: DictConfig, path: Path) -> None:
 def load_teacher(cfg: DictConfig) -> torch.nn.Module:
     """The frozen teacher, checked against the configured shape (vocabulary, hidden size)."""
     path = teacher_path(cfg)
-    if not (path / "config.json").exists():
-        raise ConfigError(f"teacher.ckpt={path} holds no checkpoint (config.json missing): point it at the "
-                          f"teacher's saved model directory")
-    model = load_model(str(path))
-    got, want = model.config, cfg.teacher.model
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
-        if getattr(got, key) != want[key]:
-            raise ConfigError(f"the teacher at {path} has {key}={getattr(got, key)} but teacher.model.{key}="
-                              f"{want[key]}: pick the matching teacher preset or override teacher.model.{key}")
-    return model.eval().requires_grad_(False)
+    _check_shapes(cfg, path)
+    return load_model(str(path)).eval().requires_grad_(False)
 
 
 class OnlineTeacher:

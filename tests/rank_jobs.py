@@ -5,11 +5,6 @@ import json
 import sys
 
 from hldx import config, job
-from hldx.budget import parallel_mode
-from hldx.device import join
 
 for overrides in json.loads(open(sys.argv[1]).read()):
-    cfg = config.compose(overrides)
-    job.check(cfg)
-    join(cfg, alone=parallel_mode(cfg, 1) != "none")
-    job.execute(cfg)
+    job.run(config.compose(overrides))

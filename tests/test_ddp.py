@@ -16,20 +16,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from slurm_cluster import free_port
+from test_distributed import curve
 
 from hldx import config as C
 from hldx.job import execute
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def loss_curve(uri: str, experiment: str) -> list[tuple[int, float]]:
-    """(step, train/loss) of the one student run in the experiment."""
-    mlflow = MlflowClient(uri)
-    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name(experiment).experiment_id],
-                                filter_string="tags.`hldx.role` = 'student'")
-    assert run.info.status == "FINISHED"
-    return sorted((m.step, m.value) for m in mlflow.get_metric_history(run.info.run_id, "train/loss"))
 
 
 def final_weights(runs: Path) -> dict[str, torch.Tensor]:
@@ -50,8 +42,8 @@ def test_two_ranks_with_half_batches_follow_the_one_rank_loss_curve(tiny, tmp_pa
     execute(C.compose(overrides + one))
 
     experiment = C.compose(overrides).tracking.experiment
-    curve_two, curve_one = loss_curve(f"sqlite:///{tmp_path}/two.db", experiment), \
-        loss_curve(f"sqlite:///{tmp_path}/one.db", experiment)
+    curve_two, curve_one = curve(f"sqlite:///{tmp_path}/two.db", experiment), \
+        curve(f"sqlite:///{tmp_path}/one.db", experiment)
     assert [s for s, _ in curve_two] == [s for s, _ in curve_one] == list(range(2, 33, 2))
     assert [v for _, v in curve_two] == pytest.approx([v for _, v in curve_one], rel=1e-5)
     assert curve_one[-1][1] < curve_one[0][1] - 0.3  # it learnt: the curves compared are not flat
