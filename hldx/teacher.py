@@ -162,8 +162,7 @@ def build_cache(cfg: DictConfig, spec: CacheSpec, rows: Rows, device: torch.devi
     def teacher_fn(tokens_BxL: Tensor, topk: bool, hidden: bool):
         if not online:
             online.append(OnlineTeacher(cfg, load_teacher(cfg), device))
-        idx, val, hid = online[0](tokens_BxL.to(device), topk, hidden)
-        return tuple(None if t is None else t.cpu() for t in (idx, val, hid))
+        return online[0](tokens_BxL.to(device), topk, hidden)  # encoded on the device (hldx.store.write)
 
     return build(spec, cache_dir(cfg, spec), teacher_fn,
                  lambda r: torch.from_numpy(rows.tokens_RxL[r].astype(np.int64)), shards,
