@@ -30,7 +30,7 @@ class Engine:
     """A PhaseNet wrapped for the job's ranks (see the module docstring); `module(tokens)` runs it."""
 
     def __init__(self, net: PhaseNet, mode: str, device: torch.device):
-        self.net, self.mode = net, mode
+        self.net, self.mode, self.device = net, mode, device
         if mode == "ddp":
             self.module = nn.parallel.DistributedDataParallel(
                 net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
@@ -60,10 +60,12 @@ class Engine:
             self.module.set_requires_gradient_sync(last)
         return nullcontext()
 
-    def clip(self, max_norm: float) -> None:
-        """Scale the student's gradients, then the regressor's, so each group's norm is at most max_norm, as
-        clip_grad_norm_ does; the norm is summed in float64 (over the shards, under FSDP2), so the scale, rounded
-        to float32, does not depend on how the gradients are split over ranks."""
+    def clip(self, max_norm: float | None) -> torch.Tensor:
+        """The gradients' norm (a device tensor, no host sync); with max_norm, scale the student's gradients,
+        then the regressor's, so each group's norm is at most max_norm, as clip_grad_norm_ does. The norm is
+        summed in float64 (over the shards, under FSDP2), so the scale, rounded to float32, does not depend on
+        how the gradients are split over ranks."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for group in (self.params, self.extra):
             grads = [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in group) if g is not None]
             if not grads:
@@ -71,8 +73,11 @@ class Engine:
             squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads]).sum()
             if self.mode == "fsdp":
                 dist.all_reduce(squares)
-            scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0).float()
-            torch._foreach_mul_(grads, scale)
+            total += squares
+            if max_norm:
+                scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0).float()
+                torch._foreach_mul_(grads, scale)
+        return total.sqrt()
 
     def _state(self, optimizer: torch.optim.Optimizer) -> dict:
         net, optim = get_state_dict(self.module, optimizer)
