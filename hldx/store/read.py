@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import errno
 import os
 from pathlib import Path
 
@@ -56,7 +57,9 @@ class CacheReader:
             b = min(stop, rows.stop)
             try:
                 self._read_checked(part, shard, a, b, [t[a - start:b - start] for t in out])
-            except FileNotFoundError:  # removed by gc since this reader resolved it: another shard serves it
+            except OSError as err:  # removed by gc since this reader resolved it: another shard serves it
+                if err.errno not in (errno.ENOENT, errno.ESTALE):  # ESTALE: removed on another NFS client
+                    raise
                 self.resolve()
                 i = bisect.bisect_right(self.starts[part], a) - 1
                 if i < 0 or self.cover[part][i][1] == shard or self.cover[part][i][0].stop <= a:

@@ -3,9 +3,10 @@ shared by concurrent workers across processes and nodes (a file lock per block o
 correctness does not depend on it), and grown by adding shards when a job needs more rows (hldx.store.shards)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -133,6 +134,24 @@ def _write_shards(root: Path, spec: CacheSpec, todo: dict[str, range], teacher_f
         raise
 
 
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """A lock that keeps two workers from computing one block twice, where the file system has file locks
+    (Lustre mounted without -o flock has none): correctness never depends on it."""
+    lock = FileLock(path)
+    try:
+        lock.acquire()
+    except (OSError, NotImplementedError) as err:
+        log.warning("no file lock on %s (%s): workers may compute a block twice; the cache stays correct",
+                    path.parent, err)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def build(spec: CacheSpec, out_dir: str | os.PathLike, teacher_fn: TeacherFn, row_tokens_fn: RowTokensFn,
           shards: range | None = None, *, batch_rows: int = 8, progress: bool = True) -> bool:
     """Build what the spec's extents need of blocks `shards` (indices of rows_per_shard rows; default all) and
@@ -167,7 +186,7 @@ def build(spec: CacheSpec, out_dir: str | os.PathLike, teacher_fn: TeacherFn, ro
     with Progress(total=total, unit="tok", unit_scale=True, desc=f"teacher cache {root.name}", disable=not progress,
                   mininterval=5) as bar:
         for i, need in todo.items():
-            with FileLock(root / "locks" / f"shard-{i}.lock"):
+            with _lock(root / "locks" / f"shard-{i}.lock"):
                 # Another worker may have written exactly these shards meanwhile.
                 need = {p: r for p, r in need.items() if check_shard(root, spec, p, r) is not None}
                 if need:
