@@ -237,14 +237,26 @@ def cache_storage(configs: list[DictConfig], jobs: list[RunPlan], rows: int | No
             "bytes": round(seq * (top * per_token["topk"] + hidden * per_token["hidden"]))}
 
 
+def layer_activation_bytes(m: DictConfig, gpu: bool) -> float:
+    """What one token's forward keeps for the backward in one Gemma3 decoder layer, as saved-tensor hooks count
+    it (tests/test_gpu_path.py): its six RMSNorms keep their float32 input and normalised output (4 of width d,
+    q and k per head: 32 d + 8 (q + kv) bytes); attention keeps q, k, v and its output, the GeGLU MLP its gate,
+    up, activation and down input (2 q + 2 kv and 4 I values in the compute dtype); under bf16 autocast each of
+    the five matmuls fed by a norm casts its input anew (10 d), in float32 two more d-vectors stay (8 d); and a
+    float32 rsqrt per norm and head, the attention's log-sum-exp per head."""
+    q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+    half = 2 if gpu else 4
+    per_head = 4 * (4 + 2 * m.num_attention_heads + m.num_key_value_heads)
+    return 32 * m.hidden_size + 8 * (q + kv) + half * (2 * q + 2 * kv + 4 * m.intermediate_size) \
+        + (10 if gpu else 8) * m.hidden_size + per_head
+
+
 def _activation_bytes_per_token(cfg: DictConfig, phase: str, gpu: bool) -> float:
-    """What one token's forward keeps for the backward: per decoder layer the inputs of its norms (float32:
-    the residual stream) and of its matmuls, attention and GeGLU (bfloat16 on a GPU, float32 on a CPU), about
-    5 d + 3 q + 3 kv + 4 I values; the logits and their gradient at the head; the regressor's."""
+    """What one token's forward keeps for the backward: the decoder layers it runs (layer_activation_bytes);
+    at the head the logits and their gradient (the compute dtype); the regressor's input and output."""
     s, t = cfg.student, cfg.teacher.model
     half = 2 if gpu else 4
-    q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
-    layer = 4 * 5 * s.hidden_size + half * (3 * q + 3 * kv + 4 * s.intermediate_size)
+    layer = layer_activation_bytes(s, gpu)
     if phase == "ht":
         width = cfg.method.get("regressor_expansion", 4) * s.hidden_size
         return middle_layer(s.num_hidden_layers, cfg.hidden.student_layer) * layer + 4 * (width + t.hidden_size)
@@ -257,7 +269,7 @@ def memory_per_rank(cfg: DictConfig, mode: str, ranks: int, gpu: bool = True) ->
     weights (float32; under FSDP2 a shard, plus a layer and the root unsharded in bf16 for compute),
     gradients (float32, DDP's buckets are their views), AdamW's two moments, and the activations of one
     micro-batch (train.micro_batch_size, else the rank's share of train.batch_size). An estimate, to refuse
-    what cannot fit before launch; the GPU bench measures the real peak."""
+    what cannot fit before launch; the GPU bench measures the real peak beside it."""
     s, t = cfg.student, cfg.train
     n = count_parameters(s)
     expansion = cfg.method.get("regressor_expansion", 4)
@@ -273,7 +285,9 @@ def memory_per_rank(cfg: DictConfig, mode: str, ranks: int, gpu: bool = True) ->
                "activations": micro * t.seq_len * _activation_bytes_per_token(cfg, phase.name, gpu)}
         if mode == "fsdp":
             out["weights"] += (2 if gpu else 4) * (2 * layer + n["embedding"] + reg)  # unsharded for compute
-            out["gradients"] += 4 * layer  # one layer's full gradient before its reduce-scatter
+            # Gradients are reduce-scattered after the last micro-batch only (set_requires_gradient_sync): until
+            # then every layer keeps its full gradient, upcast to float32; with one micro-batch, one layer's.
+            out["gradients"] += 4 * (p if micro < t.batch_size // ranks else layer)
         out["total"] = sum(out.values())
         if out["total"] > worst.get("total", 0):
             worst = out

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from hldx import config as C
+from hldx.budget import layer_activation_bytes
 from hldx.models import attention_masks, build_model, forward
 
 
@@ -44,3 +46,33 @@ def test_no_mask_where_the_window_covers_the_sequence(monkeypatch, seq_len):
         assert call["kv_heads"] == cfg.student.num_key_value_heads or masked  # K/V not repeated per head
     assert attention_masks(model.config, tokens_BxL)["sliding_attention"] is None or not covered
     torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def _saved_bytes(model, tokens_BxL: torch.Tensor) -> int:
+    """Bytes autograd saves for the backward of a bf16-autocast forward, each storage counted once."""
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        forward(model, tokens_BxL)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("student", ["gemma3-123m", "gemma3-735m"])
+def test_planned_layer_activations_match_saved_tensors_under_bf16(student):
+    """The plan's bytes per token per decoder layer within 15% of what saved-tensor hooks see under bf16
+    autocast: (4 layers - 2 layers) at (2 rows - 1 row), so the weights' bf16 casts, the embedding and the
+    RoPE tables drop out (a small vocabulary: the head is not what is measured)."""
+    cfg = C.compose([f"student={student}"])
+    L, saved = 256, {}
+    for depth in (2, 4):
+        model = build_model(OmegaConf.merge(cfg.student, {"num_hidden_layers": depth, "vocab_size": 512}), 0).train()
+        for rows in (1, 2):
+            saved[depth, rows] = _saved_bytes(model, torch.randint(0, 512, (rows, L)))
+    measured = ((saved[4, 2] - saved[2, 2]) - (saved[4, 1] - saved[2, 1])) / 2 / L
+    planned = layer_activation_bytes(cfg.student, gpu=True)
+    print(f"{student}: {measured:,.0f} bytes per token per layer measured, {planned:,.0f} planned")
+    assert planned == pytest.approx(measured, rel=0.15)
