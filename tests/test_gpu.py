@@ -1,10 +1,11 @@
 """On a CUDA GPU (skipped without one): the trainer's bf16 step agrees with its fp32 CPU step and makes no
-host-device synchronisation, and the KD step of the paper's students reports its speed and peak memory,
-within one 80 GB GPU."""
+host-device synchronisation; the KD step of the paper's students reports its speed and peak memory, within
+one 80 GB GPU; attention takes the flash or cuDNN kernel; the loader's copies overlap compute."""
 from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from hldx import config as C
 from hldx import data
 from hldx.bench.steps import READS, method_phases, random_cache
 from hldx.loader import Loader
-from hldx.models import build_model, build_regressor, compile_layers
+from hldx.models import build_model, build_regressor, compile_layers, forward
 from hldx.train import Trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -86,3 +87,53 @@ def test_kd_step_of_the_paper_students_fits_80gb(hldx_cache, tmp_path, student):
     assert 0 < r["peak_mem_gib"]["kd"] < 80
     if "mfu" in r:
         assert 0 < r["mfu"]["kd"] < 1
+
+
+@pytest.mark.parametrize("student", ["gemma3-123m", "gemma3-735m"])
+def test_attention_takes_the_flash_or_cudnn_kernel(student):
+    """At the paper's L = 512 = sliding_window no layer gets a mask: SDPA dispatches every layer, forward and
+    backward, to the flash or cuDNN kernel (named in the output), never the memory-efficient or math one."""
+    cfg = C.compose([f"student={student}"])
+    model = build_model(cfg.student, 0).cuda().train()
+    tokens_BxL = torch.randint(0, cfg.student.vocab_size, (2, 512), device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, _ = forward(model, tokens_BxL)
+        logits.float().mean().backward()
+        torch.cuda.synchronize()
+    ops = [e.name for e in prof.events() if "scaled_dot_product" in e.name or "attention" in e.name.lower()]
+    print(student, sorted(set(ops)))
+    fast = [n for n in ops if n in ("aten::_scaled_dot_product_flash_attention",
+                                    "aten::_scaled_dot_product_cudnn_attention")]
+    assert len(fast) == cfg.student.num_hidden_layers
+    assert not [n for n in ops if "efficient_attention" in n or "attention_math" in n]
+
+
+def test_loader_copies_on_a_side_stream_ahead_of_compute(hldx_cache, tmp_path):
+    """With the compute stream busy (a ~1 s sleep kernel queued), a step's copies complete on the loader's own
+    stream; the step's values on the device are the ones the CPU loader reads; its threads use the device."""
+    cfg = C.compose(TINY)
+    tokenizer = data.tokenizer_for(cfg)
+    rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    batches = data.Batches(rows, cfg.train.batch_size)
+    reader = random_cache(cfg, rows, tmp_path / "cache", data.tokenizer_digest(tokenizer))
+    dev = torch.device("cuda", torch.cuda.current_device())
+    parts, B = ("topk", "hidden"), cfg.train.batch_size
+    with Loader(batches, reader, parts, range(3), torch.device("cpu")) as host:
+        expected = [host.get(s).micro(0, B) for s in range(3)]
+        expected = [(m.tokens_BxL.clone(), m.topk_val_BxLxK.clone(), m.hidden_BxLxD.clone()) for m in expected]
+    with Loader(batches, reader, parts, range(3), dev, 2, 2) as loader:
+        assert loader.pool.submit(torch.cuda.current_device).result() == dev.index
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # the compute stream busy for about a second
+        got = [loader.get(0)]             # step 0's copies: nothing issued them before
+        deadline = time.monotonic() + 0.5
+        while not loader.slots[0].copied.query() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert loader.slots[0].copied.query() and not torch.cuda.current_stream().query()
+        got += [loader.get(1), loader.get(2)]
+        for step, (tokens, values, hidden) in zip(got, expected):
+            m = step.micro(0, B)
+            assert m.tokens_BxL.device == dev and torch.equal(m.tokens_BxL.cpu(), tokens)
+            assert torch.equal(m.topk_val_BxLxK.cpu(), values) and torch.equal(m.hidden_BxLxD.cpu(), hidden)
