@@ -3,6 +3,11 @@ covers the sequence (the flash / cuDNN SDPA path on a GPU), the memory plan agai
 teacher's top-k in float32 from bfloat16 weights, bf16 autocast, torch.compile and FSDP2's mixed precision."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +15,11 @@ from omegaconf import OmegaConf
 
 from hldx import config as C
 from hldx.budget import layer_activation_bytes
+from hldx.device import device_of
+from hldx.errors import ConfigError
 from hldx.models import attention_masks, build_model, forward
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _sdpa_calls(monkeypatch) -> list[dict]:
@@ -76,3 +85,32 @@ def test_planned_layer_activations_match_saved_tensors_under_bf16(student):
     planned = layer_activation_bytes(cfg.student, gpu=True)
     print(f"{student}: {measured:,.0f} bytes per token per layer measured, {planned:,.0f} planned")
     assert planned == pytest.approx(measured, rel=0.15)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here")
+@pytest.mark.parametrize("entry", ["hldx.run", "hldx.bench"])
+def test_a_gpu_asked_for_where_torch_sees_none_is_refused_before_any_work(tmp_path, entry):
+    """One line naming the key and what torch reports, exit status 2; nothing tokenized, no run started."""
+    result = subprocess.run([sys.executable, "-m", entry, "method=nll", "train.device=cuda",
+                             f"paths.runs={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/m.db"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "HLDX_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"python -m {entry}: error: train.device=cuda is invalid here: torch {torch.__version__}")
+    assert "built without CUDA" in line or "sees 0 CUDA device(s)" in line
+    assert not (tmp_path / "cache" / "streams").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("count, local, given", [(8, 3, 3), (1, 3, 0), (2, 0, 0), (2, 3, None)])
+def test_each_rank_takes_its_local_gpu(monkeypatch, count, local, given):
+    """LOCAL_RANK indexes the GPUs torch sees; a task that sees one GPU takes it; a rank without one is refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setenv("LOCAL_RANK", str(local))
+    cfg = C.compose(["train.device=cuda"])
+    if given is None:
+        with pytest.raises(ConfigError, match=f"train.device=cuda is invalid for local rank {local}"):
+            device_of(cfg)
+    else:
+        assert device_of(cfg) == torch.device("cuda", given)
