@@ -130,6 +130,18 @@ def forward(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int | None = No
     return logits_BxLxV, seen["h"]
 
 
+def final_state(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int | None = None
+                ) -> tuple[Tensor, Tensor | None]:
+    """The residual stream after the last decoder layer, before the final norm (the model's dtype), and the
+    hidden state after `layer` when asked for; no norm, no head: its caller computes those as it needs."""
+    body, masks = truncated(model, model.config.num_hidden_layers), attention_masks(model.config, tokens_BxL)
+    if layer is None:
+        return body(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).last_hidden_state, None
+    with _tap(model, layer) as seen:
+        h_BxLxD = body(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).last_hidden_state
+    return h_BxLxD, seen["h"]
+
+
 def truncated(model: Gemma3ForCausalLM, layer: int) -> nn.Module:
     """The backbone up to decoder layer `layer`, sharing its modules: the embedding and the first `layer` layers,
     no final norm, so its last_hidden_state is HF's hidden_states[layer] and nothing above it runs."""

@@ -14,10 +14,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from hldx import config as C
+from hldx import losses
 from hldx.budget import layer_activation_bytes
 from hldx.device import device_of
 from hldx.errors import ConfigError
 from hldx.models import attention_masks, build_model, forward
+from hldx.store import CacheSpec, decode_topk, encode_topk
+from hldx.teacher import OnlineTeacher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,3 +117,42 @@ def test_each_rank_takes_its_local_gpu(monkeypatch, count, local, given):
             device_of(cfg)
     else:
         assert device_of(cfg) == torch.device("cuda", given)
+
+
+def test_teacher_in_bf16_weights_keeps_the_cache_precision():
+    """The teacher as a GPU runs it, bfloat16 weights, on a CPU: its top-k, stored relative to the maximum in
+    bfloat16, moves the KD loss by what storage alone costs, against logits computed here from the same bf16
+    model's last residual state with the final RMSNorm and tied head in float32; a top-k taken from the
+    model's own bf16 logits (what autocast gave) costs several times more."""
+    cfg = C.compose(["method=kd", "teacher=tiny"])
+    shape = OmegaConf.merge(cfg.teacher.model, {"vocab_size": 32000})
+    model = build_model(shape, 0).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the largest logits near 20, as the paper's teacher's
+        model.lm_head.weight.copy_(3 / shape.hidden_size ** 0.5 * torch.randn(model.lm_head.weight.shape, generator=g))
+    W_VxD, w_D, eps = model.lm_head.weight.detach().clone(), model.model.norm.weight.detach().clone(), model.config.rms_norm_eps
+    tokens_BxL = torch.randint(0, 32000, (2, 64), generator=g)
+    online = OnlineTeacher(cfg, model, torch.device("cpu"), dtype=torch.bfloat16)
+    seen = {}  # the last layer's output as the teacher computes it (bfloat16)
+    model.model.layers[-1].register_forward_hook(lambda m, a, out: seen.setdefault("h", out))
+    idx, rel, _ = online(tokens_BxL, logits=True, hidden=False)
+    with torch.no_grad():
+        bf16_logits = model(input_ids=tokens_BxL).logits.float()
+        h = (seen["h"][0] if isinstance(seen["h"], tuple) else seen["h"]).float()
+        exact = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * (1 + w_D)) @ W_VxD.T
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16 and exact.amax() > 15
+    student = exact + 2 * torch.randn(exact.shape, generator=g)
+    val, ref_idx = exact.topk(128, dim=-1)
+    reference = losses.sparse_kd(student, ref_idx, val, 1.0)
+
+    def stored_error(idx, values):
+        stored = decode_topk(*encode_topk(CacheSpec("t", "tok", "s", 64, 128, 32000, 1, 1, "bfloat16", "bfloat16"),
+                                          idx, values - values[..., :1]))
+        return float((losses.sparse_kd(student, *stored, 1.0) - reference).abs() / reference)
+
+    ours, storage = stored_error(idx, rel), stored_error(ref_idx, val)
+    b_val, b_idx = bf16_logits.topk(128, dim=-1)
+    autocast_like = stored_error(b_idx, b_val)
+    print(f"\nKD-loss error of the stored top-k (largest logits {exact.amax(-1).mean():.1f}): fp32 head on bf16 "
+          f"weights {ours:.2e} (storage alone {storage:.2e}), from the bf16 logits {autocast_like:.2e}")
+    assert ours <= storage * 1.01 + 1e-8 and autocast_like > 5 * ours
