@@ -264,11 +264,29 @@ def _activation_bytes_per_token(cfg: DictConfig, phase: str, gpu: bool) -> float
     return s.num_hidden_layers * layer + head + (4 * t.hidden_size if phase == "hldc" else 0)
 
 
-def memory_per_rank(cfg: DictConfig, mode: str, ranks: int, gpu: bool = True) -> dict[str, float]:
+def _input_bytes(cfg: DictConfig, phase, rows: int, micro: int) -> float:
+    """The loader's copies on the device (hldx.loader): two steps of this rank's rows as stored (a step's copies
+    are issued while the one before computes) and one micro-batch decoded (int64 ids and float32 values of the
+    top-k, float32 hidden states)."""
+    t, k = cfg.teacher.model, cfg.method.get("top_k", 128)
+    stored, decoded = 4.0, 8.0  # the tokens: int32 as stored, int64 on the device
+    if cfg.method.name in C.DISTILLED and cfg.teacher.source == "cache":
+        per_token = bytes_per_token(CacheSpec("", "", "", cfg.train.seq_len, k, t.vocab_size, 1, t.hidden_size,
+                                              cfg.cache.values_dtype, cfg.cache.hidden_dtype))
+        if phase.needs_teacher_logits:
+            stored, decoded = stored + per_token["topk"], decoded + 12 * k
+        if phase.needs_teacher_hidden:
+            stored, decoded = stored + per_token["hidden"], decoded + 4 * t.hidden_size
+    return cfg.train.seq_len * (2 * rows * stored + micro * decoded)
+
+
+def memory_per_rank(cfg: DictConfig, mode: str, ranks: int, gpu: bool = True, phase: str | None = None
+                    ) -> dict[str, float]:
     """Bytes per rank of each phase of cfg's job under parallel `mode` on `ranks` ranks, the largest phase's:
     weights (float32; under FSDP2 a shard, plus a layer and the root unsharded in bf16 for compute),
-    gradients (float32, DDP's buckets are their views), AdamW's two moments, and the activations of one
-    micro-batch (train.micro_batch_size, else the rank's share of train.batch_size). An estimate, to refuse
+    gradients (float32, DDP's buckets are their views), AdamW's two moments, the activations of one
+    micro-batch (train.micro_batch_size, else the rank's share of train.batch_size) and, on a GPU, the
+    loader's copies of its inputs. `phase`: that phase's alone. An estimate, to refuse
     what cannot fit before launch; the GPU bench measures the real peak beside it."""
     s, t = cfg.student, cfg.train
     n = count_parameters(s)
@@ -277,12 +295,15 @@ def memory_per_rank(cfg: DictConfig, mode: str, ranks: int, gpu: bool = True) ->
     shard = ranks if mode == "fsdp" else 1
     layer = (n["backbone"] - 2 * s.hidden_size) / s.num_hidden_layers  # one decoder layer's parameters
     worst: dict[str, float] = {}
-    for phase in phases(cfg):
-        reg = _regressor_params(phase.regressor, s.hidden_size, cfg.teacher.model.hidden_size, expansion) \
-            if phase.regressor else 0
+    for each in phases(cfg):
+        if phase is not None and each.name != phase:
+            continue
+        reg = _regressor_params(each.regressor, s.hidden_size, cfg.teacher.model.hidden_size, expansion) \
+            if each.regressor else 0
         p = n["total"] + reg
         out = {"weights": 4 * p / shard, "gradients": 4 * p / shard, "adamw": 8 * p / shard,
-               "activations": micro * t.seq_len * _activation_bytes_per_token(cfg, phase.name, gpu)}
+               "activations": micro * t.seq_len * _activation_bytes_per_token(cfg, each.name, gpu),
+               "inputs": _input_bytes(cfg, each, t.batch_size // ranks, micro) if gpu else 0.0}
         if mode == "fsdp":
             out["weights"] += (2 if gpu else 4) * (2 * layer + n["embedding"] + reg)  # unsharded for compute
             # Gradients are reduce-scattered after the last micro-batch only (set_requires_gradient_sync): until

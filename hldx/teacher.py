@@ -165,15 +165,15 @@ def cache_dir(cfg: DictConfig, spec: CacheSpec) -> Path:
 
 
 def build_cache(cfg: DictConfig, spec: CacheSpec, rows: Rows, device: torch.device,
-                shards: range | None = None) -> bool:
+                shards: range | None = None, online: OnlineTeacher | None = None) -> bool:
     """Build what `spec`'s extents need of `shards` (default: all) and the cache lacks; whether it is complete.
-    The teacher is loaded only if a shard is missing."""
-    online: list[OnlineTeacher] = []
+    The teacher runs as `online`, else as cfg's, loaded only if a shard is missing."""
+    teachers = [online] if online is not None else []
 
     def teacher_fn(tokens_BxL: Tensor, topk: bool, hidden: bool):
-        if not online:
-            online.append(OnlineTeacher(cfg, load_teacher(cfg), device))
-        idx, val, hid = online[0](tokens_BxL.to(device), topk, hidden)
+        if not teachers:
+            teachers.append(OnlineTeacher(cfg, load_teacher(cfg), device))
+        idx, val, hid = teachers[0](tokens_BxL.to(device), topk, hidden)
         return tuple(None if t is None else t.cpu() for t in (idx, val, hid))
 
     return build(spec, cache_dir(cfg, spec), teacher_fn,
