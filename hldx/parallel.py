@@ -5,7 +5,8 @@ and its checkpoints through torch.distributed.checkpoint (every rank writes its 
     ddp    DistributedDataParallel: one bucketed all-reduce per optimizer step, overlapped with the backward
            (no_sync() on all micro-batches but the last); every rank holds the whole model
     fsdp   FSDP2 (fully_shard) on each decoder layer and on the root: parameters, gradients and AdamW state
-           sharded over the ranks; on a GPU bf16 parameters in compute and fp32 gradient reduction; the
+           sharded over the ranks; under bf16 (a GPU's default) bf16 parameters in compute and fp32 gradient
+           reduction; the
            weights are rank 0's, broadcast into the shards (the other ranks need not read them)
 
 train.parallel=auto picks fsdp when the plan's estimate of DDP's memory per rank exceeds plan.device_memory
@@ -28,9 +29,10 @@ from hldx.models import PhaseNet
 
 
 class Engine:
-    """A PhaseNet wrapped for the job's ranks (see the module docstring); `module(tokens)` runs it."""
+    """A PhaseNet wrapped for the job's ranks (see the module docstring); `module(tokens)` runs it. `bf16`: the
+    job computes in bfloat16 (FSDP2's mixed-precision policy)."""
 
-    def __init__(self, net: PhaseNet, mode: str, device: torch.device):
+    def __init__(self, net: PhaseNet, mode: str, device: torch.device, bf16: bool = False):
         self.net, self.mode = net, mode
         if mode == "ddp":
             self.module = nn.parallel.DistributedDataParallel(
@@ -40,7 +42,6 @@ class Engine:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-            bf16 = device.type == "cuda"
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
             whole = net.state_dict() if dist.get_rank() == 0 else {}  # rank 0's weights, before they are sharded
             for layer in net.layers():

@@ -90,8 +90,8 @@ class Trainer:
         self.tracking_run_id = tracking_run_id
         self.device = device_of(cfg)
         self.layer = middle_layer(cfg.student.num_hidden_layers, cfg.hidden.student_layer)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
-            self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")) else None
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None  # CPU: on request
         self.rank, self.world = world()
         self.mode = parallel_mode(cfg, self.world)
         if self.mode != "none" and not dist.is_initialized():
@@ -106,7 +106,8 @@ class Trainer:
 
     def engine(self, phase: Phase, model: nn.Module, regressor: nn.Module | None) -> Engine:
         """The phase's module on this job's ranks."""
-        return Engine(PhaseNet(model, self.layer, regressor, bottom=phase.name == "ht"), self.mode, self.device)
+        return Engine(PhaseNet(model, self.layer, regressor, bottom=phase.name == "ht"), self.mode, self.device,
+                      bf16=self.autocast is not None)
 
     def loss(self, phase: Phase, engine: Engine, micro: Micro) -> dict[str, Tensor]:
         """The phase's objective on one micro-batch, with its parts for logging."""

@@ -4,9 +4,7 @@ one 80 GB GPU; attention takes the flash or cuDNN kernel; the loader's copies ov
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,49 +12,12 @@ import torch
 from hldx import bench as B
 from hldx import config as C
 from hldx import data
-from hldx.bench.steps import READS, method_phases, random_cache
+from hldx.bench.steps import random_cache
 from hldx.loader import Loader
-from hldx.models import build_model, build_regressor, compile_layers, forward
-from hldx.train import Trainer
+from hldx.models import build_model, forward
+from test_gpu_path import LOSS_RTOL, TINY, UPDATE_RTOL, _one_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-TINY = ["train.seq_len=64", "train.batch_size=4", "data.max_train_tokens=32768"]
-# bf16 autocast against fp32: each loss part within 0.2%, the update within 5% (relative L2 norm). The same
-# step under CPU bf16 autocast differs from fp32 by <= 5e-5 in every loss part and 1.8% in the update.
-LOSS_RTOL, UPDATE_RTOL = 2e-3, 5e-2
-
-
-def _one_step(method: str, device: str, compile: bool, reader, batches, tokenizer) -> tuple[dict, torch.Tensor]:
-    """The loss parts and the parameter update of one Trainer.step of `method` (SGD, lr 1: the update is minus
-    the clipped gradient)."""
-    cfg = C.compose(TINY + [f"train.device={device}"])
-    dev = torch.device(device)
-    trainer = Trainer(cfg, None, batches, reader, Path(tempfile.mkdtemp()), tokenizer, None)
-    model = build_model(cfg.student, cfg.seed).to(dev).train()
-    if compile:
-        compile_layers(model)
-    kind = {"hldc": "linear", "ht": "mlp"}.get(method)
-    torch.manual_seed(1)
-    regressor = build_regressor(kind, cfg.student.hidden_size, cfg.teacher.model.hidden_size).to(dev) if kind \
-        else None
-    phase = method_phases(cfg)[method]
-    engine = trainer.engine(phase, model, regressor)
-    params = engine.params + engine.extra
-    before = torch.cat([p.detach().flatten().cpu() for p in params])
-    sums: dict = {}
-    with Loader(batches, reader, READS[method], range(2), dev) as loader:
-        trainer.step(phase, engine, torch.optim.SGD(params, lr=1.0), loader.get(0), sums)
-        if dev.type == "cuda":  # the hot loop reads nothing back from the device: a second step, syncs refused
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                trainer.step(phase, engine, torch.optim.SGD(params, lr=0.0), loader.get(1), {})
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-    after = torch.cat([p.detach().flatten().cpu() for p in params])
-    return {k: float(v) for k, v in sums.items()}, after - before
-
 
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("method", ["nll", "kd", "hldc", "ht"])

@@ -6,21 +6,29 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch.distributed.tensor import DTensor
 from omegaconf import OmegaConf
 
 from hldx import config as C
-from hldx import losses
+from hldx import data, losses
 from hldx.budget import layer_activation_bytes
 from hldx.device import device_of
 from hldx.errors import ConfigError
-from hldx.models import attention_masks, build_model, forward
+from hldx.bench.steps import READS, method_phases, random_cache
+from hldx.loader import Loader
+from hldx.models import attention_masks, build_model, build_regressor, compile_layers, forward
 from hldx.store import CacheSpec, decode_topk, encode_topk
 from hldx.teacher import OnlineTeacher
+from hldx.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +43,49 @@ def _sdpa_calls(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     return calls
+
+
+TINY = ["train.seq_len=64", "train.batch_size=4", "data.max_train_tokens=32768"]
+# bf16 autocast against fp32: each loss part within 0.2%, the update within 5% (relative L2 norm).
+LOSS_RTOL, UPDATE_RTOL = 2e-3, 5e-2
+
+
+def _flat(params: list[torch.Tensor]) -> torch.Tensor:
+    """The parameters' values, whole (an FSDP2 shard gathered), as one host vector."""
+    return torch.cat([(p.full_tensor() if isinstance(p, DTensor) else p).detach().flatten().cpu() for p in params])
+
+
+def _one_step(method: str, device: str, compile: bool, reader, batches, tokenizer, precision: str = "auto",
+              parallel: str = "none") -> tuple[dict, torch.Tensor]:
+    """The loss parts and the parameter update of one Trainer.step of `method` (SGD, lr 1: the update is minus
+    the clipped gradient), under train.precision and train.parallel (an engine but none: in the process group
+    this process has joined)."""
+    cfg = C.compose(TINY + [f"train.device={device}", f"train.precision={precision}", f"train.parallel={parallel}"])
+    dev = torch.device(device)
+    trainer = Trainer(cfg, None, batches, reader, Path(tempfile.mkdtemp()), tokenizer, None)
+    model = build_model(cfg.student, cfg.seed).to(dev).train()
+    if compile:
+        compile_layers(model)
+    kind = {"hldc": "linear", "ht": "mlp"}.get(method)
+    torch.manual_seed(1)
+    regressor = build_regressor(kind, cfg.student.hidden_size, cfg.teacher.model.hidden_size).to(dev) if kind \
+        else None
+    phase = method_phases(cfg)[method]
+    engine = trainer.engine(phase, model, regressor)
+    params = engine.params + engine.extra
+    before = _flat(params)
+    sums: dict = {}
+    with Loader(batches, reader, READS[method], range(2), dev) as loader:
+        trainer.step(phase, engine, torch.optim.SGD(params, lr=1.0), loader.get(0), sums)
+        if dev.type == "cuda":  # the hot loop reads nothing back from the device: a second step, syncs refused
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                trainer.step(phase, engine, torch.optim.SGD(params, lr=0.0), loader.get(1), {})
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    after = _flat(params)
+    return {k: float(v) for k, v in sums.items()}, after - before
 
 
 @pytest.mark.parametrize("seq_len", [32, 64, 96])
@@ -156,3 +207,58 @@ def test_teacher_in_bf16_weights_keeps_the_cache_precision():
     print(f"\nKD-loss error of the stored top-k (largest logits {exact.amax(-1).mean():.1f}): fp32 head on bf16 "
           f"weights {ours:.2e} (storage alone {storage:.2e}), from the bf16 logits {autocast_like:.2e}")
     assert ours <= storage * 1.01 + 1e-8 and autocast_like > 5 * ours
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(hldx_cache, tmp_path_factory):
+    """A teacher cache of random values on the tiny rows: (reader, batches, tokenizer) of _one_step."""
+    cfg = C.compose(TINY)
+    tokenizer = data.tokenizer_for(cfg)
+    rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    reader = random_cache(cfg, rows, tmp_path_factory.mktemp("cache"), data.tokenizer_digest(tokenizer))
+    return reader, data.Batches(rows, cfg.train.batch_size), tokenizer
+
+
+def _close(got: tuple[dict, torch.Tensor], want: tuple[dict, torch.Tensor], loss_rtol: float, update_rtol: float):
+    (parts, update), (parts_want, update_want) = got, want
+    assert parts.keys() == parts_want.keys()
+    for k in parts:
+        assert parts[k] == pytest.approx(parts_want[k], rel=loss_rtol), k
+    assert torch.isfinite(update).all() and (update - update_want).norm() <= update_rtol * update_want.norm()
+
+
+@pytest.mark.parametrize("method", ["nll", "kd", "hldc", "ht"])
+def test_bf16_autocast_on_cpu_against_fp32(tiny_inputs, method):
+    """train.precision=bf16 on a CPU: the GPU's autocast branch, within the GPU test's tolerances of fp32."""
+    fp32 = _one_step(method, "cpu", False, *tiny_inputs, precision="fp32")
+    bf16 = _one_step(method, "cpu", False, *tiny_inputs, precision="bf16")
+    _close(bf16, fp32, LOSS_RTOL, UPDATE_RTOL)
+    assert bf16[1].ne(fp32[1]).any()  # it did compute in bfloat16
+
+
+def test_compile_on_cpu_against_eager(tiny_inputs):
+    """train.compile on the tiny student through inductor on a CPU, KD under bf16 autocast: as eager."""
+    eager = _one_step("kd", "cpu", False, *tiny_inputs, precision="bf16")
+    counters.clear()
+    start = time.perf_counter()
+    compiled = _one_step("kd", "cpu", True, *tiny_inputs, precision="bf16")
+    print(f"\ncompile + one KD step of the tiny student on CPU: {time.perf_counter() - start:.1f} s, "
+          f"{counters['stats']['unique_graphs']} graph(s)")
+    assert counters["stats"]["unique_graphs"] >= 1
+    _close(compiled, eager, LOSS_RTOL, UPDATE_RTOL)
+
+
+@pytest.mark.parametrize("method", ["kd", "ht"])
+def test_fsdp2_mixed_precision_on_gloo(tiny_inputs, method):
+    """FSDP2 with its bf16 mixed-precision policy (bf16 parameters in compute, fp32 reduction) on gloo, in a
+    process group of one, against one process under bf16 autocast."""
+    joined = not dist.is_initialized()
+    if joined:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        fsdp = _one_step(method, "cpu", False, *tiny_inputs, precision="bf16", parallel="fsdp")
+    finally:
+        if joined:
+            dist.destroy_process_group()
+    alone = _one_step(method, "cpu", False, *tiny_inputs, precision="bf16")
+    _close(fsdp, alone, LOSS_RTOL, UPDATE_RTOL)

@@ -97,7 +97,7 @@ def bench(cfg: DictConfig) -> dict:
     rows = data.Rows(full.tokens_RxL[:count], f"{full.digest}-{count}rows", full.path)
     setup = {"device": device_name(device), "torch": torch.__version__, "student": cfg.student.name,
              "teacher": cfg.teacher.model.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
-             "precision": "fp32" if device.type != "cuda" or t.precision == "fp32" else "bf16",
+             "precision": "bf16" if t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda") else "fp32",
              "compile": bool(t.compile), "loss_chunk": t.loss_chunk, "accounting": cfg.budget.accounting,
              "warmup": b.warmup, "steps": b.steps, "cache_readers": cfg.cache.readers,
              "cache_prefetch": cfg.cache.prefetch}
