@@ -77,7 +77,7 @@ def _one_step(method: str, device: str, compile: bool, reader, batches, tokenize
     sums: dict = {}
     with Loader(batches, reader, READS[method], range(2), dev) as loader:
         trainer.step(phase, engine, torch.optim.SGD(params, lr=1.0), loader.get(0), sums)
-        if dev.type == "cuda":  # the hot loop reads nothing back from the device: a second step, syncs refused
+        if dev.type == "cuda" and parallel == "none":  # the hot loop reads nothing back: a second step, syncs refused
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:

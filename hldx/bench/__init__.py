@@ -92,8 +92,8 @@ def bench(cfg: DictConfig) -> dict:
     join(cfg, alone=parallel_mode(cfg, 1) != "none")  # FSDP2 for the 3.4B preset: a process group of one
     tokenizer = data.tokenizer_for(cfg)
     full = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
-    # The rows of two steps, read again round after round: what the bench caches stays small at 512-row steps.
-    count = min(full.count, t.batch_size * min(2, b.warmup + b.steps))
+    # One step's rows, read again round after round: what the bench caches stays small at 512-row steps.
+    count = min(full.count, t.batch_size)
     rows = data.Rows(full.tokens_RxL[:count], f"{full.digest}-{count}rows", full.path)
     setup = {"device": device_name(device), "torch": torch.__version__, "student": cfg.student.name,
              "teacher": cfg.teacher.model.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
