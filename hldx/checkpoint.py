@@ -21,8 +21,10 @@ import signal
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch.distributed as dist
+from transformers import PreTrainedModel
 
 from hldx.errors import ConfigError
 from hldx.parallel import Control
@@ -107,12 +109,13 @@ def start_dir(run_dir: Path, phase: int, phases: int) -> Path:
     return run_dir / ("final" if phase == phases else f"start-{phase}")
 
 
-def save_start(model, path: Path) -> None:
-    """Rank 0 writes the weights (HF format) beside, then renames them into place; every rank waits."""
+def save_start(make_model: Callable[[], PreTrainedModel], path: Path) -> None:
+    """Rank 0 alone makes the weights (if `path` lacks them) and writes them (HF format) beside, then renames
+    them into place; every rank waits."""
     if rank() == 0 and not path.exists():
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        make_model().save_pretrained(tmp)
         tmp.rename(path)
     barrier()
 

@@ -116,8 +116,8 @@ class Trainer:
         self.tracking_run_id = tracking_run_id
         self.device = device_of(cfg)
         self.layer = middle_layer(cfg.student.num_hidden_layers, cfg.hidden.student_layer)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
-            self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")) else None
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None  # CPU: on request
         self.rank, self.world = world()
         self.mode = parallel_mode(cfg, self.world)
         if self.mode != "none" and not dist.is_initialized():
@@ -132,7 +132,8 @@ class Trainer:
 
     def engine(self, phase: Phase, model: nn.Module, regressor: nn.Module | None) -> Engine:
         """The phase's module on this job's ranks."""
-        return Engine(PhaseNet(model, self.layer, regressor, bottom=phase.name == "ht"), self.mode, self.device)
+        return Engine(PhaseNet(model, self.layer, regressor, bottom=phase.name == "ht"), self.mode, self.device,
+                      bf16=self.autocast is not None)
 
     def loss(self, phase: Phase, engine: Engine, micro: Micro) -> dict[str, Tensor]:
         """The phase's objective on one micro-batch, with its parts for logging."""
@@ -181,7 +182,7 @@ class Trainer:
         resume.tracking_run_id = self.tracking_run_id
         self.state = resume
         if resume.phase == 0 and resume.step == 0:
-            save_start(build_model(cfg.student, cfg.seed), start_dir(self.run_dir, 0, n))
+            save_start(lambda: build_model(cfg.student, cfg.seed), start_dir(self.run_dir, 0, n))
         done = sum(p.steps for p in self.plan.phases[:resume.phase]) + resume.step
         bar = Progress(total=sum(p.steps for p in self.plan.phases), initial=done, unit="step", dynamic_ncols=True,
                        disable=None if self.rank == 0 else True, line_every_s=math.inf)  # off a tty: a line per log
@@ -193,7 +194,7 @@ class Trainer:
 
     def _run_phase(self, index: int, phase: Phase, plan: PhasePlan, start: int, bar) -> None:
         cfg, device, n = self.cfg, self.device, len(self.plan.phases)
-        model = load_model(str(start_dir(self.run_dir, index, n))).to(device).train()
+        model = self._start_model(index).train()
         if cfg.train.compile:
             compile_layers(model)
         regressor = None
@@ -214,9 +215,14 @@ class Trainer:
                         cfg.cache.prefetch, cfg.cache.readers)
         with loader:
             stop = self._steps(index, phase, plan, engine, optimizer, loader, start, bar)
-        # The phase's end: the student's weights, gathered, are where the next phase (or the run) starts.
-        end = load_model(str(start_dir(self.run_dir, index, n)))
-        end.load_state_dict(engine.student_state(), strict=False)  # HLDF's phase 1: its bottom; the rest as it was
+        # The phase's end: the student's weights, gathered on rank 0, are where the next phase (or the run) starts.
+        state = engine.student_state()
+
+        def end() -> nn.Module:
+            model = load_model(str(start_dir(self.run_dir, index, n)))
+            model.load_state_dict(state, strict=False)  # HLDF's phase 1: its bottom; the rest as it was
+            return model
+
         save_start(end, start_dir(self.run_dir, index + 1, n))
         self.state.phase, self.state.step = index + 1, 0
         self.state.save(self.run_dir)
@@ -225,6 +231,16 @@ class Trainer:
         barrier()
         if stop:
             self.preemption.stop()
+
+    def _start_model(self, index: int) -> nn.Module:
+        """The student at the start of phase `index`, on the device: rank 0 loads it; under DDP or FSDP2 the other
+        ranks build one of its shape in place on the device, whose weights the engine sets to rank 0's (DDP's
+        broadcast, Engine's for FSDP2): one copy of the weights on a node's host, not one per rank."""
+        if self.rank == 0 or self.mode == "none":
+            return load_model(str(start_dir(self.run_dir, index, len(self.plan.phases)))).to(self.device)
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.device(self.device):
+            return build_model(self.cfg.student, self.cfg.seed)
 
     def _steps(self, index: int, phase: Phase, plan: PhasePlan, engine: Engine, optimizer, loader: Loader,
                start: int, bar) -> bool:
