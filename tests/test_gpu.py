@@ -158,15 +158,14 @@ def test_dcp_save_and_exact_resume_with_fused_adamw_and_fsdp2(hldx_cache, tmp_pa
     engine, optimizer = fresh(0)
     with Loader(batches, reader, READS["kd"], range(3), trainer.device) as loader:
         for s in range(2):
-            trainer.step(phase, engine, optimizer, loader.get(s), {})
+            trainer.step(phase, engine, optimizer, loader.get(s))
         engine.save(tmp_path / "dcp", optimizer)
         resumed, resumed_optimizer = fresh(1)
         resumed.load(tmp_path / "dcp", resumed_optimizer)
         assert torch.equal(state(resumed, resumed_optimizer), state(engine, optimizer))
         step = loader.get(2)
-        sums, sums_resumed = {}, {}
-        trainer.step(phase, engine, optimizer, step, sums)
-        trainer.step(phase, resumed, resumed_optimizer, step, sums_resumed)
+        sums = trainer.step(phase, engine, optimizer, step)
+        sums_resumed = trainer.step(phase, resumed, resumed_optimizer, step)
     assert {k: float(v) for k, v in sums_resumed.items()} == pytest.approx({k: float(v) for k, v in sums.items()},
                                                                             rel=1e-6)
     torch.testing.assert_close(_flat(resumed.params), _flat(engine.params), rtol=1e-5, atol=1e-7)

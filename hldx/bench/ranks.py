@@ -31,7 +31,7 @@ def _stepper(cfg: DictConfig, rows: data.Rows, rank: int, world: int, rounds: in
     engine = trainer.engine(method_phases(cfg)["nll"], build_model(cfg.student, cfg.seed).train(), None)
     optimizer = _optimizer(cfg, engine.params, engine.extra, trainer.device)
     loader = Loader(batches, None, (), range(rounds), trainer.device)
-    return lambda r: trainer.step(method_phases(cfg)["nll"], engine, optimizer, loader.get(r), {})
+    return lambda r: trainer.step(method_phases(cfg)["nll"], engine, optimizer, loader.get(r))
 
 
 def _worker(rank: int, world: int, port: int, cfg_yaml: str, rows: tuple, rounds: int, conn: Connection) -> None:

@@ -151,7 +151,7 @@ def train_steps(cfg: DictConfig, chosen: list[str], rows: data.Rows, reader: Cac
     optimizer = _optimizer(cfg, params, extra, device)
 
     def trainer_run(method: str) -> Callable[[int], None]:
-        return lambda r: trainer.step(step_phases[method], engines[method], optimizer, loaders[method].get(r), {})
+        return lambda r: trainer.step(step_phases[method], engines[method], optimizer, loaders[method].get(r))
 
     runs = {m: trainer_run(m) for m in loaders}
     if "bare" in chosen:
