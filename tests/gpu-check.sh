@@ -8,7 +8,8 @@
 #   bench   NLL, KD, HLDC and HLDF phase 1 (HT) at the paper's step (512 x 512 tokens in micro-batches of 32,
 #           train=paper, what the plan checks fits) for the 123M and 735M students, torch.compile off and on;
 #           the loader on the device (copies and decoding included); the teacher cache's build against the
-#           teacher's forward; the 3.4B teacher's NLL step under FSDP2; DDP on one rank against no wrapper
+#           teacher's forward; the 3.4B teacher's NLL step under FSDP2 (4 micro-batches of 2: the plan's 74 GB,
+#           every layer's fp32 gradient kept between them); DDP on one rank against no wrapper
 # Every bench.json and the tests' report land in reports/gpu-check/ (OUT=DIR), merged into gpu-check.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,8 @@ part() {  # part NAME SECONDS COMMAND...: run it under a time limit, log it, rem
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1 || FAILED+=(nvidia-smi)
 cat "$OUT/gpu.csv"
-part tests 240 "$PY" -m pytest -q -rA -m gpu tests/ -p no:cacheprovider --junitxml="$OUT/tests.xml"
+part tests 240 "$PY" -m pytest -q -rA -m gpu tests/ --continue-on-collection-errors -p no:cacheprovider \
+  --junitxml="$OUT/tests.xml"
 PAPER=(teacher=gemma3-3.4b train=paper bench.warmup=2 bench.steps=3)
 for student in gemma3-123m gemma3-735m; do
   for compile in false true; do
@@ -37,8 +39,8 @@ part bench-loader 120 "$PY" -m hldx.bench student=gemma3-123m "${PAPER[@]}" benc
   bench.json="$OUT/bench-loader.json"
 part bench-build 150 "$PY" -m hldx.bench student=gemma3-123m "${PAPER[@]}" bench.methods=[build] \
   bench.json="$OUT/bench-build.json"
-part bench-gemma3-3.4b-fsdp 150 "$PY" -m hldx.bench student=gemma3-3.4b method=nll "${PAPER[@]}" train.batch_size=16 \
-  train.micro_batch_size=8 train.parallel=fsdp bench.methods=[nll] bench.json="$OUT/bench-gemma3-3.4b-fsdp.json"
+part bench-gemma3-3.4b-fsdp 150 "$PY" -m hldx.bench student=gemma3-3.4b method=nll "${PAPER[@]}" train.batch_size=8 \
+  train.micro_batch_size=2 train.parallel=fsdp bench.methods=[nll] bench.json="$OUT/bench-gemma3-3.4b-fsdp.json"
 for parallel in none ddp; do  # DDP on one rank against no wrapper: what the engine itself costs
   part "bench-gemma3-123m-$parallel" 90 "$PY" -m hldx.bench student=gemma3-123m "${PAPER[@]}" train.batch_size=64 \
     train.parallel=$parallel bench.methods=[nll] bench.json="$OUT/bench-gemma3-123m-$parallel.json"
