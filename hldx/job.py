@@ -129,9 +129,10 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
         batches = data.Batches(rows, cfg.train.batch_size, rank, size)
         trainer = Trainer(cfg, plan, batches, source, run_dir, tokenizer, tracker.log if tracker else None,
                           tracker.run_id if tracker else None)
-        model = trainer.fit().to(device_of(cfg))  # its weights are in final/ already
+        model = trainer.fit()  # its weights are in final/ already
         if tracker is None:
             return {}
+        model = model.to(device_of(cfg))
         tokenizer.save_pretrained(final)
         result = evaluation.evaluate(model.eval(), tokenizer, cfg)
         metrics = result.metrics
@@ -159,6 +160,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     on-demand teacher (before the ranks join: one process pre-trains it, the others wait for its lock), the
     process group, then train -> evaluate -> log."""
     check(cfg, ranks=ranks())
+    device_of(cfg)  # here, not in check (a CPU login node checks GPU jobs): train.device=cuda without a GPU
     if cfg.method.name in C.DISTILLED:
         ensure_teacher(cfg)
     join(cfg, alone=parallel_mode(cfg, 1) != "none")
@@ -169,6 +171,7 @@ def build_cache_share(cfg: DictConfig) -> str:
     """Build this worker's share of the teacher cache of cfg's job, the shards of cache.task of cache.tasks
     (SLURM array tasks), split again over the job's ranks; what it did, in one line."""
     plan = check(cfg)
+    device_of(cfg)
     ensure_teacher(cfg)
     join(cfg, alone=False)
     rank, size = world()
