@@ -92,7 +92,7 @@ def _write_shards(root: Path, spec: CacheSpec, todo: dict[str, range], teacher_f
             bar.update(len(rows) * spec.seq_len)
             for part, r in want.items():
                 n = min(len(rows), r.stop - rows[0])
-                arrays = encode_topk(spec, idx[:n], val[:n]) if part == "topk" else encode_hidden(spec, hid[:n])
+                arrays = encode_topk(spec, idx[:n], val[:n]) if part == "topk" else encode_hidden(spec, hid[:n], int(rows[0]))
                 at, _ = offsets(spec, part, len(r))
                 for i, (f, t) in enumerate(zip(fields(spec, part), arrays)):
                     data = as_bytes(t.cpu())
