@@ -37,10 +37,10 @@ shard, and that the shards of each part chain from row 0. A build trusts a shard
 right; a killed build leaves at most a .tmp file, which the next build overwrites.
 """
 from hldx.store.read import Batch, CacheReader, open_cache, verify
-from hldx.store.spec import (FORMAT, HIDDEN_DTYPES, PARTS, VALUE_DTYPES, CacheError, CacheSpec, bytes_per_token,
-                             decode_hidden, decode_topk, encode_hidden, encode_topk, shard_ranges)
+from hldx.store.spec import (FORMAT, HIDDEN_DTYPES, PARTS, UNIT_CODES, VALUE_DTYPES, CacheError, CacheSpec,
+                             bytes_per_token, decode_hidden, decode_topk, encode_hidden, encode_topk, shard_ranges)
 from hldx.store.write import RowTokensFn, TeacherFn, build, built_extent, task_shards
 
 __all__ = ["Batch", "CacheError", "CacheReader", "CacheSpec", "FORMAT", "HIDDEN_DTYPES", "PARTS", "RowTokensFn",
-           "TeacherFn", "VALUE_DTYPES", "build", "built_extent", "bytes_per_token", "decode_hidden", "decode_topk",
+           "TeacherFn", "UNIT_CODES", "VALUE_DTYPES", "build", "built_extent", "bytes_per_token", "decode_hidden", "decode_topk",
            "encode_hidden", "encode_topk", "open_cache", "shard_ranges", "task_shards", "verify"]

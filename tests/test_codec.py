@@ -1,0 +1,70 @@
+"""cache.hidden_dtype=sr2 (hldx.store.codec): the rotation against an independent Hadamard matrix, the
+round trip through a real cache, bit-identical rebuilds however the rows are batched, checksums over it."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from hldx import store as cache
+from hldx.store import CacheError, codec
+from tests.test_cache import Teacher, built, flip_bit, make_spec, row_tokens, shard_file
+
+L, D = 16, 96  # 3 blocks of 32 components; the Hadamard transform in blocks of 32
+
+
+def test_the_rotation_is_the_orthonormal_hadamard_matrix_in_blocks():
+    x = torch.randn(5, 2560, dtype=torch.float64)
+    H = torch.tensor(scipy.linalg.hadamard(512), dtype=torch.float64) / 512**0.5  # 2560 = 5 x 512
+    assert torch.allclose(codec.hadamard(x), (x.view(5, 5, 512) @ H).view(5, 2560), atol=1e-12)
+    assert torch.allclose(codec.hadamard(codec.hadamard(x)), x, atol=1e-12)
+    s = codec.signs(2560, torch.device("cpu"))
+    assert set(s.tolist()) == {-1.0, 1.0} and abs(float(s.mean())) < 0.1
+
+
+def test_uniforms_are_uniform_and_a_function_of_row_position_and_dimension():
+    u = codec.uniforms(10**9, (64, 32, 96), torch.device("cpu"))
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and torch.equal(u, (u * 2**24).floor() / 2**24)
+    counts = torch.histc(u, bins=16, min=0, max=1)
+    assert ((counts - u.numel() / 16).abs() < 5 * (u.numel() / 16) ** 0.5).all()   # flat
+    assert abs(float(torch.corrcoef(torch.stack([u[:, :, :-1].flatten(), u[:, :, 1:].flatten()]))[0, 1])) < 0.01
+    assert torch.equal(codec.uniforms(10**9 + 3, (2, 32, 96), torch.device("cpu")), u[3:5])
+
+
+def test_the_code_is_unbiased_where_rounding_to_nearest_is_not():
+    """E[decode(encode(t))] = t: the mean of 400 codes of the same unit vectors (rows 0..399) is within its
+    Monte-Carlo error of t; rounding to nearest at the same bits (u = 1/2) is not."""
+    t = torch.nn.functional.normalize(torch.randn(4, D) * torch.linspace(0.2, 5, D), dim=-1)
+    many = t.expand(400, 4, D).contiguous()
+    x = codec.decode(*codec.encode(many, codec.uniforms(0, many.shape, many.device)))
+    se2 = x.var(0) / 400
+    z2 = float(((x.mean(0) - t) ** 2).sum() / se2.sum())
+    nearest = codec.decode(*codec.encode(t[None], torch.full((1, 4, D), 0.5)))[0]
+    z2_nearest = float(((nearest - t) ** 2).sum() / se2.sum())
+    print(f"\n||mean - t||^2 / its Monte-Carlo variance: stochastic {z2:.2f}, nearest {z2_nearest:.1f}")
+    assert z2 < 1.5 and z2_nearest > 10
+    assert float(((x - t) ** 2).sum(-1).mean()) < 0.5   # the noise energy against ||t||^2 = 1
+
+
+def test_a_cache_round_trips_and_rebuilds_bit_identically(tmp_path):
+    spec = make_spec(hidden_dtype="sr2", hidden_size=D, rows=20)   # shards [0,8) [8,16) [16,20)
+    a = built(tmp_path, spec, "a")                                 # 3 rows per teacher call
+    b = tmp_path / "b"
+    assert cache.build(spec, b, Teacher(spec), row_tokens(spec), progress=False, batch_rows=5)
+    for part, start, stop in (("hidden", 0, 8), ("hidden", 8, 16), ("hidden", 16, 20)):
+        assert shard_file(a, part, start, stop).read_bytes() == shard_file(b, part, start, stop).read_bytes()
+    assert cache.bytes_per_token(spec)["hidden"] == D / 4 + D / 32 + 16 / L
+    rows = np.arange(20)
+    _, _, got = cache.open_cache(a, spec).get(rows, topk=False, hidden=True)
+    hid = Teacher(spec)(row_tokens(spec)(rows))[2]
+    t = torch.nn.functional.normalize(hid, dim=-1)
+    codes = codec.encode(t, codec.uniforms(0, t.shape, t.device))
+    assert torch.equal(got, codec.decode(*codes))
+    assert not torch.equal(got, t) and float(torch.nn.functional.cosine_similarity(got, t, dim=-1).mean()) > 0.8
+    flip_bit(shard_file(a, "hidden", 8, 16), 8 * L * D // 4 + 2 * L * D // 32 + 1)  # row 10's scales
+    with pytest.raises(CacheError, match="scale of rows \\[10\\] fail their checksum"):
+        cache.open_cache(a, spec).get(np.arange(8, 16), topk=False, hidden=True)
+
+
+def test_a_hidden_size_the_blocks_do_not_divide_is_refused():
+    with pytest.raises(ValueError, match="hidden_dtype=sr2 needs a hidden size divisible by 32, got 12"):
+        make_spec(hidden_dtype="sr2")
