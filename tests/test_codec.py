@@ -5,6 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from hldx import losses
 from hldx import store as cache
 from hldx.store import CacheError, codec
 from tests.test_cache import Teacher, built, flip_bit, make_spec, row_tokens, shard_file
@@ -68,3 +69,17 @@ def test_a_cache_round_trips_and_rebuilds_bit_identically(tmp_path):
 def test_a_hidden_size_the_blocks_do_not_divide_is_refused():
     with pytest.raises(ValueError, match="hidden_dtype=sr2 needs a hidden size divisible by 32, got 12"):
         make_spec(hidden_dtype="sr2")
+
+
+@pytest.mark.parametrize("kind", ["mse", "mse_sum", "cosine"])
+def test_the_linear_loss_of_a_unit_target_is_the_papers_loss(kind):
+    """For an exact unit target, c (1 - n(p).t) is the paper's loss, in value and gradient."""
+    t = torch.nn.functional.normalize(torch.randn(2, 5, 64, dtype=torch.float64), dim=-1)
+    got = []
+    for unit in (False, True):
+        p = torch.randn(2, 5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        loss = losses.hidden_loss(p, t, kind, unit_target=unit)
+        loss.backward()
+        got.append((loss.detach(), p.grad))
+    (l0, g0), (l1, g1) = got
+    assert torch.allclose(l0, l1, rtol=1e-12) and torch.allclose(g0, g1, rtol=1e-9, atol=1e-15)

@@ -221,12 +221,11 @@ def test_sr2_measured_side_by_side(tiny_teacher, tiny_teacher_outputs, tiny, mon
 
     print("\n| toy phase 1 (tiny teacher's states) | held-out cosine, seed 0 / 1 | code variance / minibatch's |"
           "\n|---|---|---|")
-    train = teacher_on(tiny_teacher, "train", 256)
+    train = teacher_on(tiny_teacher, "train", 512)
     held_tokens, _, held_T = teacher_on(tiny_teacher, "validation", 8)
     cos = {}
     for dtype in ("float32", "float8_e4m3", "sr2"):
-        target = stored_unit(train[2], dtype)
-        cos[dtype] = [phase1(tiny_teacher[0], train[0], target, dtype == "sr2", seed, held_tokens, held_T)
+        cos[dtype] = [phase1(tiny_teacher[0], train[0], train[2], dtype, seed, held_tokens, held_T)
                       for seed in (0, 1)]
         ratios = "" if dtype != "sr2" else " / ".join(f"{r:.2f} at cos {c:.2f}" for r, c in cos[dtype][0][1])
         print(f"| {dtype} | {cos[dtype][0][0]:.4f} / {cos[dtype][1][0]:.4f} | {ratios} |")
@@ -240,21 +239,23 @@ def test_sr2_measured_side_by_side(tiny_teacher, tiny_teacher_outputs, tiny, mon
         assert abs(ppl["sr2"][0] - ppl["float32"][0]) < 0.1
 
 
-def phase1(cfg, tokens_NxL, target_NxLxD, unit: bool, seed: int, held_NxL, held_NxLxD, steps: int = 192):
-    """HLDF's phase-1 module (the tiny student's bottom and the MLP to d_T) trained on the stored targets with
-    the paper's mse: its held-out cosine with the teacher's float32 states; and, at init and at the end, the
-    variance of the parameters' gradient on one batch over 16 sr2 codes against its variance over 16 batches
-    (both as 1/batch: their ratio is the same at the paper's 262,144 tokens), with the batch's mean cosine."""
-    s = cfg.student
+def phase1(cfg, tokens_NxL, hidden_NxLxD, dtype: str, seed: int, held_NxL, held_NxLxD):
+    """HLDF's phase-1 module (the tiny student's bottom and the MLP to d_T) trained on the teacher's states
+    stored in dtype with the paper's mse, one pass over the rows in batches of 4 (a cache's code of a row is
+    fixed: a second epoch would fit its noise): its held-out cosine with the teacher's float32 states; and for
+    sr2, at init and at the end, the variance of the parameters' gradient on one batch over 16 codes against its
+    variance over 16 batches (both as 1/batch: their ratio is the same at the paper's 262,144 tokens), with the
+    batch's mean cosine."""
+    s, target_NxLxD, unit = cfg.student, stored_unit(hidden_NxLxD, dtype), dtype == "sr2"
     net = PhaseNet(build_model(s, seed), middle_layer(s.num_hidden_layers, None),
                    build_regressor("mlp", s.hidden_size, target_NxLxD.shape[-1]), bottom=True)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    ratios = []
+    ratios, steps = [], len(tokens_NxL) // 4
     for step in range(steps + 1):
-        if step in (0, steps):
-            ratios.append(code_variance_ratio(net, tokens_NxL, target_NxLxD))
+        if step in (0, steps) and unit:
+            ratios.append(code_variance_ratio(net, tokens_NxL, hidden_NxLxD))
         if step < steps:
-            batch = slice((step % 64) * 4, (step % 64 + 1) * 4)
+            batch = slice(4 * step, 4 * step + 4)
             losses.hidden_loss(net(tokens_NxL[batch])[1], target_NxLxD[batch], unit_target=unit).backward()
             opt.step()
             opt.zero_grad()
