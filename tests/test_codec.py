@@ -5,8 +5,10 @@ import pytest
 import scipy.linalg
 import torch
 
+from hldx import config as C
 from hldx import losses
 from hldx import store as cache
+from hldx.job import execute
 from hldx.store import CacheError, codec
 from tests.test_cache import Teacher, built, flip_bit, make_spec, row_tokens, shard_file
 
@@ -83,3 +85,18 @@ def test_the_linear_loss_of_a_unit_target_is_the_papers_loss(kind):
         got.append((loss.detach(), p.grad))
     (l0, g0), (l1, g1) = got
     assert torch.allclose(l0, l1, rtol=1e-12) and torch.allclose(g0, g1, rtol=1e-9, atol=1e-15)
+
+
+def test_a_run_on_an_sr2_cache_uses_its_targets_as_given(tiny, monkeypatch):
+    """The trainer hands sr2's decoded targets to the hidden loss as unbiased unit targets (not renormalised)."""
+    seen = []
+    real = losses.hidden_loss
+
+    def spy(pred, target, kind="mse", eps=1e-6, unit_target=False):
+        seen.append((unit_target, float(target.norm(dim=-1).mean())))
+        return real(pred, target, kind, eps, unit_target)
+
+    monkeypatch.setattr(losses, "hidden_loss", spy)
+    execute(C.compose(tiny + ["method=hldf", "p1=0.3", "cache.hidden_dtype=sr2"]))
+    assert seen and all(unit for unit, _ in seen)
+    assert all(1.05 < norm < 1.6 for _, norm in seen)  # E||t~||^2 = 1 + the noise energy: decoded, not unit
