@@ -6,7 +6,8 @@ import scipy.linalg
 import torch
 
 from hldx import config as C
-from hldx import losses
+from hldx import losses, teacher
+from hldx.errors import ConfigError
 from hldx import store as cache
 from hldx.job import execute
 from hldx.store import CacheError, codec
@@ -71,6 +72,9 @@ def test_a_cache_round_trips_and_rebuilds_bit_identically(tmp_path):
 def test_a_hidden_size_the_blocks_do_not_divide_is_refused():
     with pytest.raises(ValueError, match="hidden_dtype=sr2 needs a hidden size divisible by 32, got 12"):
         make_spec(hidden_dtype="sr2")
+    cfg = C.compose(["method=hldc", "cache.hidden_dtype=sr2", "teacher.model.hidden_size=100"])
+    with pytest.raises(ConfigError, match="for a teacher of hidden size 100 \\(sr2: a multiple of 32\\)"):
+        teacher.check(cfg, launch=False)
 
 
 @pytest.mark.parametrize("kind", ["mse", "mse_sum", "cosine"])
