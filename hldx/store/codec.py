@@ -9,7 +9,9 @@ t~ with E[t~] = t gives an unbiased gradient, with more variance. The code of t 
   3. Each y / scale in [-1, 1] is stochastically rounded to one of 4 levels -1, -1/3, 1/3, 1: up with the
      probability of its distance from the level below (in steps), so the mean is y. The uniforms are a hash of
      (the token's row, position, dimension) in integer arithmetic: the same bits on any device, so a rebuilt
-     shard is bit-identical and a row's code depends on nothing but its row.
+     shard is bit-identical and a row's code depends on nothing but its row. (The rest is elementwise, exact
+     or, for the norm, summed in float64: a CPU and a GPU give the same bytes but for a float64 norm that
+     rounds differently in its last bit.)
 D/4 bytes of codes + D/BLOCK bytes of scales per token: 720 at D = 2560.
 """
 from __future__ import annotations
@@ -69,11 +71,9 @@ def encode(t_NxLxD: Tensor, u_NxLxD: Tensor) -> tuple[Tensor, Tensor]:
     unit vectors t, rounded up where u < the fraction (u uniform: unbiased; u = 0.5: round to nearest)."""
     N, L, D = t_NxLxD.shape
     y_NxLxBxK = hadamard(t_NxLxD.float() * signs(D, t_NxLxD.device)).view(N, L, D // BLOCK, BLOCK)
-    peak = y_NxLxBxK.abs().amax(-1)
-    c = (torch.ceil(16 * torch.log2(peak)) + 255).clamp(0, 255).long()
-    table = SCALES.to(peak.device)
-    c = (c + (table[c] < peak)).clamp(max=255)                    # the scale covers the block's largest |y|
-    v = ((y_NxLxBxK / table[c][..., None] + 1) * 1.5).clamp(0, 3)  # in steps of the 4 levels
+    table = SCALES.to(t_NxLxD.device)
+    c = torch.searchsorted(table, y_NxLxBxK.abs().amax(-1)).clamp(max=255)  # the smallest scale >= the largest
+    v = ((y_NxLxBxK / table[c][..., None] + 1) * 1.5).clamp(0, 3)         # in steps of the 4 levels
     low = v.floor().clamp(max=2)
     code = (low + (u_NxLxD.view_as(v) < v - low)).to(torch.uint8).view(N, L, D // 4, 4)
     packed = code[..., 0] | code[..., 1] << 2 | code[..., 2] << 4 | code[..., 3] << 6

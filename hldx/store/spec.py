@@ -167,7 +167,8 @@ def encode_hidden(spec: CacheSpec, hid_NxLxD: torch.Tensor, first_row: int) -> l
     unit vector in hldx.store.codec's unbiased 2-bit code, its random bits a function of the row."""
     x = hid_NxLxD.float()
     if spec.hidden_dtype == "sr2":
-        t = torch.nn.functional.normalize(x, dim=-1, eps=1e-6)  # as hldx.losses.hidden_loss normalises
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float64).float()  # any device's
+        t = x / norm.clamp_min(1e-6)                               # as hldx.losses.hidden_loss normalises
         return list(codec.encode(t, codec.uniforms(first_row, t.shape, t.device)))
     if spec.hidden_dtype != "float8_e4m3":
         return [x.to(HIDDEN_DTYPES[spec.hidden_dtype]).contiguous()]
