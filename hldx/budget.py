@@ -237,14 +237,26 @@ def cache_storage(configs: list[DictConfig], jobs: list[RunPlan], rows: int | No
             "bytes": round(seq * (top * per_token["topk"] + hidden * per_token["hidden"]))}
 
 
+def layer_activation_bytes(m: DictConfig, gpu: bool) -> float:
+    """What one token's forward keeps for the backward in one Gemma3 decoder layer, as saved-tensor hooks count
+    it (tests/test_gpu_path.py): its six RMSNorms keep their float32 input and normalised output (4 of width d,
+    q and k per head: 32 d + 8 (q + kv) bytes); attention keeps q, k, v and its output, the GeGLU MLP its gate,
+    up, activation and down input (2 q + 2 kv and 4 I values in the compute dtype); under bf16 autocast each of
+    the five matmuls fed by a norm casts its input anew (10 d), in float32 two more d-vectors stay (8 d); and a
+    float32 rsqrt per norm and head, the attention's log-sum-exp per head."""
+    q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+    half = 2 if gpu else 4
+    per_head = 4 * (4 + 2 * m.num_attention_heads + m.num_key_value_heads)
+    return 32 * m.hidden_size + 8 * (q + kv) + half * (2 * q + 2 * kv + 4 * m.intermediate_size) \
+        + (10 if gpu else 8) * m.hidden_size + per_head
+
+
 def _activation_bytes_per_token(cfg: DictConfig, phase: str, gpu: bool) -> float:
-    """What one token's forward keeps for the backward: per decoder layer the inputs of its norms (float32:
-    the residual stream) and of its matmuls, attention and GeGLU (bfloat16 on a GPU, float32 on a CPU), about
-    5 d + 3 q + 3 kv + 4 I values; the logits and their gradient at the head; the regressor's."""
+    """What one token's forward keeps for the backward: the decoder layers it runs (layer_activation_bytes);
+    at the head the logits and their gradient (the compute dtype); the regressor's input and output."""
     s, t = cfg.student, cfg.teacher.model
     half = 2 if gpu else 4
-    q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
-    layer = 4 * 5 * s.hidden_size + half * (3 * q + 3 * kv + 4 * s.intermediate_size)
+    layer = layer_activation_bytes(s, gpu)
     if phase == "ht":
         width = cfg.method.get("regressor_expansion", 4) * s.hidden_size
         return middle_layer(s.num_hidden_layers, cfg.hidden.student_layer) * layer + 4 * (width + t.hidden_size)
@@ -252,12 +264,30 @@ def _activation_bytes_per_token(cfg: DictConfig, phase: str, gpu: bool) -> float
     return s.num_hidden_layers * layer + head + (4 * t.hidden_size if phase == "hldc" else 0)
 
 
-def memory_per_rank(cfg: DictConfig, mode: str, ranks: int, gpu: bool = True) -> dict[str, float]:
+def _input_bytes(cfg: DictConfig, phase, rows: int, micro: int) -> float:
+    """The loader's copies on the device (hldx.loader): two steps of this rank's rows as stored (a step's copies
+    are issued while the one before computes) and one micro-batch decoded (int64 ids and float32 values of the
+    top-k, float32 hidden states)."""
+    t, k = cfg.teacher.model, cfg.method.get("top_k", 128)
+    stored, decoded = 4.0, 8.0  # the tokens: int32 as stored, int64 on the device
+    if cfg.method.name in C.DISTILLED and cfg.teacher.source == "cache":
+        per_token = bytes_per_token(CacheSpec("", "", "", cfg.train.seq_len, k, t.vocab_size, 1, t.hidden_size,
+                                              cfg.cache.values_dtype, cfg.cache.hidden_dtype))
+        if phase.needs_teacher_logits:
+            stored, decoded = stored + per_token["topk"], decoded + 12 * k
+        if phase.needs_teacher_hidden:
+            stored, decoded = stored + per_token["hidden"], decoded + 4 * t.hidden_size
+    return cfg.train.seq_len * (2 * rows * stored + micro * decoded)
+
+
+def memory_per_rank(cfg: DictConfig, mode: str, ranks: int, gpu: bool = True, phase: str | None = None
+                    ) -> dict[str, float]:
     """Bytes per rank of each phase of cfg's job under parallel `mode` on `ranks` ranks, the largest phase's:
     weights (float32; under FSDP2 a shard, plus a layer and the root unsharded in bf16 for compute),
-    gradients (float32, DDP's buckets are their views), AdamW's two moments, and the activations of one
-    micro-batch (train.micro_batch_size, else the rank's share of train.batch_size). An estimate, to refuse
-    what cannot fit before launch; the GPU bench measures the real peak."""
+    gradients (float32, DDP's buckets are their views), AdamW's two moments, the activations of one
+    micro-batch (train.micro_batch_size, else the rank's share of train.batch_size) and, on a GPU, the
+    loader's copies of its inputs. `phase`: that phase's alone. An estimate, to refuse
+    what cannot fit before launch; the GPU bench measures the real peak beside it."""
     s, t = cfg.student, cfg.train
     n = count_parameters(s)
     expansion = cfg.method.get("regressor_expansion", 4)
@@ -265,15 +295,20 @@ def memory_per_rank(cfg: DictConfig, mode: str, ranks: int, gpu: bool = True) ->
     shard = ranks if mode == "fsdp" else 1
     layer = (n["backbone"] - 2 * s.hidden_size) / s.num_hidden_layers  # one decoder layer's parameters
     worst: dict[str, float] = {}
-    for phase in phases(cfg):
-        reg = _regressor_params(phase.regressor, s.hidden_size, cfg.teacher.model.hidden_size, expansion) \
-            if phase.regressor else 0
+    for each in phases(cfg):
+        if phase is not None and each.name != phase:
+            continue
+        reg = _regressor_params(each.regressor, s.hidden_size, cfg.teacher.model.hidden_size, expansion) \
+            if each.regressor else 0
         p = n["total"] + reg
         out = {"weights": 4 * p / shard, "gradients": 4 * p / shard, "adamw": 8 * p / shard,
-               "activations": micro * t.seq_len * _activation_bytes_per_token(cfg, phase.name, gpu)}
+               "activations": micro * t.seq_len * _activation_bytes_per_token(cfg, each.name, gpu),
+               "inputs": _input_bytes(cfg, each, t.batch_size // ranks, micro) if gpu else 0.0}
         if mode == "fsdp":
             out["weights"] += (2 if gpu else 4) * (2 * layer + n["embedding"] + reg)  # unsharded for compute
-            out["gradients"] += 4 * layer  # one layer's full gradient before its reduce-scatter
+            # Gradients are reduce-scattered after the last micro-batch only (set_requires_gradient_sync): until
+            # then every layer keeps its full gradient, upcast to float32; with one micro-batch, one layer's.
+            out["gradients"] += 4 * (p if micro < t.batch_size // ranks else layer)
         out["total"] = sum(out.values())
         if out["total"] > worst.get("total", 0):
             worst = out

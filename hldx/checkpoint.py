@@ -3,10 +3,11 @@
 A run directory holds
     start-<p>/   the student's weights (HF format) at the start of phase p, written once when p starts
     final/       the same after the last phase (the run's model)
-    ckpt/        the latest checkpoint: state.json (phase, step, ranks, MLflow run id) and, inside a phase,
-                 dcp/, that phase's module and AdamW state as torch.distributed.checkpoint wrote them (every
-                 rank its part). A checkpoint is written as ckpt.tmp/, then renamed over ckpt/: a crash
-                 mid-write leaves the previous one whole.
+    ckpt/p<phase>-s<step>/   a checkpoint: dcp/, that phase's module and AdamW state as
+                 torch.distributed.checkpoint wrote them (every rank its part; none at a phase's end), then
+                 state.json (phase, step, ranks, MLflow run id). Each is written as ckpt/.tmp-<name>/, then
+                 renamed to its own new name; only then are older ones removed. A crash at any instant leaves
+                 the newest complete checkpoint in place, and the run resumes from it.
 Resuming phase p at step s: the weights of start-<p>, then dcp/ over the phase's module (HLDF's phase 1
 trains only the bottom of the student: the rest stays as start-<p> holds it), then AdamW, then the loader at
 step s. The data order and the schedule are pure functions of the step.
@@ -14,13 +15,16 @@ step s. The data order and the schedule are pure functions of the step.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch.distributed as dist
+from transformers import PreTrainedModel
 
 from hldx.errors import ConfigError
 from hldx.parallel import Control
@@ -42,14 +46,15 @@ class Checkpoint:
     ranks: int = 1
     tracking_run_id: str | None = None
 
+    @property
+    def name(self) -> str:
+        return f"p{self.phase}-s{self.step:012d}"
+
     @staticmethod
     def load(run_dir: Path) -> Checkpoint | None:
-        """The latest checkpoint (the previous one if a crash came between the two renames of a save)."""
-        for name in ("ckpt", "ckpt.old"):
-            state = run_dir / name / "state.json"
-            if state.exists():
-                return Checkpoint(**json.loads(state.read_text()))
-        return None
+        """The newest complete checkpoint of a run (None: there is none)."""
+        found = latest(run_dir)
+        return None if found is None else Checkpoint(**json.loads((found / "state.json").read_text()))
 
     def check_ranks(self, run_dir: Path, ranks: int) -> None:
         if self.ranks != ranks:
@@ -58,9 +63,10 @@ class Checkpoint:
                               f"torchrun --nproc_per_node), or delete that directory to start the run over")
 
     def save(self, run_dir: Path, write_state=None) -> None:
-        """Atomically replace the run's checkpoint; `write_state(dir)` (every rank, collective) writes the
-        module and optimizer state into dir/dcp. Every rank calls it."""
-        tmp, final, old = run_dir / "ckpt.tmp", run_dir / "ckpt", run_dir / "ckpt.old"
+        """Add this checkpoint beside the run's others, then remove the older ones; `write_state(dir)` (every
+        rank, collective) writes the module and optimizer state into dir/dcp. Every rank calls it."""
+        root = run_dir / "ckpt"
+        tmp, final = root / f".tmp-{self.name}", root / self.name
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -69,13 +75,33 @@ class Checkpoint:
             write_state(tmp / "dcp")
         barrier()
         if rank() == 0:
-            (tmp / "state.json").write_text(json.dumps(asdict(self)) + "\n")
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            with open(tmp / "state.json", "w") as f:
+                f.write(json.dumps(asdict(self)) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # this very state, saved by an attempt that died before cleaning up
+                shutil.rmtree(tmp)
+            else:
+                tmp.rename(final)
+            for old in [*root.iterdir(), run_dir / "ckpt.old"]:  # older ones, unfinished writes, the old layout
+                if old.is_file():
+                    old.unlink()
+                elif old != final:
+                    shutil.rmtree(old, ignore_errors=True)
         barrier()
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The directory of the newest complete checkpoint (one with its state.json), this layout's or the one
+    before it (ckpt/ itself, or ckpt.old/ left by a crash between its two renames)."""
+    root, states = run_dir / "ckpt", []
+    for path in [*(root.glob("p*-s*") if root.is_dir() else ()), root, run_dir / "ckpt.old"]:
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (FileNotFoundError, NotADirectoryError, ValueError):  # none, or removed (or written) meanwhile
+            continue
+        states.append(((state["phase"], state["step"]), path))
+    return max(states)[1] if states else None
 
 
 def start_dir(run_dir: Path, phase: int, phases: int) -> Path:
@@ -83,12 +109,13 @@ def start_dir(run_dir: Path, phase: int, phases: int) -> Path:
     return run_dir / ("final" if phase == phases else f"start-{phase}")
 
 
-def save_start(model, path: Path) -> None:
-    """Rank 0 writes the weights (HF format) beside, then renames them into place; every rank waits."""
+def save_start(make_model: Callable[[], PreTrainedModel], path: Path) -> None:
+    """Rank 0 alone makes the weights (if `path` lacks them) and writes them (HF format) beside, then renames
+    them into place; every rank waits."""
     if rank() == 0 and not path.exists():
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        make_model().save_pretrained(tmp)
         tmp.rename(path)
     barrier()
 

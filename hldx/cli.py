@@ -7,13 +7,15 @@ key, what was given and what is allowed. Anything else is a bug and keeps its tr
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
-from hldx.errors import UserError
+from hldx.errors import RunFailed, UserError
 
 EXIT_USER_ERROR = 2
 _TYPES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "str": "a string"}
@@ -116,16 +118,51 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
 
 
 def task(fn: Callable) -> Callable:
-    """Decorate a Hydra task function: a UserError inside it ends the process with one line, status 2
-    (Hydra itself would print 'Error executing job' and a traceback around it)."""
+    """Decorate a Hydra task function. Alone, a UserError ends the process with one line and status 2, a
+    RunFailed with one line and status 1 (Hydra itself would print 'Error executing job' and a traceback).
+    In a sweep, the error goes back to hldx's sweeper, which runs the other jobs and reports each failure in
+    one line at the end; a bug's traceback goes to the job's log file, not the terminal."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UserError as err:
-            raise SystemExit(report(_prog(fn.__module__), err)) from None
+        except (UserError, RunFailed) as err:
+            if in_sweep():
+                raise
+            if isinstance(err, UserError):
+                raise SystemExit(report(_prog(fn.__module__), err)) from None
+            sys.stderr.write(f"{_prog(fn.__module__)}: {err}\n")
+            raise SystemExit(1) from None
+        except Exception:
+            if in_sweep():
+                _to_log_file(traceback.format_exc())
+            raise
     return wrapped
+
+
+def in_sweep() -> bool:
+    """Whether this process runs a job of a Hydra sweep (-m)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _to_log_file(text: str) -> None:
+    """Write `text` to the job's log file (Hydra's file handler) and nowhere else."""
+    record = logging.LogRecord("hldx", logging.ERROR, __file__, 0, "%s", (text,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def failure_line(err: BaseException) -> str:
+    """A failed job's cause in one line: a user's mistake or a failed run as it is, a bug by its type."""
+    if isinstance(err, (UserError, RunFailed)):
+        return " ".join(str(err).split())
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first} (a bug: its traceback is in the log)"
 
 
 def run(app: Callable[[], Any]) -> None:

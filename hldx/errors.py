@@ -10,6 +10,10 @@ class UserError(Exception):
     """A mistake in what the user gave: the message says what is wrong and how to fix it."""
 
 
+class RunFailed(Exception):
+    """A run that cannot succeed as configured (it diverged): one line, exit status 1, the run FAILED."""
+
+
 class ConfigError(UserError, ValueError):
     """A bad setting: the message names the key, what was given and what is allowed."""
 

@@ -18,11 +18,12 @@ from hldx import budget, data, evaluation, models, teacher, tracking
 from hldx import config as C
 from hldx.budget import RunPlan, parallel_mode, plan_run
 from hldx.device import device_of, join, ranks, world
-from hldx.errors import ConfigError
+from hldx.errors import ConfigError, RunFailed
 from hldx.store import task_shards
 from hldx.train import Checkpoint, Trainer
 
 log = logging.getLogger("hldx")
+FAILED = "failed.txt"  # in a run's directory: why it cannot succeed as configured (it diverged)
 
 
 def check(cfg: DictConfig, launch: bool = True, ranks: int | None = None) -> RunPlan:
@@ -108,6 +109,9 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
     if done[0]:
         log.info("%s already finished (run_key %s, MLflow run %s): skipped", C.run_name(cfg), plan.run_key, done[0])
         return {}
+    if (failed := run_dir / FAILED).exists():  # it would diverge again, step for step
+        raise RunFailed(f"{C.run_name(cfg)} {failed.read_text().strip()} in an earlier attempt and is not run "
+                        f"again: change its hyperparameters, or delete {failed} to retry it")
     tokenizer = data.tokenizer_for(cfg)
     rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
     check_epochs(cfg, plan, rows.count)
@@ -136,7 +140,11 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
         if role == "student":
             tracker.compare_with_kd(cfg, metrics)
     except BaseException as err:
+        if isinstance(err, RunFailed) and rank == 0:
+            (run_dir / FAILED).write_text(str(err) + "\n")
         if tracker is not None:
+            if isinstance(err, RunFailed):
+                tracker.tag(**{"hldx.failure": str(err)})
             tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     tracker.finish()

@@ -2,11 +2,14 @@
 
 A step's rows are a pure function of the step (hldx.data.Batches), so while step s computes, threads read
 steps s+1..s+P (cache.prefetch) from the training rows and the teacher cache straight into host buffers,
-page-locked on a GPU so that the copies to the device are asynchronous; the stored values (bfloat16,
-float8, ...) are upcast on the device. The cache.readers threads read whole steps, several at once (keep
-cache.prefetch >= cache.readers): reading files and hashing them release the GIL, so readers scale with cores.
-A buffer is refilled only once the copies out of it are done (a CUDA event), so nothing waits but a step whose
-rows are not read yet.
+page-locked on a GPU. The cache.readers threads read whole steps, several at once (keep cache.prefetch >=
+cache.readers): reading files and hashing them release the GIL, so readers scale with cores.
+
+On a GPU a step's host-to-device copies run on a side stream of their own, issued when the step is handed
+out and, once read, when the step before it is: they overlap the compute queued before them. The compute
+stream waits on them (an event), its micro-batches decode the stored values (bfloat16, float8, ...) on the
+device, and a host buffer is refilled only once the copies out of it are done (the same event). The reader
+threads set the rank's device first. Nothing waits but a step whose rows are not read yet.
 
 torch's DataLoader is not used: its workers hand each batch over in a fresh shared-memory tensor and its
 pinning thread copies it once more, two extra passes over what is here up to gigabytes per second.
@@ -41,9 +44,10 @@ class Slot:
 
     tokens: Tensor                                    # [b, L] int32
     arrays: dict[str, list[Tensor]]                   # part -> its stored arrays [b, ...]
-    copied: torch.cuda.Event | None = None            # recorded after the last copy out of these buffers
+    copied: torch.cuda.Event | None = None            # recorded on the copy stream after the copies out of these
     step: int = -1
     pending: list[Future] = field(default_factory=list)
+    on_device: tuple[Tensor, dict[str, list[Tensor]]] | None = None   # the copies, once issued
 
 
 class Loader:
@@ -55,13 +59,18 @@ class Loader:
         self.batches, self.reader, self.parts = batches, reader, tuple(parts)
         if self.parts and reader is None:
             raise ValueError(f"parts {self.parts} need a cache reader")
-        self.steps, self.device, self.readers = steps, device, max(1, readers)
         cuda = device.type == "cuda"
+        if cuda and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.steps, self.device, self.readers = steps, device, max(1, readers)
         b, L = batches.per_rank, batches.tokens_RxL.shape[1]
         self.slots = [Slot(torch.empty((b, L), dtype=torch.int32, pin_memory=cuda),
                            {p: reader.buffers(p, b, pin=cuda) for p in self.parts},
                            torch.cuda.Event() if cuda else None) for _ in range(max(1, prefetch) + 1)]
-        self.pool = ThreadPoolExecutor(self.readers, thread_name_prefix="hldx-loader")
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.pool = ThreadPoolExecutor(self.readers, thread_name_prefix="hldx-loader",
+                                       initializer=torch.cuda.set_device if cuda else None,
+                                       initargs=(device,) if cuda else ())
         self.next = steps.start  # the next step to schedule
 
     def _fill(self, slot: Slot, first: int) -> None:
@@ -79,7 +88,8 @@ class Loader:
         slot.step, slot.pending = step, [self.pool.submit(self._fill, slot, self.batches.first(step))]
 
     def get(self, step: int) -> Step:
-        """Step `step`'s host buffers, read; the steps after it up to the prefetch depth are being read."""
+        """Step `step`'s buffers, read (on a GPU: copied, the compute stream waiting on the copies); the steps
+        after it up to the prefetch depth are being read, the next one's copies issued if it is."""
         while self.next < min(step + len(self.slots), self.steps.stop):
             self._schedule(self.next)
             self.next += 1
@@ -88,7 +98,28 @@ class Loader:
             raise RuntimeError(f"loader asked for step {step} out of order (slot holds {slot.step})")
         for f in slot.pending:
             f.result()  # re-raises a reader's error (a damaged shard, ...) here
-        return Step(slot, self.device)
+        if self.copy_stream is None:
+            return Step(slot.tokens, slot.arrays)
+        self._copy(slot)
+        tokens, arrays = slot.on_device
+        slot.on_device = None
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(slot.copied)
+        for t in [tokens, *(t for ts in arrays.values() for t in ts)]:
+            t.record_stream(compute)  # allocated on the copy stream, freed only after compute is done with it
+        after = self.slots[(step + 1) % len(self.slots)]
+        if after.step == step + 1 and all(f.done() and f.exception() is None for f in after.pending):
+            self._copy(after)
+        return Step(tokens, arrays)
+
+    def _copy(self, slot: Slot) -> None:
+        """Issue the copies of a read slot to the device on the copy stream, once; record slot.copied after."""
+        if slot.on_device is not None:
+            return
+        with torch.cuda.stream(self.copy_stream):
+            slot.on_device = (slot.tokens.to(self.device, non_blocking=True),
+                              {p: [t.to(self.device, non_blocking=True) for t in ts] for p, ts in slot.arrays.items()})
+            slot.copied.record(self.copy_stream)
 
     def close(self) -> None:
         for slot in self.slots:
@@ -104,25 +135,21 @@ class Loader:
 
 
 class Step:
-    """One read step: its micro-batches, copied to the device and decoded there."""
+    """One read step, on the device: its micro-batches, decoded there."""
 
-    def __init__(self, slot: Slot, device: torch.device):
-        self.slot, self.device = slot, device
+    def __init__(self, tokens: Tensor, arrays: dict[str, list[Tensor]]):
+        self.tokens, self.arrays = tokens, arrays   # [b, L] int32; part -> its stored arrays [b, ...]
 
     def __len__(self) -> int:
-        return len(self.slot.tokens)
+        return len(self.tokens)
 
     def micro(self, start: int, size: int) -> Micro:
-        at, dev = slice(start, start + size), self.device
-        tokens = self.slot.tokens[at].to(dev, non_blocking=True).long()
-        out = Micro(tokens)
-        if "topk" in self.slot.arrays:
-            ids, values = (t[at].to(dev, non_blocking=True) for t in self.slot.arrays["topk"])
-            out.topk_idx_BxLxK, out.topk_val_BxLxK = decode_topk(ids, values)
-        if "hidden" in self.slot.arrays:
-            out.hidden_BxLxD = decode_hidden(*(t[at].to(dev, non_blocking=True) for t in self.slot.arrays["hidden"]))
-        if self.slot.copied is not None:
-            self.slot.copied.record()
+        at = slice(start, start + size)
+        out = Micro(self.tokens[at].long())
+        if "topk" in self.arrays:
+            out.topk_idx_BxLxK, out.topk_val_BxLxK = decode_topk(*(t[at] for t in self.arrays["topk"]))
+        if "hidden" in self.arrays:
+            out.hidden_BxLxD = decode_hidden(*(t[at] for t in self.arrays["hidden"]))
         return out
 
 

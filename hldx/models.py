@@ -101,13 +101,17 @@ def _tap(model: Gemma3ForCausalLM, layer: int):
 def attention_masks(config: Gemma3TextConfig, tokens_BxL: Tensor) -> dict[str, Tensor | None] | None:
     """The masks Gemma3 builds for an unpadded causal batch under SDPA, made without reading the batch: given
     them, transformers skips its own mask code, whose packed-sequence check reads a device tensor (a host sync
-    every forward on a GPU). Full attention: None (SDPA's is_causal); sliding: a [1, 1, L, L] mask broadcast
-    over the batch, or None when L is within the window. None for any other attention implementation."""
+    every forward on a GPU). None wherever a layer's attention is plain causal: full attention, and sliding
+    attention whose window covers the sequence (a query at i sees keys j > i - window, so every earlier key
+    when L <= window; the paper's L = window = 512). With no mask transformers passes SDPA is_causal and
+    enable_gqa, which the flash and cuDNN kernels take (a mask forces the others and repeats K/V per head).
+    Only a window shorter than the sequence gets a [1, 1, L, L] mask broadcast over the batch. None for any
+    other attention implementation."""
     if config._attn_implementation != "sdpa":
         return None
     B, L = tokens_BxL.shape
     return {"full_attention": None, "sliding_attention": _sliding_mask(config.sliding_window, L, tokens_BxL.device)
-            .expand(B, -1, -1, -1) if L >= config.sliding_window else None}
+            .expand(B, -1, -1, -1) if L > config.sliding_window else None}
 
 
 @lru_cache(maxsize=8)
@@ -124,6 +128,18 @@ def forward(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int | None = No
     with _tap(model, layer) as seen:
         logits_BxLxV = model(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).logits
     return logits_BxLxV, seen["h"]
+
+
+def final_state(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int | None = None
+                ) -> tuple[Tensor, Tensor | None]:
+    """The residual stream after the last decoder layer, before the final norm (the model's dtype), and the
+    hidden state after `layer` when asked for; no norm, no head: its caller computes those as it needs."""
+    body, masks = truncated(model, model.config.num_hidden_layers), attention_masks(model.config, tokens_BxL)
+    if layer is None:
+        return body(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).last_hidden_state, None
+    with _tap(model, layer) as seen:
+        h_BxLxD = body(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).last_hidden_state
+    return h_BxLxD, seen["h"]
 
 
 def truncated(model: Gemma3ForCausalLM, layer: int) -> nn.Module:

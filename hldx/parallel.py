@@ -5,7 +5,9 @@ and its checkpoints through torch.distributed.checkpoint (every rank writes its 
     ddp    DistributedDataParallel: one bucketed all-reduce per optimizer step, overlapped with the backward
            (no_sync() on all micro-batches but the last); every rank holds the whole model
     fsdp   FSDP2 (fully_shard) on each decoder layer and on the root: parameters, gradients and AdamW state
-           sharded over the ranks; on a GPU bf16 parameters in compute and fp32 gradient reduction
+           sharded over the ranks; under bf16 (a GPU's default) bf16 parameters in compute and fp32 gradient
+           reduction; the
+           weights are rank 0's, broadcast into the shards (the other ranks need not read them)
 
 train.parallel=auto picks fsdp when the plan's estimate of DDP's memory per rank exceeds plan.device_memory
 (the 3.4B teacher), else ddp with several ranks and none with one.
@@ -21,16 +23,17 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 
 from hldx.models import PhaseNet
 
 
 class Engine:
-    """A PhaseNet wrapped for the job's ranks (see the module docstring); `module(tokens)` runs it."""
+    """A PhaseNet wrapped for the job's ranks (see the module docstring); `module(tokens)` runs it. `bf16`: the
+    job computes in bfloat16 (FSDP2's mixed-precision policy)."""
 
-    def __init__(self, net: PhaseNet, mode: str, device: torch.device):
-        self.net, self.mode = net, mode
+    def __init__(self, net: PhaseNet, mode: str, device: torch.device, bf16: bool = False):
+        self.net, self.mode, self.device = net, mode, device
         if mode == "ddp":
             self.module = nn.parallel.DistributedDataParallel(
                 net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
@@ -39,11 +42,13 @@ class Engine:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-            bf16 = device.type == "cuda"
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+            whole = net.state_dict() if dist.get_rank() == 0 else {}  # rank 0's weights, before they are sharded
             for layer in net.layers():
                 fully_shard(layer, mesh=mesh, mp_policy=policy)
             self.module = fully_shard(net, mesh=mesh, mp_policy=policy)
+            set_model_state_dict(self.module, whole, options=StateDictOptions(full_state_dict=True,
+                                                                              broadcast_from_rank0=True))
         else:
             self.module = net
         # The student's parameters and the regressor's, clipped apart (HLDC with gamma=0 stays KD exactly).
@@ -60,10 +65,12 @@ class Engine:
             self.module.set_requires_gradient_sync(last)
         return nullcontext()
 
-    def clip(self, max_norm: float) -> None:
-        """Scale the student's gradients, then the regressor's, so each group's norm is at most max_norm, as
-        clip_grad_norm_ does; the norm is summed in float64 (over the shards, under FSDP2), so the scale, rounded
-        to float32, does not depend on how the gradients are split over ranks."""
+    def clip(self, max_norm: float | None) -> torch.Tensor:
+        """The gradients' norm (a device tensor, no host sync); with max_norm, scale the student's gradients,
+        then the regressor's, so each group's norm is at most max_norm, as clip_grad_norm_ does. The norm is
+        summed in float64 (over the shards, under FSDP2), so the scale, rounded to float32, does not depend on
+        how the gradients are split over ranks."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for group in (self.params, self.extra):
             grads = [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in group) if g is not None]
             if not grads:
@@ -71,8 +78,11 @@ class Engine:
             squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads]).sum()
             if self.mode == "fsdp":
                 dist.all_reduce(squares)
-            scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0).float()
-            torch._foreach_mul_(grads, scale)
+            total += squares
+            if max_norm:
+                scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0).float()
+                torch._foreach_mul_(grads, scale)
+        return total.sqrt()
 
     def _state(self, optimizer: torch.optim.Optimizer) -> dict:
         net, optim = get_state_dict(self.module, optimizer)
@@ -88,9 +98,12 @@ class Engine:
         set_state_dict(self.module, optimizer, model_state_dict=state["net"], optim_state_dict=state["optim"])
 
     def student_state(self) -> dict[str, Tensor]:
-        """The student's whole weights (its Gemma3 keys) on every rank, gathered from the shards (collective)."""
+        """The student's whole weights (its Gemma3 keys) on rank 0's host, gathered from the shards straight to
+        the host (collective); {} on the other ranks."""
         if self.mode == "fsdp":
-            state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
+            state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        elif dist.is_initialized() and dist.get_rank() > 0:
+            return {}
         else:
             state = self.net.state_dict()
         return {k: v.detach().cpu() for k, v in PhaseNet.student_state(state).items()}

@@ -204,7 +204,8 @@ class Cache:
     hidden_dtype: str = key()
     rows: Any = key(extent("auto"))
     hidden_rows: Any = key(extent("auto", "all"))
-    batch_rows: int = key(integer(1))
+    batch_rows: Any = key(Rule("auto or a row count >= 1", lambda v: v == "auto" or (
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1)))
     prefetch: int = key(integer(1))
     readers: int = key(integer(1))
     task: int = key(integer(0))

@@ -80,40 +80,15 @@ def stages(planned: list[study.Planned]) -> list[Stage]:
     data_key = C.digest([OmegaConf.to_container(first.data, resolve=True), first.train.seq_len, first.paths.cache])
     tokens, _ = data.train_tokens(first)
     graph = [Stage("tokenize", data_key, tokenize, [overrides], disk_bytes=2 * (tokens or 0))]  # uint16 ids
+    waits = {r.run_key: [graph[0].job_name] for _, _, r in planned}  # NLL students wait for tokenize only
     distilled = [(j, c, r) for j, c, r in planned if c.method.name in C.DISTILLED]
-    after_teacher = [graph[0].job_name]
-    if distilled:
-        j, c, _ = distilled[0]
-        given = OmegaConf.is_missing(c.teacher, "ckpt") or c.teacher.ckpt  # the user's teacher (to be) given
-        if not given and not teacher.teacher_path(c).exists():
-            tcfg = teacher.teacher_config(c)
-            graph.append(Stage("teacher", C.run_key(tcfg), pretrain_teacher, [j], [graph[0].job_name],
-                               gpu_hours=gpu_hours(plan_run(tcfg), throughput(tcfg)[0]),
-                               disk_bytes=4 * count_parameters(tcfg.student)["total"]))
-            after_teacher = [graph[-1].job_name]
-        cached = [(j, c, r) for j, c, r in distilled if c.teacher.source == "cache"]
-        if cached:
-            extents = [cache_extents(c, r) for _, c, r in cached]
-            top, hidden = max(e[0] for e in extents), max(e[1] for e in extents)
-            j, c, _ = cached[0]
-            tasks = int(c.cache.tasks)
-            share = [o for o in j if not o.startswith(("cache.task=", "cache.tasks=", "cache.rows=",
-                                                       "cache.hidden_rows="))]
-            share += [f"cache.rows={top}", f"cache.hidden_rows={hidden}", f"cache.tasks={tasks}"]
-            key = C.digest([C.run_key(teacher.teacher_config(c)) if not given else OmegaConf.select(c, "teacher.ckpt"),
-                            data_key, top, hidden, c.cache.values_dtype, c.cache.hidden_dtype])
-            as_student = c.copy()
-            as_student.student = c.teacher.model
-            forward = flops_per_token(as_student)["data"] / 3  # the teacher's forward alone: a third of training
-            storage = cache_storage([c for _, c, _ in cached], [r for _, _, r in cached],
-                                    tokens // c.train.seq_len if tokens else None)  # at most the order's rows
-            graph.append(Stage("cache", key, build_cache, [share + [f"cache.task={t}"] for t in range(tasks)],
-                               after_teacher, gpu_hours=storage["tokens"] * forward / (c.plan.mfu * c.plan.peak_flops)
-                               / 3600, disk_bytes=storage["bytes"]))
-            after_teacher = [graph[-1].job_name]
+    by_teacher: dict[str, list[study.Planned]] = {}
+    for j, c, r in distilled:  # the teacher's identity is its own: every seed and method of a study shares it
+        by_teacher.setdefault(_teacher_id(c), []).append((j, c, r))
+    for group in by_teacher.values():
+        graph += _teacher_stages(group, graph[0].job_name, data_key, tokens, waits)
     for j, c, r in planned:
-        waits = after_teacher if c.method.name in C.DISTILLED else [graph[0].job_name]
-        graph.append(Stage("student", r.run_key, train, [j], waits, gpu_hours=gpu_hours(r, throughput(c)[0]),
+        graph.append(Stage("student", r.run_key, train, [j], waits[r.run_key], gpu_hours=gpu_hours(r, throughput(c)[0]),
                            disk_bytes=4 * count_parameters(c.student)["total"]))
     exp = first.tracking.experiment
     command = [sys.executable, "-m", "analysis.report", "--experiment", exp, "--tracking-uri", first.tracking.uri,
@@ -121,6 +96,56 @@ def stages(planned: list[study.Planned]) -> list[Stage]:
     graph.append(Stage("report", C.digest(exp), report, [command],
                        [s.job_name for s in graph if s.name == "student"], ok=False))
     return graph
+
+
+def _teacher_id(cfg) -> str:
+    """Which teacher a job reads: teacher.ckpt (also when it is still to be given), or the on-demand one's."""
+    given = OmegaConf.is_missing(cfg.teacher, "ckpt") or cfg.teacher.ckpt
+    return f"ckpt:{OmegaConf.select(cfg, 'teacher.ckpt')}" if given else str(teacher.teacher_path(cfg))
+
+
+def _teacher_stages(group: list[study.Planned], tokenized: str, data_key: str, tokens: int | None,
+                    waits: dict[str, list[str]]) -> list[Stage]:
+    """The stages of one teacher's students: its pre-training (an on-demand teacher not built yet) and one
+    cache per distinct cache identity, built to the longest extents its students read; `waits` gets what each
+    of the group's students waits for."""
+    j, c, _ = group[0]
+    out, after = [], [tokenized]
+    given = OmegaConf.is_missing(c.teacher, "ckpt") or c.teacher.ckpt  # the user's teacher (to be) given
+    if not given and not teacher.teacher_path(c).exists():
+        tcfg = teacher.teacher_config(c)
+        out.append(Stage("teacher", C.run_key(tcfg), pretrain_teacher, [j], [tokenized],
+                         gpu_hours=gpu_hours(plan_run(tcfg), throughput(tcfg)[0]),
+                         disk_bytes=4 * count_parameters(tcfg.student)["total"]))
+        after = [out[-1].job_name]
+    by_cache: dict[str, list[study.Planned]] = {}
+    for j, c, r in group:
+        if c.teacher.source != "cache":
+            waits[r.run_key] = after
+            continue
+        identity = [c.cache.values_dtype, c.cache.hidden_dtype, c.method.get("top_k", 128), c.hidden.teacher_layer,
+                    c.cache.rows_per_shard]
+        by_cache.setdefault(C.digest(identity), []).append((j, c, r))
+    for cached in by_cache.values():
+        extents = [cache_extents(c, r) for _, c, r in cached]
+        top, hidden = max(e[0] for e in extents), max(e[1] for e in extents)
+        j, c, _ = cached[0]
+        tasks = int(c.cache.tasks)
+        share = [o for o in j if not o.startswith(("cache.task=", "cache.tasks=", "cache.rows=", "cache.hidden_rows="))]
+        share += [f"cache.rows={top}", f"cache.hidden_rows={hidden}", f"cache.tasks={tasks}"]
+        key = C.digest([_teacher_id(c), data_key, top, hidden, c.cache.values_dtype,
+                        c.cache.hidden_dtype, c.method.get("top_k", 128), c.hidden.teacher_layer])
+        as_student = c.copy()
+        as_student.student = c.teacher.model
+        forward = flops_per_token(as_student)["data"] / 3  # the teacher's forward alone: a third of training
+        storage = cache_storage([c for _, c, _ in cached], [r for _, _, r in cached],
+                                tokens // c.train.seq_len if tokens else None)  # at most the order's rows
+        out.append(Stage("cache", key, build_cache, [share + [f"cache.task={t}"] for t in range(tasks)], after,
+                         gpu_hours=storage["tokens"] * forward / (c.plan.mfu * c.plan.peak_flops) / 3600,
+                         disk_bytes=storage["bytes"]))
+        for _, _, r in cached:
+            waits[r.run_key] = [out[-1].job_name]
+    return out
 
 
 def table(graph: list[Stage]) -> str:

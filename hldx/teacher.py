@@ -2,6 +2,7 @@
 outputs read online or from the teacher cache it builds (hldx.store)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from transformers import PreTrainedTokenizerFast
@@ -17,7 +19,7 @@ from hldx import config as C
 from hldx import data, schema
 from hldx.data import tokenizer_digest
 from hldx.errors import ConfigError, check as require
-from hldx.models import forward, forward_to_layer, load_model, middle_layer
+from hldx.models import final_state, forward_to_layer, load_model, middle_layer
 from hldx.budget import RunPlan, cache_extents
 from hldx.data import Rows
 from hldx.store import HIDDEN_DTYPES, VALUE_DTYPES, CacheReader, CacheSpec, build, codec, open_cache
@@ -108,21 +110,30 @@ def load_teacher(cfg: DictConfig) -> torch.nn.Module:
 
 class OnlineTeacher:
     """Runs the teacher's forward on a batch: its top-k logits (relative to each position's largest, as the
-    cache stores them) and/or its mid-layer hidden state. On a GPU under bf16 autocast, the top-k taken in
-    float32 from the bf16 logits."""
+    cache stores them) and/or its mid-layer hidden state. On a GPU (train.precision auto or bf16) the teacher
+    runs in bfloat16 weights and its final norm and LM head in float32, from float32 copies made first (the
+    head is tied to the embedding): the top-k is taken from float32 logits, as the cache's stated precision
+    assumes (bfloat16 logits near 20 are 0.06 apart). `dtype` overrides the weights' dtype."""
 
-    def __init__(self, cfg: DictConfig, model: torch.nn.Module, device: torch.device):
-        self.model, self.k = model.to(device), cfg.method.get("top_k", 128)
+    def __init__(self, cfg: DictConfig, model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None):
+        bf16 = device.type == "cuda" and cfg.train.precision != "fp32"
+        self.k = cfg.method.get("top_k", 128)
         self.layer = middle_layer(cfg.teacher.model.num_hidden_layers, cfg.hidden.teacher_layer)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.norm = copy.deepcopy(model.model.norm).to(device, torch.float32)
+        self.head_VxD = model.lm_head.weight.detach().to(device, torch.float32, copy=True)
+        self.softcap = model.config.final_logit_softcapping
+        self.model = model.to(device, dtype or (torch.bfloat16 if bf16 else torch.float32))
 
     @torch.no_grad()
     def __call__(self, tokens_BxL: Tensor, logits: bool, hidden: bool):
-        with self.autocast:
-            if not logits:
-                return None, None, forward_to_layer(self.model, tokens_BxL, self.layer).float()
-            logits_BxLxV, hidden_BxLxD = forward(self.model, tokens_BxL, self.layer if hidden else None)
-        topk_val_BxLxK, topk_idx_BxLxK = logits_BxLxV.float().topk(self.k, dim=-1)
+        if not logits:
+            return None, None, forward_to_layer(self.model, tokens_BxL, self.layer).float()
+        h_BxLxD, hidden_BxLxD = final_state(self.model, tokens_BxL, self.layer if hidden else None)
+        with torch.autocast(h_BxLxD.device.type, enabled=False):  # float32 inside a bf16-autocast training step
+            logits_BxLxV = F.linear(self.norm(h_BxLxD.float()), self.head_VxD)
+            if self.softcap is not None:
+                logits_BxLxV = self.softcap * torch.tanh(logits_BxLxV / self.softcap)
+            topk_val_BxLxK, topk_idx_BxLxK = logits_BxLxV.topk(self.k, dim=-1)
         relative_BxLxK = topk_val_BxLxK - topk_val_BxLxK[..., :1]  # sorted: the first is the largest
         return topk_idx_BxLxK, relative_BxLxK, None if hidden_BxLxD is None else hidden_BxLxD.float()
 
@@ -157,20 +168,29 @@ def cache_dir(cfg: DictConfig, spec: CacheSpec) -> Path:
 
 
 def build_cache(cfg: DictConfig, spec: CacheSpec, rows: Rows, device: torch.device,
-                shards: range | None = None) -> bool:
+                shards: range | None = None, online: OnlineTeacher | None = None) -> bool:
     """Build what `spec`'s extents need of `shards` (default: all) and the cache lacks; whether it is complete.
-    The teacher is loaded only if a shard is missing."""
-    online: list[OnlineTeacher] = []
+    The teacher runs as `online`, else as cfg's, loaded only if a shard is missing."""
+    teachers = [online] if online is not None else []
 
     def teacher_fn(tokens_BxL: Tensor, topk: bool, hidden: bool):
-        if not online:
-            online.append(OnlineTeacher(cfg, load_teacher(cfg), device))
-        idx, val, hid = online[0](tokens_BxL.to(device), topk, hidden)
-        return tuple(None if t is None else t.cpu() for t in (idx, val, hid))
+        if not teachers:
+            teachers.append(OnlineTeacher(cfg, load_teacher(cfg), device))
+        return teachers[0](tokens_BxL.to(device), topk, hidden)  # encoded on the device (hldx.store.write)
 
     return build(spec, cache_dir(cfg, spec), teacher_fn,
                  lambda r: torch.from_numpy(rows.tokens_RxL[r].astype(np.int64)), shards,
-                 batch_rows=cfg.cache.batch_rows)
+                 batch_rows=batch_rows(cfg, device))
+
+
+def batch_rows(cfg: DictConfig, device: torch.device) -> int:
+    """Rows per teacher forward of a cache build: cache.batch_rows; auto: 8 on a CPU, on a GPU as many as keep
+    the batch's float32 logits (what the top-k is taken from) within 4 GiB."""
+    if cfg.cache.batch_rows != "auto":
+        return int(cfg.cache.batch_rows)
+    if device.type != "cuda":
+        return 8
+    return max(1, 2**32 // (4 * cfg.train.seq_len * cfg.teacher.model.vocab_size))
 
 
 def teacher_source(cfg: DictConfig, tokenizer, rows: Rows, plan: RunPlan,

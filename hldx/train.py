@@ -20,10 +20,10 @@ from hldx.progress import Progress
 
 from hldx import losses
 from hldx.budget import PhasePlan, RunPlan, parallel_mode
-from hldx.checkpoint import Checkpoint, Preemption, barrier, save_start, start_dir
+from hldx.checkpoint import Checkpoint, Preemption, barrier, latest, save_start, start_dir
 from hldx.data import Batches
 from hldx.device import device_of, peak_flops, world
-from hldx.errors import ConfigError
+from hldx.errors import ConfigError, RunFailed
 from hldx.loader import Loader, Micro, Step
 from hldx.methods import Phase, phases
 from hldx.models import PhaseNet, build_model, build_regressor, compile_layers, load_model, middle_layer
@@ -77,6 +77,32 @@ def adam_sqrt_v_percentiles(optimizer: torch.optim.AdamW, qs: tuple[float, ...] 
     return [float(all_N.kthvalue(max(1, math.ceil(q * all_N.numel()))).values) for q in qs]
 
 
+class Guard:
+    """Stops a diverged run: each step's loss parts and gradient norm are checked on the device (no host sync),
+    the first step where one is not finite is kept there with its values, and `check()` (at log steps and
+    before a checkpoint, where the host waits anyway) raises RunFailed naming them."""
+
+    def __init__(self, device: torch.device, lr_of: Callable[[int], float], where: str):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+        self.values: Tensor | None = None
+        self.names: list[str] = []
+        self.lr_of, self.where = lr_of, where
+
+    def watch(self, step: int, parts: dict[str, Tensor]) -> None:
+        """Step `step` (1-based, of the run) ended with these loss parts and gradient norm."""
+        self.names = sorted(parts)
+        values = torch.stack([torch.as_tensor(parts[k]).float().reshape(()) for k in self.names])
+        first = ~torch.isfinite(values).all() & (self.first < 0)
+        self.first = torch.where(first, step, self.first)
+        self.values = values if self.values is None else torch.where(first, values, self.values)
+
+    def check(self) -> None:
+        step = int(self.first)
+        if step >= 0:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.names, self.values.tolist()))
+            raise RunFailed(f"diverged at step {step} ({self.where}): {shown} at lr={self.lr_of(step):.3g}")
+
+
 class Trainer:
     """Runs the phases of a plan on one student; `log(metrics, step)` receives the training curves."""
 
@@ -90,8 +116,8 @@ class Trainer:
         self.tracking_run_id = tracking_run_id
         self.device = device_of(cfg)
         self.layer = middle_layer(cfg.student.num_hidden_layers, cfg.hidden.student_layer)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
-            self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")) else None
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None  # CPU: on request
         self.rank, self.world = world()
         self.mode = parallel_mode(cfg, self.world)
         if self.mode != "none" and not dist.is_initialized():
@@ -106,7 +132,8 @@ class Trainer:
 
     def engine(self, phase: Phase, model: nn.Module, regressor: nn.Module | None) -> Engine:
         """The phase's module on this job's ranks."""
-        return Engine(PhaseNet(model, self.layer, regressor, bottom=phase.name == "ht"), self.mode, self.device)
+        return Engine(PhaseNet(model, self.layer, regressor, bottom=phase.name == "ht"), self.mode, self.device,
+                      bf16=self.autocast is not None)
 
     def loss(self, phase: Phase, engine: Engine, micro: Micro) -> dict[str, Tensor]:
         """The phase's objective on one micro-batch, with its parts for logging."""
@@ -133,23 +160,22 @@ class Trainer:
             parts |= {"loss": total + cfg.gamma * emb, "loss_emb": emb}
         return parts
 
-    def step(self, phase: Phase, engine: Engine, optimizer: torch.optim.Optimizer, batch: Step,
-             sums: dict[str, Tensor]) -> None:
-        """One optimizer step on one batch: forward and backward per micro-batch (the loss parts, averaged
-        over micro-batches, are added into `sums`; gradients are reduced across ranks after the last one),
-        clipping, AdamW."""
-        n_micro = len(batch) // self.micro
+    def step(self, phase: Phase, engine: Engine, optimizer: torch.optim.Optimizer, batch: Step) -> dict[str, Tensor]:
+        """One optimizer step on one batch: forward and backward per micro-batch (gradients are reduced across
+        ranks after the last one), clipping, AdamW; the loss parts averaged over micro-batches and the gradient
+        norm, as device tensors."""
+        n_micro, step_parts = len(batch) // self.micro, {}
         for i, start in enumerate(range(0, len(batch), self.micro)):
             micro = batch.micro(start, self.micro)
             with engine.micro(last=i + 1 == n_micro), self.autocast or torch.autocast("cpu", enabled=False):
                 parts = self.loss(phase, engine, micro)
                 (parts["loss"] / n_micro).backward()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.detach() / n_micro
-        if self.cfg.train.grad_clip:
-            engine.clip(self.cfg.train.grad_clip)
+                step_parts[k] = step_parts.get(k, 0.0) + v.detach() / n_micro
+        step_parts["grad_norm"] = engine.clip(self.cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return step_parts
 
     def fit(self) -> nn.Module:
         """Train every phase left (from the checkpoint, if there is one); the student at the end."""
@@ -159,20 +185,19 @@ class Trainer:
         resume.tracking_run_id = self.tracking_run_id
         self.state = resume
         if resume.phase == 0 and resume.step == 0:
-            save_start(build_model(cfg.student, cfg.seed), start_dir(self.run_dir, 0, n))
+            save_start(lambda: build_model(cfg.student, cfg.seed), start_dir(self.run_dir, 0, n))
         done = sum(p.steps for p in self.plan.phases[:resume.phase]) + resume.step
         bar = Progress(total=sum(p.steps for p in self.plan.phases), initial=done, unit="step", dynamic_ncols=True,
                        disable=None if self.rank == 0 else True, line_every_s=math.inf)  # off a tty: a line per log
-        with Preemption() as self.preemption:
+        with Preemption() as self.preemption, bar:
             for index in range(resume.phase, n):
                 start = resume.step if index == resume.phase else 0
                 self._run_phase(index, phases(cfg)[index], self.plan.phases[index], start, bar)
-        bar.close()
         return load_model(str(start_dir(self.run_dir, n, n)))
 
     def _run_phase(self, index: int, phase: Phase, plan: PhasePlan, start: int, bar) -> None:
         cfg, device, n = self.cfg, self.device, len(self.plan.phases)
-        model = load_model(str(start_dir(self.run_dir, index, n))).to(device).train()
+        model = self._start_model(index).train()
         if cfg.train.compile:
             compile_layers(model)
         regressor = None
@@ -185,7 +210,7 @@ class Trainer:
         engine = self.engine(phase, model, regressor)
         optimizer = _optimizer(cfg, engine.params, engine.extra, device)
         if start > 0:
-            engine.load(self.run_dir / "ckpt" / "dcp", optimizer)
+            engine.load(latest(self.run_dir) / "dcp", optimizer)
         first_step = sum(p.steps for p in self.plan.phases[:index])   # data position continues across phases
         parts = [part for part, needed in (("topk", phase.needs_teacher_logits), ("hidden", phase.needs_teacher_hidden))
                  if needed and self.reader is not None]
@@ -193,9 +218,14 @@ class Trainer:
                         cfg.cache.prefetch, cfg.cache.readers)
         with loader:
             stop = self._steps(index, phase, plan, engine, optimizer, loader, start, bar)
-        # The phase's end: the student's weights, gathered, are where the next phase (or the run) starts.
-        end = load_model(str(start_dir(self.run_dir, index, n)))
-        end.load_state_dict(engine.student_state(), strict=False)  # HLDF's phase 1: its bottom; the rest as it was
+        # The phase's end: the student's weights, gathered on rank 0, are where the next phase (or the run) starts.
+        state = engine.student_state()
+
+        def end() -> nn.Module:
+            model = load_model(str(start_dir(self.run_dir, index, n)))
+            model.load_state_dict(state, strict=False)  # HLDF's phase 1: its bottom; the rest as it was
+            return model
+
         save_start(end, start_dir(self.run_dir, index + 1, n))
         self.state.phase, self.state.step = index + 1, 0
         self.state.save(self.run_dir)
@@ -204,6 +234,16 @@ class Trainer:
         barrier()
         if stop:
             self.preemption.stop()
+
+    def _start_model(self, index: int) -> nn.Module:
+        """The student at the start of phase `index`, on the device: rank 0 loads it; under DDP or FSDP2 the other
+        ranks build one of its shape in place on the device, whose weights the engine sets to rank 0's (DDP's
+        broadcast, Engine's for FSDP2): one copy of the weights on a node's host, not one per rank."""
+        if self.rank == 0 or self.mode == "none":
+            return load_model(str(start_dir(self.run_dir, index, len(self.plan.phases)))).to(self.device)
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.device(self.device):
+            return build_model(self.cfg.student, self.cfg.seed)
 
     def _steps(self, index: int, phase: Phase, plan: PhasePlan, engine: Engine, optimizer, loader: Loader,
                start: int, bar) -> bool:
@@ -215,16 +255,22 @@ class Trainer:
         step_tokens = cfg.train.batch_size * cfg.train.seq_len
         peak = peak_flops(device)
         sums: dict[str, Tensor] = {}
+        guard = Guard(device, lambda s: lr_at(cfg.lr, cfg.train.final_lr_fraction, phase, plan, s - first_step - 1),
+                      f"phase {index + 1} of {len(self.plan.phases)} ({phase.name})")
         window_start, window_steps = time.perf_counter(), 0
         for step in range(start, plan.steps):
             lr = lr_at(cfg.lr, cfg.train.final_lr_fraction, phase, plan, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            self.step(phase, engine, optimizer, loader.get(first_step + step), sums)
+            step_parts = self.step(phase, engine, optimizer, loader.get(first_step + step))
+            guard.watch(first_step + step + 1, step_parts)
+            for k, v in step_parts.items():
+                sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
             window_steps += 1
             last = step + 1 == plan.steps
             if (step + 1) % cfg.train.log_every == 0 or last:
+                guard.check()  # a host sync the logging below makes anyway
                 names = sorted(sums)
                 values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in names])
                 if self.world > 1:
@@ -250,6 +296,7 @@ class Trainer:
             if last:
                 return stop
             if stop or (step + 1) % cfg.train.ckpt_every == 0:
+                guard.check()  # never a checkpoint of diverged weights
                 self.state.phase, self.state.step = index, step + 1
                 self.state.save(self.run_dir, lambda path: engine.save(path, optimizer))
             if stop:

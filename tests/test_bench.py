@@ -9,6 +9,7 @@ import pytest
 
 from hldx import bench as B
 from hldx import config as C
+from hldx.budget import memory_per_rank
 from hldx.train import Trainer
 
 TINY = ["train.seq_len=32", "train.batch_size=4", "data.max_train_tokens=32768", "bench.warmup=1", "bench.steps=2"]
@@ -85,6 +86,8 @@ def test_report_medians_mfu_and_memory():
     f = r["flops_per_token"]
     assert r["mfu"] == pytest.approx({m: r["tokens_per_s"][m] * f[m] / 1e9 for m in seconds})
     assert r["peak_mem_gib"] == {"kd": 1.5}
+    assert r["plan_mem_gib"] == {"kd": memory_per_rank(C.compose(["train.seq_len=32", "train.batch_size=4", "method=kd"]),
+                                                       "none", 1, phase="kd")["total"] / 2**30}
 
 
 def test_measure_rotates_the_order_and_drops_the_warmup():
@@ -101,3 +104,26 @@ def test_measure_rotates_the_order_and_drops_the_warmup():
 def test_bad_settings_name_the_key(bad, key):
     with pytest.raises(C.ConfigError, match=key):
         B.bench(C.compose(TINY + [bad]))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["student=gemma3-123m", "teacher=gemma3-3.4b", "train.seq_len=512", "train.batch_size=1", "bench.threads=1"],
+     "train.batch_size=1 is invalid for bench.methods=[..., ranks]: expected an even number"),
+    (["train.batch_size=6", "train.micro_batch_size=4"], "train.micro_batch_size=4 is invalid: expected a divisor"),
+    (["train.parallel=fsdp", "bench.methods=[nll,kd]"], "train.parallel=fsdp wraps one phase's module at a time"),
+])
+def test_what_a_run_needs_is_checked_before_any_work(hldx_cache, capsys, monkeypatch, bad, message):
+    """The ranks run at batch 1 used to die in its workers after minutes of measuring, with no bench.json."""
+    monkeypatch.setattr(B, "data", None)  # nothing may be read or tokenized before the refusal
+    assert B.main(bad) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert message in line
+
+
+def test_the_cache_build_against_the_teachers_forward(hldx_cache, tmp_path):
+    out = tmp_path / "build.json"
+    assert B.main(TINY + ["bench.methods=[build]", "cache.batch_rows=4", f"bench.json={out}"]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["tokens_per_s"]) == {"build", "build_forward"} and r["build_rows"] == 8 and r["build_batch_rows"] == 4
+    assert r["ratio"]["build_forward"] == pytest.approx(r["tokens_per_s"]["build"] / r["tokens_per_s"]["build_forward"])
+    assert 0 < r["ratio"]["build_forward"] < 1.5

@@ -17,53 +17,10 @@ from hydra import compose, initialize_config_dir
 from hldx import store as cache
 from hldx.cache import main as cache_main
 from hldx.store import CacheError, CacheSpec
+from cache_worker import Teacher, make_spec, online, row_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-L, K, D = 16, 8, 12
-
-
-def make_spec(**changes) -> CacheSpec:
-    base = dict(teacher_digest="teacher-a", tokenizer_digest="tok-a", stream_digest="rows-a", seq_len=L, k=K,
-                vocab_size=5000, hidden_layer=3, hidden_size=D, values_dtype="float32", hidden_dtype="float32",
-                rows_per_shard=8, rows=37)
-    base["hidden_rows"] = changes.get("rows", base["rows"])  # all
-    return CacheSpec(**{**base, **changes})
-
-
-def row_tokens(spec: CacheSpec):
-    def fn(rows: np.ndarray) -> torch.Tensor:
-        r = torch.as_tensor(rows, dtype=torch.long)[:, None]
-        return (r * 7919 + torch.arange(spec.seq_len) * 104729) % spec.vocab_size
-    return fn
-
-
-class Teacher:
-    """A per-token function of (token, position): what any batching of rows must give back. Counts its calls
-    and rows; raises after `fail_after` calls to stand in for a killed build."""
-
-    def __init__(self, spec: CacheSpec, fail_after: int | None = None, hidden: bool = True):
-        self.spec, self.fail_after, self.hidden = spec, fail_after, hidden
-        self.calls = self.rows = 0
-        self.lock = threading.Lock()
-
-    def __call__(self, tokens_NxL: torch.Tensor, topk: bool = True, hidden: bool = True):
-        with self.lock:
-            if self.fail_after is not None and self.calls >= self.fail_after:
-                raise KeyboardInterrupt("killed")
-            self.calls += 1
-            self.rows += len(tokens_NxL)
-        s = self.spec
-        pos = torch.arange(s.seq_len)[:, None]
-        idx = (tokens_NxL[..., None] * 31 + pos + torch.arange(s.k) * 577) % s.vocab_size
-        val = torch.sin(idx.float() * 0.37 + pos) * 20 + 1 / 3
-        hid = torch.cos(tokens_NxL[..., None].float() * 0.1 + torch.arange(s.hidden_size) * 0.7) * 50
-        return idx, val, hid if self.hidden else None
-
-
-def online(spec: CacheSpec, rows) -> tuple:
-    """What the cache must return for rows: the ids, the logits minus each position's largest, the states."""
-    idx, val, hid = Teacher(spec)(row_tokens(spec)(np.asarray(rows)))
-    return idx, val - val.amax(-1, keepdim=True), hid
+L, K, D = 16, 8, 12  # as cache_worker's
 
 
 def built(tmp_path: Path, spec: CacheSpec, name: str = "c") -> Path:
@@ -115,7 +72,7 @@ def test_float32_round_trip_is_exact_and_the_format_is_as_documented(tmp_path, v
     assert np.array_equal(hidden, w_hid.numpy())
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.parent.name != "locks")
     shards = [f"{part}/{a:010d}-{b:010d}.{ext}" for part in ("hidden", "topk")
-              for a, b in ((0, 8), (8, 16), (16, 24), (24, 32), (32, 37)) for ext in ("bin", "json")]
+              for a, b in ((0, 8), (8, 16), (16, 24), (24, 32), (32, 37)) for ext in ("bin",)]
     assert names == sorted(shards + ["spec.json"])
 
 
@@ -154,10 +111,9 @@ def test_killed_build_resumes_from_its_last_complete_shard(tmp_path):
     killed = Teacher(spec, fail_after=5)  # batch_rows=4: 2 calls per shard; dies inside shard [16,24)
     with pytest.raises(KeyboardInterrupt):
         cache.build(spec, out, killed, tokens, batch_rows=4, progress=False)
-    assert shard_file(out, "topk", 16, 24).with_suffix(".bin.tmp").exists()
+    assert not list((out / "topk").glob("*.tmp-*"))  # an interrupted writer drops what it had not published
     assert cache.built_extent(out, spec, "topk") == 16
-    problems = cache.verify(out, progress=False)
-    assert any("an unfinished write" in p for p in problems)
+    assert cache.verify(out, progress=False) == []  # what is there is sound: a prefix
     with pytest.raises(CacheError, match=r"holds rows \[0, 16\) but the run needs \[0, 37\): 336 tokens missing"):
         cache.open_cache(out, spec)
 
@@ -169,13 +125,14 @@ def test_killed_build_resumes_from_its_last_complete_shard(tmp_path):
     for a in sorted(clean.rglob("*.bin")):
         assert (out / a.relative_to(clean)).read_bytes() == a.read_bytes()
 
-    # A damaged shard (here: truncated) found on resume is rebuilt, and only it.
+    # A damaged shard (here: truncated) found on resume is set aside and written again, and only it.
     victim = shard_file(out, "topk", 8, 16)
     victim.write_bytes(victim.read_bytes()[:-100])
     again = Teacher(spec)
     assert cache.build(spec, out, again, tokens, batch_rows=4, progress=False)
     assert (again.calls, again.rows) == (2, 8)
     assert victim.read_bytes() == shard_file(clean, "topk", 8, 16).read_bytes()
+    assert [p.name.split(".")[1] for p in (out / "topk").glob("*damaged*")] == ["bin"]
     assert cache.build(spec, out, (none := Teacher(spec)), tokens, progress=False) and none.calls == 0
 
 
@@ -185,18 +142,44 @@ def test_a_cache_grows_in_place_for_a_job_that_reads_further(tmp_path):
     big = dataclasses.replace(small, rows=20, hidden_rows=11)
     grower = Teacher(big)
     assert cache.build(big, out, grower, row_tokens(big), batch_rows=8, progress=False)
-    # Only what was missing: the short last shards [8,13) (top-k) and [0,5) (hidden) are rebuilt as [8,16) and
-    # [0,8), then [16,20) and [8,11); one teacher pass per shard index serves both parts: [0,8) (hidden alone),
-    # [8,16) (both), [16,20) (top-k).
-    assert grower.rows == 8 + 8 + 4
+    # Only the missing rows, as new shards beside the old ones (never rewritten): top-k [13,16) and [16,20),
+    # hidden [5,8) and [8,11); one teacher pass per block serves both parts: [5,8) (hidden alone),
+    # [8,16) (top-k from 13, hidden to 11), [16,20) (top-k).
+    assert grower.rows == 3 + 8 + 4
     assert sorted(p.name for p in (out / "topk").glob("*.bin")) == [
-        "0000000000-0000000008.bin", "0000000008-0000000016.bin", "0000000016-0000000020.bin"]
+        "0000000000-0000000008.bin", "0000000008-0000000013.bin", "0000000013-0000000016.bin",
+        "0000000016-0000000020.bin"]
+    assert sorted(p.name for p in (out / "hidden").glob("*.bin")) == [
+        "0000000000-0000000005.bin", "0000000005-0000000008.bin", "0000000008-0000000011.bin"]
     assert cache.verify(out, progress=False) == []
     reader = cache.open_cache(out, big)
     rows = np.arange(20)
     assert torch.equal(reader.get(rows)[1], online(big, rows)[1])
     assert torch.equal(reader.get(np.arange(11), topk=False, hidden=True)[2], online(big, range(11))[2])
     assert cache.open_cache(out, small).spec.rows == 20  # a smaller job opens it too, and sees what is there
+
+
+def test_a_format_2_cache_is_read_grown_and_collected(tmp_path):
+    """A cache of format 2 (aligned shards with .json records, a short last shard rebuilt longer when grown)
+    is read as it is; gc removes the superseded short shard and its record, and nothing a reader needs."""
+    small = make_spec(rows=13, hidden_rows=13)
+    out = built(tmp_path, small)
+    spec_json = out / "spec.json"
+    spec_json.write_text(spec_json.read_text().replace("hldx-teacher-cache/3", "hldx-teacher-cache/2"))
+    for path in out.glob("*/*.bin"):
+        a, b = map(int, path.stem.split("-"))
+        path.with_suffix(".json").write_text(f'{{"start_row": {a}, "end_row": {b}, "bytes": {path.stat().st_size}}}')
+    big = dataclasses.replace(small, rows=16, hidden_rows=16)
+    full = built(tmp_path, big, "full")
+    for part in ("topk", "hidden"):  # as format 2 grew it: [8,16) written beside [8,13)
+        (out / part / "0000000008-0000000016.bin").write_bytes((full / part / "0000000008-0000000016.bin").read_bytes())
+    reader = cache.open_cache(out, big)
+    assert reader.spec.rows == 16 and [s for _, s in reader.cover["topk"]] == [range(0, 8), range(8, 16)]
+    assert cache_main(["gc", f"dir={out}"]) == 0
+    assert sorted(p.name for p in (out / "topk").iterdir()) == [
+        "0000000000-0000000008.bin", "0000000000-0000000008.json", "0000000008-0000000016.bin"]
+    assert torch.equal(reader.get(np.arange(16))[1], online(big, range(16))[1])
+    assert cache.verify(out, progress=False) == []
 
 
 def test_workers_split_by_shards_build_each_shard_once(tmp_path):

@@ -5,6 +5,7 @@ uninterrupted run's weights bit for bit; a checkpoint is not resumed on another 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from slurm_cluster import free_port
 
 from hldx import config as C
 from hldx.budget import plan_run
+from hldx.checkpoint import Checkpoint
 from hldx.errors import ConfigError
 from hldx.job import execute
 
@@ -104,27 +106,27 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
-def _until(run: list[str], state: Path, wanted, timeout: float = 300) -> dict:
-    """Start `run`; once its checkpoint says `wanted(state)`, SIGKILL it and its ranks; return the checkpoint
-    it left."""
+def _state(run_dir: Path) -> dict | None:
+    found = Checkpoint.load(run_dir)
+    return None if found is None else asdict(found)
+
+
+def _until(run: list[str], run_dir: Path, wanted, timeout: float = 300) -> dict:
+    """Start `run`; once its newest checkpoint says `wanted(state)`, SIGKILL it and its ranks; return the
+    checkpoint it left."""
     proc = subprocess.Popen(run, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + timeout
     try:
         while True:
-            if state.exists():
-                try:
-                    seen = json.loads(state.read_text())
-                except ValueError:  # being replaced right now
-                    seen = None
-                if seen is not None and wanted(seen):
-                    break
+            if (seen := _state(run_dir)) is not None and wanted(seen):
+                break
             assert proc.poll() is None, f"the run ended first: {proc.stderr.read()[-3000:]}"
             assert time.time() < deadline
             time.sleep(0.01)
     finally:
         _kill_tree(proc.pid)
         proc.wait()
-    return json.loads(state.read_text())
+    return _state(run_dir)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -138,7 +140,7 @@ def test_sigkilled_two_rank_hldf_resumes_to_the_same_weights(base, tmp_path, mod
     done = subprocess.run(reference, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     run = torchrun(["-m", "hldx.run", *job, f"paths.runs={tmp_path}/killed", f"hydra.run.dir={tmp_path}/out"])
-    state = tmp_path / "killed" / key / "ckpt" / "state.json"
+    state = tmp_path / "killed" / key
     left = [_until(run, state, lambda s: s["phase"] == 0 and s["step"] >= 2),          # inside phase 1
             _until(run, state, lambda s: s["phase"] == 1),                              # at its end
             _until(run, state, lambda s: s["phase"] == 1 and s["step"] >= 2)]           # inside phase 2
@@ -147,7 +149,7 @@ def test_sigkilled_two_rank_hldf_resumes_to_the_same_weights(base, tmp_path, mod
     # Resumed on one rank instead of two: refused, naming both counts, the checkpoint left as it was.
     with pytest.raises(ConfigError, match="written by a job of 2 rank\\(s\\) and this one has 1"):
         execute(C.compose(job + [f"paths.runs={tmp_path}/killed", "train.parallel=none"]))
-    assert json.loads(state.read_text()) == left[2]
+    assert _state(state) == left[2]
     done = subprocess.run(run, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     a, b = weights(tmp_path / "reference" / key), weights(tmp_path / "killed" / key)

@@ -17,7 +17,8 @@ from slurm_cluster import wait_until
 from test_mlflow_ui import server  # noqa: F401 - the `mlflow server` fixture
 
 from hldx import config as C
-from hldx import pipeline
+from hldx import pipeline, study
+from hldx.stages import stages
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ["-m", "method=nll,kd", "budget.tokens=4096", "cache.tasks=2"]
@@ -38,6 +39,26 @@ def test_dry_run_prints_the_stages_and_their_dependencies(tiny, tmp_path, capsys
     assert f"hldx-student-{nll}" in sbatch[3] and sbatch[3].endswith(f"afterok:<{names[0]}>")  # NLL: data only
     assert f"hldx-student-{kd}" in sbatch[4] and sbatch[4].endswith(f"afterok:<{names[2]}>")   # KD: the cache
     assert sbatch[5].endswith(f"--dependency=afterany:<{names[3]}>:<{names[4]}>")
+
+
+def test_one_teacher_and_one_cache_per_distinct_teacher_whatever_the_seeds(tiny, tmp_path):
+    """Seeds and methods share their teacher and its cache; two build recipes make two of each, and each
+    student waits for its own teacher's cache."""
+    tiny = tiny + [f"paths.cache={tmp_path}/cache"]
+    graph = stages(study.plan_jobs(study.expand_sweep(
+        tiny + ["method=kd,hldf", "seed=0,1", "teacher.build.tokens=8192,16384"]))[0])
+    assert [s.name for s in graph].count("teacher") == 2 and [s.name for s in graph].count("cache") == 2
+    cache_of = {s.key: s for s in graph if s.name == "cache"}
+    students = [s for s in graph if s.name == "student"]
+    assert len(students) == 8
+    for s in students:
+        (wait,) = s.after
+        tokens = next(o for o in s.tasks[0] if o.startswith("teacher.build.tokens="))
+        assert wait.removeprefix("hldx-cache-") in cache_of and tokens in cache_of[wait.removeprefix("hldx-cache-")].tasks[0][0]
+    by_seed = {}
+    for s in students:
+        by_seed.setdefault(tuple(o for o in s.tasks[0] if not o.startswith("seed=")), set()).add(s.after[0])
+    assert all(len(waits) == 1 for waits in by_seed.values())  # seed 0 and seed 1 wait for the same cache
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from test_mlflow_ui import server  # noqa: F401 - the `mlflow server` fixture
 
 from hldx import config as C
 from hldx import tracking
+from hldx.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +77,7 @@ def slurm_sweep(server, slurm_cluster, hldx_cache, tmp_path_factory) -> Sweep:  
     """The sweep, its two jobs interrupted once they train; and an uninterrupted 2-rank run of the first."""
     root = tmp_path_factory.mktemp("slurm-sweep")
     keys = [C.run_key(C.compose(TINY + [tau])) for tau in ("tau=0.5", "tau=1")]
-    ckpts = [root / "runs" / key / "ckpt" / "state.json" for key in keys]
+    ckpts = [root / "runs" / key for key in keys]
     t0 = time.time()
     sweep = subprocess.Popen(sweep_cmd(server, root, "multirun"), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
@@ -87,7 +88,8 @@ def slurm_sweep(server, slurm_cluster, hldx_cache, tmp_path_factory) -> Sweep:  
     reference = subprocess.Popen(torchrun, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})  # as slurm_cpu gives each rank
     try:
-        wait_until(lambda: all(c.exists() for c in ckpts) or sweep.poll() is not None, 240, "both jobs to train")
+        wait_until(lambda: all(Checkpoint.load(c) for c in ckpts) or sweep.poll() is not None, 240,
+                   "both jobs to train")
         assert sweep.poll() is None, "the sweep ended before its jobs could be interrupted"
         jobs = sorted(p.name for p in (root / "multirun" / ".submitit").iterdir() if re.fullmatch(r"\d+_\d", p.name))
         requeued_at = time.time()

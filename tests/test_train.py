@@ -1,7 +1,6 @@
 """The trainer end to end on tiny runs: MLflow names, exact resume, the schedule, HLDC/HLDF semantics."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -69,11 +68,11 @@ def test_kd_run_logs_the_design_names_and_is_skipped_when_finished(tiny, tmp_pat
     assert execute(cfg) == {}
 
 
-def _kill_after_checkpoint(cmd: list[str], env: dict, ckpt: Path) -> None:
+def _kill_after_checkpoint(cmd: list[str], env: dict, run_dir: Path) -> None:
     """Start cmd, SIGKILL it once it has written a checkpoint inside its first phase."""
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (ckpt / "state.json").exists() or json.loads((ckpt / "state.json").read_text())["step"] == 0:
+    while (state := Checkpoint.load(run_dir)) is None or state.step == 0:
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.time() < deadline
         time.sleep(0.02)
@@ -88,7 +87,7 @@ def test_sigkilled_run_resumes_to_bitwise_identical_weights(tiny, tmp_path):
     killed = [f"paths.runs={tmp_path}/killed", f"tracking.uri=sqlite:///{tmp_path}/killed.db"]
     cmd = [sys.executable, "-m", "hldx.run"] + base + killed
     run_dir = tmp_path / "killed" / reference.name
-    _kill_after_checkpoint(cmd, env, run_dir / "ckpt")
+    _kill_after_checkpoint(cmd, env, run_dir)
     assert not (run_dir / "final").exists()
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
     _assert_bitwise_equal(_weights(reference), _weights(run_dir))

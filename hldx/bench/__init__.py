@@ -13,8 +13,8 @@ its bench.steps steps (CUDA events on a GPU, the host clock on a CPU); every ste
 (step_s_all), to judge the spread. On CUDA, a host-device synchronisation inside a measured step raises.
 
 Loader (bench.methods loader): Loader.get over every step of the bench's rows, for what KD, HLDC and HT
-read, hidden states in bfloat16, float8_e4m3 and sr2, with one reader thread and cache.readers, page cache
-warm (tokens_per_s.loader_*); ratio.loader_gpu_* divides one reader's rate by what that method's student consumes
+read, hidden states in bfloat16, float8_e4m3 and sr2, with one reader thread and cache.readers, page cache warm,
+each micro-batch copied to the job's device and decoded there (tokens_per_s.loader_*); ratio.loader_gpu_* divides one reader's rate by what that method's student consumes
 at plan.mfu of plan.peak_flops (an H100 at 40% by default), ratio.loader_readers*_vs_1_* cache.readers'
 rate by one reader's.
 
@@ -22,11 +22,18 @@ Ranks (bench.methods ranks, on a CPU): the NLL step on one process at train.batc
 at half of it each (torch's threads split between them), under DDP and under FSDP2, rounds taking turns:
 tokens_per_s.ranks_*, ratio.ddp_single and ratio.fsdp_single (two ranks' rate over one's).
 
+Build (bench.methods build): the teacher cache's build (hldx.teacher.build_cache: the configured teacher, random
+weights, as OnlineTeacher on cache.batch_rows rows at a time; top-k, encoding, hashing, writing) over
+bench.steps batches, against the teacher's forward alone on the same rows: tokens_per_s.build and
+.build_forward, ratio.build_forward (the build's rate over the forward's).
+
+Every run's needs are checked before any work (check): one line and exit status 2 for what cannot run.
+
 Reported: tokens/s; step-time ratios to NLL per token next to the plan's FLOP ratios (budget.accounting;
 a cached teacher costs no FLOPs); trainer/bare; on a GPU, MFU against the device's documented bf16 peak and
 the peak memory allocated during each run's steps (everything the bench holds counts: weights, the one AdamW
 state the trainer's steps share, the bare loop's own; measure one method alone with bench.methods=[kd] for a
-run's footprint).
+run's footprint) beside the plan's estimate for that phase (plan_mem_gib).
 """
 from __future__ import annotations
 
@@ -42,38 +49,55 @@ from omegaconf import DictConfig
 
 from hldx import cli, data, job
 from hldx import config as C
+from hldx.bench.building import build_bench
 from hldx.bench.loading import loader_bench
 from hldx.bench.ranks import ranks_bench
-from hldx.bench.steps import STEPS, device_name, measure, method_flops, random_cache, train_steps
-from hldx.budget import parallel_mode
+from hldx.bench.steps import STEPS, device_name, measure, method_config, method_flops, random_cache, train_steps
+from hldx.budget import memory_per_rank, parallel_mode
 from hldx.device import device_of, join, peak_flops
 
-RUNS = (*STEPS, "loader", "ranks")
-__all__ = ["bench", "format_table", "main", "measure", "report"]
+RUNS = (*STEPS, "loader", "ranks", "build")
+__all__ = ["bench", "check", "format_table", "main", "measure", "report"]
 
 
-def _methods(cfg: DictConfig) -> list[str]:
-    chosen = list(cfg.bench.methods)
+def check(cfg: DictConfig) -> list[str]:
+    """What each chosen run needs, before any work; the runs, in order. The trainer's steps and the loader run
+    one rank at train.batch_size in micro-batches; the ranks run two at half of it; an engine other than none
+    wraps one phase's module at a time."""
+    chosen, t = list(cfg.bench.methods), cfg.train
     if not chosen or any(m not in RUNS for m in chosen):
         raise C.ConfigError(f"bench.methods={chosen} is invalid: expected a non-empty list out of {list(RUNS)}")
+    steps = [m for m in chosen if m in STEPS]
+    micro = t.micro_batch_size or t.batch_size
+    if (steps or "loader" in chosen) and t.batch_size % micro:
+        raise C.ConfigError(f"train.micro_batch_size={micro} is invalid: expected a divisor of train.batch_size="
+                            f"{t.batch_size} (the bench's steps run on one rank)")
+    if "ranks" in chosen and (t.batch_size % 2 or (t.batch_size // 2) % (t.micro_batch_size or t.batch_size // 2)):
+        raise C.ConfigError(f"train.batch_size={t.batch_size} is invalid for bench.methods=[..., ranks]: expected an "
+                            f"even number whose half train.micro_batch_size={t.micro_batch_size} divides (two ranks "
+                            f"take half each), or leave ranks out of bench.methods")
+    if parallel_mode(cfg, 1) != "none" and len(steps) > 1:
+        raise C.ConfigError(f"train.parallel={parallel_mode(cfg, 1)} wraps one phase's module at a time: bench one "
+                            f"method (bench.methods=[{steps[0]}]), not {steps}")
     return [m for m in RUNS if m in chosen]
 
 
 def bench(cfg: DictConfig) -> dict:
     """Measure every chosen run side by side; the results as a JSON-able dict (see the module docstring)."""
     job.check(cfg, launch=False)
-    chosen, b, t = _methods(cfg), cfg.bench, cfg.train
+    chosen, b, t = check(cfg), cfg.bench, cfg.train
+    device = device_of(cfg)
     if b.threads:
         torch.set_num_threads(b.threads)
-    device = device_of(cfg)
     join(cfg, alone=parallel_mode(cfg, 1) != "none")  # FSDP2 for the 3.4B preset: a process group of one
     tokenizer = data.tokenizer_for(cfg)
     full = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
-    count = min(full.count, t.batch_size * (b.warmup + b.steps))   # the rows the bench reads (and caches)
+    # One step's rows, read again round after round: what the bench caches stays small at 512-row steps.
+    count = min(full.count, t.batch_size)
     rows = data.Rows(full.tokens_RxL[:count], f"{full.digest}-{count}rows", full.path)
     setup = {"device": device_name(device), "torch": torch.__version__, "student": cfg.student.name,
              "teacher": cfg.teacher.model.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
-             "precision": "fp32" if device.type != "cuda" or t.precision == "fp32" else "bf16",
+             "precision": "bf16" if t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda") else "fp32",
              "compile": bool(t.compile), "loss_chunk": t.loss_chunk, "accounting": cfg.budget.accounting,
              "warmup": b.warmup, "steps": b.steps, "cache_readers": cfg.cache.readers,
              "cache_prefetch": cfg.cache.prefetch}
@@ -86,8 +110,10 @@ def bench(cfg: DictConfig) -> dict:
             seconds, peak, trainer = train_steps(cfg, steps, rows, reader, tokenizer, device, Path(tmp),
                                                  sync_debug=True)
             result |= {"micro_batch_size": trainer.micro} | report(cfg, seconds, peak_flops(device), peak)
-        extra = ([loader_bench(cfg, rows, data.tokenizer_digest(tokenizer), Path(tmp))] if "loader" in chosen else []) \
-            + ([ranks_bench(cfg, rows)] if "ranks" in chosen else [])
+        digest = data.tokenizer_digest(tokenizer)
+        extra = ([loader_bench(cfg, rows, digest, Path(tmp))] if "loader" in chosen else []) \
+            + ([ranks_bench(cfg, rows)] if "ranks" in chosen else []) \
+            + ([build_bench(cfg, full, digest, Path(tmp))] if "build" in chosen else [])
         for part in extra:
             for key in ("tokens_per_s", "ratio"):
                 part[key] = result[key] | part[key]
@@ -115,7 +141,15 @@ def report(cfg: DictConfig, seconds: dict[str, list[float]], peak: float | None,
         out["mfu"] = {m: tps[m] * flops[m] / peak for m in tps}
     if peak_mem_gib:
         out["peak_mem_gib"] = peak_mem_gib
+        out["plan_mem_gib"] = {m: planned_mem_gib(cfg, m) for m in peak_mem_gib}
     return out
+
+
+def planned_mem_gib(cfg: DictConfig, run: str) -> float:
+    """The plan's estimate of one rank's memory in a run's phase (hldx.budget.memory_per_rank), GiB."""
+    method, phase = {"bare": ("nll", "nll"), "ht": ("hldf", "ht")}.get(run, (run, run))
+    c = method_config(cfg, method)
+    return memory_per_rank(c, parallel_mode(c, 1), 1, phase=phase)["total"] / 2**30
 
 
 def format_table(result: dict) -> str:
@@ -125,18 +159,18 @@ def format_table(result: dict) -> str:
             f"{result['warmup']} warm-up")
     lines = [head, ""]
     if "step_s" in result:
-        lines.append(f"{'run':5} {'step s':>9} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'time/NLL':>9} "
-                     f"{'FLOP/NLL':>9}")
-        mfu, mem = result.get("mfu", {}), result.get("peak_mem_gib", {})
+        lines.append(f"{'run':5} {'step s':>9} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'plan GiB':>9} "
+                     f"{'time/NLL':>9} {'FLOP/NLL':>9}")
+        mfu, mem, plan = result.get("mfu", {}), result.get("peak_mem_gib", {}), result.get("plan_mem_gib", {})
         step_s, flops = result["step_s"], result["flops_per_token"]
         for m, s in step_s.items():
             time_ratio = s / step_s["nll"] if "nll" in step_s else math.nan
             flop_ratio = flops[m] / flops["nll"] if "nll" in flops else math.nan
             mfu_text = f"{mfu[m]:6.1%}" if m in mfu else f"{'-':>6}"
-            mem_text = f"{mem[m]:9.2f}" if m in mem else f"{'-':>9}"
+            mem_text = f"{mem[m]:9.2f} {plan[m]:9.2f}" if m in mem else f"{'-':>9} {'-':>9}"
             lines.append(f"{m:5} {s:9.4f} {result['tokens_per_s'][m]:10.0f} {mfu_text} {mem_text} "
                          f"{time_ratio:9.3f} {flop_ratio:9.4f}")
-    for part in ("loader", "ranks"):  # the rates of the loader and of the rank groups
+    for part in ("loader", "ranks", "build"):  # the rates of the loader, the rank groups and the cache build
         rates = {k: v for k, v in result["tokens_per_s"].items() if k.startswith(part + "_")}
         if rates:
             lines += ["", f"{part:38} {'tokens/s':>12}"] + [f"{k:38} {v:12,.0f}" for k, v in rates.items()]

@@ -1,6 +1,7 @@
 """The loader's throughput, side by side: what KD (top-k), HLDC (top-k + hidden) and HT (hidden) read, with
-hidden states in bfloat16, float8_e4m3 and sr2 (decoded on the device), by one reader thread and by
-cache.readers, page cache warm."""
+hidden states in bfloat16, float8_e4m3 and sr2, by one reader thread and by cache.readers, page cache warm; on the
+job's device, as the trainer takes it: every micro-batch copied there and decoded (on a GPU, a round ends when
+the device has done its copies and decodes)."""
 from __future__ import annotations
 
 import statistics
@@ -12,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hldx import data
 from hldx.bench.steps import READS, method_flops, random_cache
+from hldx.device import device_of
 from hldx.loader import Loader
 
 METHODS = ("kd", "hldc", "ht")
@@ -37,8 +39,10 @@ def loader_bench(cfg: DictConfig, rows: data.Rows, tokenizer_digest: str, tmp: P
     runs = loader_runs(cfg)
     # One loader per run for all rounds (its buffers and threads warm, as in training); round r reads steps
     # [r * n, (r + 1) * n): every row once, the positions past the rows wrapping to row 0 again.
-    loaders = {name: Loader(batches, readers[h], READS[m], range(rounds * n), torch.device("cpu"),
-                            cfg.cache.prefetch, k) for name, (m, h, k) in runs.items()}
+    device = device_of(cfg)
+    micro = t.micro_batch_size or t.batch_size
+    loaders = {name: Loader(batches, readers[h], READS[m], range(rounds * n), device, cfg.cache.prefetch, k)
+               for name, (m, h, k) in runs.items()}
     names, seconds = list(runs), {name: [] for name in runs}
     try:
         for r in range(rounds):
@@ -46,7 +50,11 @@ def loader_bench(cfg: DictConfig, rows: data.Rows, tokenizer_digest: str, tmp: P
                 name = names[(r + i) % len(names)]
                 start = time.perf_counter()
                 for s in range(r * n, (r + 1) * n):
-                    loaders[name].get(s)
+                    step = loaders[name].get(s)
+                    for first in range(0, len(step), micro):
+                        step.micro(first, micro)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 seconds[name].append(time.perf_counter() - start)
     finally:
         for loader in loaders.values():

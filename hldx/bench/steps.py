@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from hldx.progress import Progress
 
-from hldx import config as C
 from hldx import data
 from hldx.budget import flops_per_token
 from hldx.loader import Loader
@@ -142,9 +141,6 @@ def train_steps(cfg: DictConfig, chosen: list[str], rows: data.Rows, reader: Cac
                   "ht": build_regressor("mlp", d_s, d_t, cfg.method.get("regressor_expansion", 4)).to(device)}
     step_phases = method_phases(cfg)
     steps = [m for m in chosen if m != "bare"]
-    if trainer.mode != "none" and len(chosen) > 1:
-        raise C.ConfigError(f"train.parallel={trainer.mode} wraps one phase's module at a time: bench one method "
-                            f"(bench.methods=[{chosen[0]}]), not {chosen}")
     engines = {m: trainer.engine(step_phases[m], model, regressors.get(m)) for m in steps}
     loaders = {m: Loader(batches, reader, READS[m], range(rounds), device, cfg.cache.prefetch, cfg.cache.readers)
                for m in steps}

@@ -9,11 +9,13 @@ extents: a job that reads further grows it in place.
 
 A cache directory holds
     spec.json                      {"format": FORMAT, the identity}; a build refuses a directory of another
-    topk/<start>-<end>.bin         rows [start, end) of the top-k part: shards of rows_per_shard rows, the
-    topk/<start>-<end>.json        last one ending at the extent; its record {start_row, end_row, bytes}, written
-                                   after the shard (itself written as .bin.tmp, then renamed)
-    hidden/<start>-<end>.bin|json  the same for the hidden part
+    topk/<start>-<end>.bin         rows [start, end) of the top-k part, inside one block of rows_per_shard rows
+    hidden/<start>-<end>.bin       the same for the hidden part
     locks/                         the builders' file locks (empty files)
+Shards are immutable (hldx.store.shards): written under a name of their writer's own, flushed, then published
+by a link that never replaces a file. A grown extent adds shards: [1024, 1168) once, [1168, 2048) later; a
+reader resolves, from row 0, the shard that holds each row and reaches furthest. Format 2 caches (aligned
+shards, each with a .json record) are read as they are and grown the same way.
 
 A shard of n rows is a plain little-endian byte file (no pickle): each array of its part for all n rows in
 turn, then an n x (number of arrays) table of uint64 checksums, xxh3_64 of each row of each array:
@@ -37,14 +39,16 @@ d_T/32 in sr2 (720), + 8/L per array.
 
 Integrity. Every row of every array is checked against its checksum as it is read, so damaged data is never
 returned, at a cost proportional to what is read (xxh3 runs at > 10 GB/s); verify() checks every row of every
-shard, and that the shards of each part chain from row 0. A build trusts a shard whose record and size are
-right; a killed build leaves at most a .tmp file, which the next build overwrites.
+shard, and that the shards of each part chain from row 0. A build trusts a published shard whose size is
+right; a killed build leaves at most a temporary file, which `python -m hldx.cache gc` (or the next build on
+the same host) removes.
 """
 from hldx.store.read import Batch, CacheReader, open_cache, verify
-from hldx.store.spec import (FORMAT, HIDDEN_DTYPES, PARTS, UNIT_CODES, VALUE_DTYPES, CacheError, CacheSpec,
-                             bytes_per_token, decode_hidden, decode_topk, encode_hidden, encode_topk, shard_ranges)
+from hldx.store.shards import FORMAT, gc
+from hldx.store.spec import (HIDDEN_DTYPES, PARTS, UNIT_CODES, VALUE_DTYPES, CacheError, CacheSpec, bytes_per_token,
+                             decode_hidden, decode_topk, encode_hidden, encode_topk, shard_ranges)
 from hldx.store.write import RowTokensFn, TeacherFn, build, built_extent, task_shards
 
 __all__ = ["Batch", "CacheError", "CacheReader", "CacheSpec", "FORMAT", "HIDDEN_DTYPES", "PARTS", "RowTokensFn",
            "TeacherFn", "UNIT_CODES", "VALUE_DTYPES", "build", "built_extent", "bytes_per_token", "decode_hidden", "decode_topk",
-           "encode_hidden", "encode_topk", "open_cache", "shard_ranges", "task_shards", "verify"]
+           "encode_hidden", "encode_topk", "gc", "open_cache", "shard_ranges", "task_shards", "verify"]

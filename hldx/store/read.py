@@ -2,7 +2,9 @@
 array checked against its checksum as it is read; opening a cache for a run; verifying a whole cache."""
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import errno
 import os
 from pathlib import Path
 
@@ -10,20 +12,31 @@ import numpy as np
 import torch
 from hldx.progress import Progress
 
-from hldx.store.spec import (PARTS, CacheError, CacheSpec, as_bytes, built_shards, check_shard, decode_hidden,
-                             decode_topk, diff, fields, load_spec, offsets, row_digests, shard_bytes, shard_name)
+from hldx.store.shards import (check_shard, diff, load_spec, published, reach, shard_name, unfinished,
+                               writer_gone)
+from hldx.store.spec import (PARTS, CacheError, CacheSpec, as_bytes, decode_hidden, decode_topk, fields, offsets,
+                             row_digests, shard_bytes)
 
 Batch = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 PIECE = 1 << 20  # bytes read (then hashed) at a time
 
 
 class CacheReader:
-    """The shards of a cache that cover its extents (spec.rows, spec.hidden_rows: what was built)."""
+    """The shards of a cache that serve its rows from 0 on, as resolved when it was opened (published shards
+    are never changed; one removed since by `python -m hldx.cache gc` is resolved again)."""
 
     def __init__(self, root: Path, spec: CacheSpec):
         self.root, self.spec = root, spec
-        self.shards = {part: built_shards(root, spec, part) for part in PARTS}
         self.fields = {part: fields(spec, part) for part in PARTS}
+        self.resolve()
+
+    def resolve(self) -> None:
+        """Which shard serves which rows of each part: (rows, shard) pairs chaining from row 0."""
+        self.cover = {part: reach(published(self.root, part), 0)[1] for part in PARTS}
+        self.starts = {part: [rows.start for rows, _ in cover] for part, cover in self.cover.items()}
+
+    def extent(self, part: str) -> int:
+        return self.cover[part][-1][0].stop if self.cover[part] else 0
 
     def buffers(self, part: str, n: int, pin: bool = False) -> list[torch.Tensor]:
         """Empty tensors for n rows of each array of a part (page-locked with pin, for fast copies to a GPU)."""
@@ -32,17 +45,28 @@ class CacheReader:
     def read_into(self, part: str, start: int, out: list[torch.Tensor]) -> None:
         """Rows [start, start + n) of a part into `out` (one CPU tensor [n, ...] per array, as buffers()
         makes them), each row checked against its checksum."""
-        stop = start + len(out[0])
-        if start < 0 or stop > (self.shards[part][-1].stop if self.shards[part] else 0):
-            have = self.shards[part][-1].stop if self.shards[part] else 0
+        stop, have = start + len(out[0]), self.extent(part)
+        if start < 0 or stop > have:
             what = "top-k logits" if part == "topk" else "hidden states"
             raise CacheError(f"teacher cache {self.root} holds {what} for rows [0, {have}): rows [{start}, {stop}) "
                              f"were asked for ({max(0, stop - max(start, have)) * self.spec.seq_len} tokens missing); "
                              f"build a cache that covers them")
-        for r in self.shards[part]:
-            a, b = max(start, r.start), min(stop, r.stop)
-            if a < b:
-                self._read_checked(part, r, a, b, [t[a - start:b - start] for t in out])
+        a, i = start, bisect.bisect_right(self.starts[part], start) - 1
+        while a < stop:
+            rows, shard = self.cover[part][i]
+            b = min(stop, rows.stop)
+            try:
+                self._read_checked(part, shard, a, b, [t[a - start:b - start] for t in out])
+            except OSError as err:  # removed by gc since this reader resolved it: another shard serves it
+                if err.errno not in (errno.ENOENT, errno.ESTALE):  # ESTALE: removed on another NFS client
+                    raise
+                self.resolve()
+                i = bisect.bisect_right(self.starts[part], a) - 1
+                if i < 0 or self.cover[part][i][1] == shard or self.cover[part][i][0].stop <= a:
+                    raise CacheError(f"teacher cache {self.root}: {shard_name(part, shard)}.bin was removed and no "
+                                     f"other shard holds row {a}; build the cache again") from None
+                continue
+            a, i = b, i + 1
 
     def _read_shard(self, part: str, r: range, a: int, b: int, out: list[torch.Tensor]) -> str | None:
         """Rows [a, b) of shard r into out; what fails its checksum (None: nothing). Read in pieces of about
@@ -98,42 +122,39 @@ def open_cache(out_dir: str | os.PathLike, expected: CacheSpec) -> CacheReader:
         raise CacheError(f"teacher cache {root} was built for something else: {'; '.join(problems)}. "
                          f"Point cache.dir at a matching cache (null: the content-addressed one) or build it")
     reader = CacheReader(root, expected)
-    extents = {part: (chain[-1].stop if chain else 0) for part, chain in reader.shards.items()}
+    extents = {part: reader.extent(part) for part in PARTS}
     for part, what in (("topk", "rows"), ("hidden", "hidden states for rows")):
         if expected.extent(part) > extents[part]:
             raise CacheError(f"teacher cache {root} holds {what} [0, {extents[part]}) but the run needs "
                              f"[0, {expected.extent(part)}): {(expected.extent(part) - extents[part]) * expected.seq_len} "
                              f"tokens missing; build a cache that covers them")
-    problems = [p for part in PARTS for r in reader.shards[part] if (p := check_shard(root, expected, part, r))]
+    problems = [p for part in PARTS for _, r in reader.cover[part] if (p := check_shard(root, expected, part, r))]
     if problems:
         raise CacheError(f"teacher cache {root} is damaged: {'; '.join(problems)}. Run `python -m hldx.cache "
-                         f"verify dir={root}`, delete the shards it names and build again")
+                         f"verify dir={root}`, then build again (a damaged shard is set aside and written anew)")
     reader.spec = dataclasses.replace(expected, rows=extents["topk"], hidden_rows=extents["hidden"])
     return reader
 
 
 def verify(out_dir: str | os.PathLike, *, progress: bool = True) -> list[str]:
     """Everything wrong with the cache at out_dir, one line per bad shard (empty: every shard is sound and the
-    shards of each part chain from row 0 without a gap): sizes, records and every row's checksums."""
+    shards of each part chain from row 0 without a gap): sizes and every row's checksums of the shards a reader
+    uses, shards a gap cuts off from row 0, and the leftovers of killed builds."""
     root = Path(out_dir)
     try:
         spec = load_spec(root)
     except CacheError as err:
         return [str(err)]
-    problems, files = [], []
+    reader, problems = CacheReader(root, spec), []
     for part in PARTS:
-        chain = built_shards(root, spec, part)
-        on_disk = sorted((root / part).glob("*.json"))
-        covered = {shard_name(part, r) for r in chain}
-        problems += [f"{p.relative_to(root).with_suffix('.bin')}: not reachable from row 0 (a gap before it: "
-                     f"an interrupted build; build again)" for p in on_disk
-                     if f"{part}/{p.stem}" not in covered and not _superseded(p, chain)]
-        files += [(part, r) for r in chain]
-        problems += [f"{p.relative_to(root)}: an unfinished write (a killed build; building again removes it)"
-                     for p in (root / part).glob("*.tmp")]
-    reader = CacheReader(root, spec)
+        end = reader.extent(part)
+        problems += [f"{shard_name(part, r)}.bin: not reachable from row 0 (a gap at row {end} before it: an "
+                     f"interrupted build; build again)" for r in published(root, part) if r.stop > end]
+    problems += [f"{p.relative_to(root)}: an unfinished write of a killed build (`python -m hldx.cache gc "
+                 f"dir={root}` removes it)" for p in unfinished(root) if writer_gone(p, older_than_s=24 * 3600)]
+    files = [(part, shard) for part in PARTS for _, shard in reader.cover[part]]
     with Progress(total=sum(shard_bytes(spec, p, len(r)) for p, r in files), unit="B", unit_scale=True,
-              desc=f"verify {root.name}", disable=not progress) as bar:
+                  desc=f"verify {root.name}", disable=not progress) as bar:
         for part, r in files:
             if (why := check_shard(root, spec, part, r)) is not None:
                 problems.append(why)
@@ -145,9 +166,3 @@ def verify(out_dir: str | os.PathLike, *, progress: bool = True) -> list[str]:
                     break
             bar.update(shard_bytes(spec, part, len(r)))
     return problems
-
-
-def _superseded(record: Path, chain: list[range]) -> bool:
-    """A shorter shard left by an earlier, smaller extent, now covered by a longer one of the chain."""
-    start, _, stop = record.stem.partition("-")
-    return any(r.start == int(start) and r.stop > int(stop) for r in chain)

@@ -4,8 +4,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +12,6 @@ import xxhash
 from hldx.errors import UserError
 from hldx.store import codec
 
-FORMAT = "hldx-teacher-cache/2"
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 HIDDEN_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float8_e4m3": torch.float8_e4m3fn,
                  "sr2": torch.uint8}
@@ -184,82 +181,3 @@ def decode_hidden(hidden: torch.Tensor, scale: torch.Tensor | None = None) -> to
         return codec.decode(hidden, scale)
     x = hidden.float()
     return x if scale is None else x * scale.float()[..., None]
-
-
-# ---- files -----------------------------------------------------------------------------------------------
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CacheError(f"{path}: not valid JSON ({err}); delete it and build again") from err
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def load_spec(root: Path) -> CacheSpec:
-    """The identity a cache directory was started with (extents 0: they are its shards')."""
-    raw = read_json(root / "spec.json")
-    if raw is None:
-        raise CacheError(f"{root}: no teacher cache here (spec.json missing); build one with "
-                         f"`python -m hldx.cache build ...`")
-    if raw.pop("format", None) != FORMAT:
-        raise CacheError(f"{root / 'spec.json'}: not a {FORMAT} cache; build it again")
-    try:
-        return CacheSpec(**raw)
-    except (TypeError, ValueError) as err:
-        raise CacheError(f"{root / 'spec.json'}: not a valid cache spec ({err})") from err
-
-
-def diff(have: CacheSpec, want: CacheSpec) -> list[str]:
-    """The identity fields in which two specs differ."""
-    a, b = have.identity(), want.identity()
-    return [f"{f}: cache has {a[f]!r}, expected {b[f]!r}" for f in a if a[f] != b[f]]
-
-
-def built_shards(root: Path, spec: CacheSpec, part: str) -> list[range]:
-    """The recorded shards of a part that chain from row 0 (the longest at each start), in order."""
-    stops: dict[int, int] = {}
-    for path in (root / part).glob("*.json"):
-        start, _, stop = path.stem.partition("-")
-        if start.isdigit() and stop.isdigit() and int(start) % spec.rows_per_shard == 0:
-            stops[int(start)] = max(stops.get(int(start), 0), int(stop))
-    chain, n = [], 0
-    while n in stops and stops[n] > n:
-        chain.append(range(n, stops[n]))
-        if len(chain[-1]) < spec.rows_per_shard:
-            break
-        n = stops[n]
-    return chain
-
-
-def covering(root: Path, spec: CacheSpec, part: str, r: range) -> range | None:
-    """The sound shard on disk that holds rows r (it starts where r does and reaches at least as far)."""
-    starts = sorted(int(p.stem.partition("-")[2]) for p in (root / part).glob(f"{r.start:010d}-*.json")
-                    if p.stem.partition("-")[2].isdigit())
-    for stop in reversed(starts):
-        if stop >= r.stop and check_shard(root, spec, part, range(r.start, stop)) is None:
-            return range(r.start, stop)
-    return None
-
-
-def check_shard(root: Path, spec: CacheSpec, part: str, r: range) -> str | None:
-    """What is wrong with a shard's file and record, short of its checksums (None: nothing)."""
-    name, want = shard_name(part, r), shard_bytes(spec, part, len(r))
-    record = read_json(root / f"{name}.json")
-    if record is None:
-        return f"{name}.bin: not built"
-    if record != {"start_row": r.start, "end_row": r.stop, "bytes": want}:
-        return f"{name}.bin: its record {record} does not match the spec"
-    path = root / f"{name}.bin"
-    if not path.exists():
-        return f"{name}.bin: file missing"
-    if (size := path.stat().st_size) != want:
-        return f"{name}.bin: {size} bytes instead of {want} (truncated or overwritten)"
-    return None

@@ -1,11 +1,13 @@
 """Building a teacher cache: the shards its extents need and it lacks, from any teacher function; resumable,
-shared by concurrent workers (a file lock per shard), and grown in place when a job needs more rows."""
+shared by concurrent workers across processes and nodes (a file lock per block of rows avoids duplicate work;
+correctness does not depend on it), and grown by adding shards when a job needs more rows (hldx.store.shards)."""
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +15,21 @@ import torch
 from filelock import FileLock
 from hldx.progress import Progress
 
-from hldx.store.spec import (FORMAT, PARTS, CacheError, CacheSpec, as_bytes, built_shards, covering, diff,
-                             encode_hidden, encode_topk, fields, load_spec, offsets, row_digests, shard_name,
-                             shard_ranges, write_json)
+from hldx.store.shards import (check_shard, claim, open_tmp, publish, published, reach, shard_name, unfinished,
+                               writer_gone)
+from hldx.store.spec import (PARTS, CacheSpec, as_bytes, encode_hidden, encode_topk, fields, offsets, row_digests,
+                             shard_ranges)
 
-# teacher_fn(tokens [n, L] long, topk, hidden) -> (top-k ids [n, L, K], top-k logits [n, L, K], hidden [n, L, D]);
-# a part not asked for may be None. row_tokens_fn(rows [n] int64) -> tokens [n, L].
+# teacher_fn(tokens [n, L] long, topk, hidden) -> (top-k ids [n, L, K], top-k logits [n, L, K], hidden [n, L, D])
+# on any device; a part not asked for may be None. row_tokens_fn(rows [n] int64) -> tokens [n, L].
 TeacherFn = Callable[[torch.Tensor, bool, bool], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
 RowTokensFn = Callable[[np.ndarray], torch.Tensor]
 log = logging.getLogger(__name__)
 
 
 def built_extent(root: Path, spec: CacheSpec, part: str) -> int:
-    """How many leading rows of a part the shards on disk cover."""
-    chain = built_shards(root, spec, part)
-    return chain[-1].stop if chain else 0
+    """How many leading rows of a part the published shards cover."""
+    return reach(published(root, part), 0)[0]
 
 
 def task_shards(spec: CacheSpec, task: int, tasks: int) -> range:
@@ -36,16 +38,6 @@ def task_shards(spec: CacheSpec, task: int, tasks: int) -> range:
         raise ValueError(f"cache.task={task} must lie in [0, cache.tasks={tasks})")
     n = max(len(shard_ranges(spec, p)) for p in PARTS)
     return range(n * task // tasks, n * (task + 1) // tasks)
-
-
-def _claim(root: Path, spec: CacheSpec) -> None:
-    """Record the spec's identity in a new cache directory, or check that the directory holds this one."""
-    if (root / "spec.json").exists():
-        if problems := diff(load_spec(root), spec):
-            raise CacheError(f"{root} holds a cache built with another spec ({'; '.join(problems)}): "
-                             f"choose another cache.dir or delete {root}")
-        return
-    write_json(root / "spec.json", {"format": FORMAT, **dataclasses.replace(spec, rows=0, hidden_rows=0).identity()})
 
 
 def _teacher(spec: CacheSpec, teacher_fn: TeacherFn, tokens_NxL: torch.Tensor, topk: bool, hidden: bool):
@@ -71,83 +63,132 @@ def _teacher(spec: CacheSpec, teacher_fn: TeacherFn, tokens_NxL: torch.Tensor, t
     return idx, val, hid
 
 
+class _Shard:
+    """One shard being written: a file only its writer knows, filled at any row by a background thread, then
+    flushed, checksummed and published."""
+
+    def __init__(self, root: Path, spec: CacheSpec, part: str, r: range):
+        self.root, self.spec, self.part, self.r = root, spec, part, r
+        self.final = root / f"{shard_name(part, r)}.bin"
+        self.fd: int | None
+        self.fd, self.tmp = open_tmp(self.final)
+        self.sums = np.empty((len(r), len(fields(spec, part))), dtype="<u8")
+        self.at, self.table = offsets(spec, part, len(r))
+
+    def write(self, first: int, arrays: list[torch.Tensor]) -> None:
+        """Rows [first, first + n) of each array (CPU tensors [n, ...]): their checksums, then their bytes."""
+        for i, (f, t) in enumerate(zip(fields(self.spec, self.part), arrays)):
+            data = as_bytes(t)
+            self.sums[first - self.r.start:first - self.r.start + len(data), i] = row_digests(data)
+            os.pwrite(self.fd, memoryview(data).cast("B"), self.at[i] + (first - self.r.start) * f.row_bytes)
+
+    def publish(self) -> None:
+        os.pwrite(self.fd, self.sums.tobytes(), self.table)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        if self.final.exists() and check_shard(self.root, self.spec, self.part, self.r):  # damaged: set aside
+            self.final.rename(self.final.with_name(f"{self.final.name}.damaged-{os.getpid()}"))
+        publish(self.tmp, self.final)
+
+    def abandon(self) -> None:
+        """Drop an unpublished shard (an error or an interrupt: nothing of it was published)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.tmp.unlink(missing_ok=True)
+
+
 def _write_shards(root: Path, spec: CacheSpec, todo: dict[str, range], teacher_fn: TeacherFn,
                   row_tokens_fn: RowTokensFn, batch_rows: int, bar: Progress) -> None:
-    """Write the shards of `todo` (part -> rows, all starting at the same row) with one teacher pass."""
+    """Write the shards of `todo` (part -> rows) with one teacher pass over their rows: the teacher runs and
+    encodes on its device while a background thread checksums and writes the previous batch."""
     start, stop = min(r.start for r in todo.values()), max(r.stop for r in todo.values())
-    files, sums = {}, {}
+    shards = {part: _Shard(root, spec, part, r) for part, r in todo.items()}
+    pending: list[Future] = []
     try:
-        for part, r in todo.items():
-            tmp = root / f"{shard_name(part, r)}.bin.tmp"
-            files[part] = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            sums[part] = np.empty((len(r), len(fields(spec, part))), dtype="<u8")
-        for a in range(start, stop, batch_rows):
-            rows = np.arange(a, min(a + batch_rows, stop))
-            tokens_NxL = row_tokens_fn(rows)
-            if tuple(tokens_NxL.shape) != (len(rows), spec.seq_len) or tokens_NxL.is_floating_point():
-                raise ValueError(f"row_tokens_fn returned {tokens_NxL.dtype} {tuple(tokens_NxL.shape)}; "
-                                 f"expected integer token ids of shape ({len(rows)}, {spec.seq_len})")
-            want = {part: r for part, r in todo.items() if rows[0] < r.stop}
-            idx, val, hid = _teacher(spec, teacher_fn, tokens_NxL.long(), "topk" in want, "hidden" in want)
-            bar.update(len(rows) * spec.seq_len)
-            for part, r in want.items():
-                n = min(len(rows), r.stop - rows[0])
-                arrays = encode_topk(spec, idx[:n], val[:n]) if part == "topk" else encode_hidden(spec, hid[:n], int(rows[0]))
-                at, _ = offsets(spec, part, len(r))
-                for i, (f, t) in enumerate(zip(fields(spec, part), arrays)):
-                    data = as_bytes(t.cpu())
-                    sums[part][rows[0] - r.start:rows[0] - r.start + n, i] = row_digests(data)
-                    os.pwrite(files[part], memoryview(data).cast("B"), at[i] + (rows[0] - r.start) * f.row_bytes)
-        for part, r in todo.items():
-            _, table = offsets(spec, part, len(r))
-            os.pwrite(files[part], sums[part].tobytes(), table)
-            os.fsync(files[part])
+        with ThreadPoolExecutor(1, thread_name_prefix="hldx-cache-writer") as writer:
+            for a in range(start, stop, batch_rows):
+                rows = np.arange(a, min(a + batch_rows, stop))
+                tokens_NxL = row_tokens_fn(rows)
+                if tuple(tokens_NxL.shape) != (len(rows), spec.seq_len) or tokens_NxL.is_floating_point():
+                    raise ValueError(f"row_tokens_fn returned {tokens_NxL.dtype} {tuple(tokens_NxL.shape)}; "
+                                     f"expected integer token ids of shape ({len(rows)}, {spec.seq_len})")
+                want = {part: r for part, r in todo.items() if r.start <= rows[-1] and rows[0] < r.stop}
+                idx, val, hid = _teacher(spec, teacher_fn, tokens_NxL.long(), "topk" in want, "hidden" in want)
+                for part, r in want.items():
+                    lo, hi = max(r.start, a) - a, min(r.stop, a + len(rows)) - a
+                    arrays = encode_topk(spec, idx[lo:hi], val[lo:hi]) if part == "topk" else \
+                        encode_hidden(spec, hid[lo:hi], a + lo)
+                    pending.append(writer.submit(shards[part].write, a + lo, [t.cpu() for t in arrays]))
+                bar.update(len(rows) * spec.seq_len)
+                while len(pending) > 2 * len(todo):  # bounded: the teacher runs at most a batch ahead
+                    pending.pop(0).result()
+            for future in pending:
+                future.result()
+        for shard in shards.values():
+            shard.publish()
+    except BaseException:
+        for shard in shards.values():
+            shard.abandon()
+        raise
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """A lock that keeps two workers from computing one block twice, where the file system has file locks
+    (Lustre mounted without -o flock has none): correctness never depends on it."""
+    lock = FileLock(path)
+    try:
+        lock.acquire()
+    except (OSError, NotImplementedError) as err:
+        log.warning("no file lock on %s (%s): workers may compute a block twice; the cache stays correct",
+                    path.parent, err)
+        yield
+        return
+    try:
+        yield
     finally:
-        for fd in files.values():
-            os.close(fd)
-    for part, r in todo.items():
-        name = shard_name(part, r)
-        os.replace(root / f"{name}.bin.tmp", root / f"{name}.bin")
-        write_json(root / f"{name}.json", {"start_row": r.start, "end_row": r.stop,
-                                           "bytes": (root / f"{name}.bin").stat().st_size})
-
-
-def _drop_superseded(root: Path, part: str, r: range) -> None:
-    """Remove a shorter last shard of an earlier extent that shard `r` now covers."""
-    for path in (root / part).glob(f"{r.start:010d}-*.json"):
-        stop = int(path.stem.partition("-")[2])
-        if stop < r.stop:
-            path.unlink(missing_ok=True)
-            path.with_suffix(".bin").unlink(missing_ok=True)
+        lock.release()
 
 
 def build(spec: CacheSpec, out_dir: str | os.PathLike, teacher_fn: TeacherFn, row_tokens_fn: RowTokensFn,
           shards: range | None = None, *, batch_rows: int = 8, progress: bool = True) -> bool:
-    """Build what the spec's extents need of shards `shards` (indices; default all) and the cache lacks;
-    return whether both extents are complete. A killed build resumes at its first missing shard (a shard is
-    written to a temporary name, then renamed, then recorded). Workers may build overlapping shards at once:
-    each shard index is built under a lock of its own."""
+    """Build what the spec's extents need of blocks `shards` (indices of rows_per_shard rows; default all) and
+    the cache lacks; return whether both extents are complete. Missing rows of a block are written as one new
+    shard beside those that exist (which are never changed); a killed build leaves only a temporary file and
+    resumes at the first missing row. Workers may build overlapping blocks at once: each block is built under
+    a lock of its own, so each is normally computed once."""
     if batch_rows < 1:
         raise ValueError(f"cache.batch_rows={batch_rows} must be positive")
     root = Path(out_dir)
-    for sub in ("locks", *PARTS):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    with FileLock(root / "locks" / "cache.lock"):
-        _claim(root, spec)
+    claim(root, spec)
+    (root / "locks").mkdir(exist_ok=True)
+    for path in unfinished(root):  # the leftovers of this host's killed builds
+        if writer_gone(path, older_than_s=float("inf")):
+            path.unlink(missing_ok=True)
     layout = {part: shard_ranges(spec, part) for part in PARTS}
     indices = range(max(map(len, layout.values()))) if shards is None else shards
+    sound = {p: [r for r in published(root, p) if check_shard(root, spec, p, r) is None] for p in PARTS}
 
     def missing(i: int) -> dict[str, range]:
-        return {p: layout[p][i] for p in PARTS if i < len(layout[p]) and covering(root, spec, p, layout[p][i]) is None}
+        need = {}
+        for p in PARTS:
+            if i < len(layout[p]):
+                block = layout[p][i]
+                have = reach(sound[p], block.start)[0]
+                if have < block.stop:
+                    need[p] = range(have, block.stop)
+        return need
 
     todo = {i: need for i in indices if (need := missing(i))}
     total = sum(max(len(r) for r in need.values()) for need in todo.values()) * spec.seq_len
     with Progress(total=total, unit="tok", unit_scale=True, desc=f"teacher cache {root.name}", disable=not progress,
-              mininterval=5) as bar:
-        for i in todo:
-            with FileLock(root / "locks" / f"shard-{i}.lock"):
-                if need := missing(i):  # another worker may have built it meanwhile
+                  mininterval=5) as bar:
+        for i, need in todo.items():
+            with _lock(root / "locks" / f"shard-{i}.lock"):
+                # Another worker may have written exactly these shards meanwhile.
+                need = {p: r for p, r in need.items() if check_shard(root, spec, p, r) is not None}
+                if need:
                     _write_shards(root, spec, need, teacher_fn, row_tokens_fn, batch_rows, bar)
-                    for part, r in need.items():
-                        _drop_superseded(root, part, r)
-    return all(built_extent(root, spec, p) >= spec.extent(p) for p in PARTS)
+    return all(built_extent(root, spec, p) >= spec.extent(p) for p in PARTS)  # other workers' shards included

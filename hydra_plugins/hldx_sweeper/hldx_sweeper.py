@@ -8,10 +8,15 @@ both get the remaining distinct jobs. Hydra imports this module when it starts (
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from hldx.config import CONF_DIR
@@ -24,7 +29,30 @@ for _path in sorted(SWEEPS.glob("*.yaml")):
 
 
 class HldxSweeper(BasicSweeper):
-    """BasicSweeper whose expanded grid passes through hldx.study.check_sweep before any job is launched."""
+    """BasicSweeper whose expanded grid passes through hldx.study.check_sweep before any job is launched, and
+    that runs every job it can: a failed job does not stop the others; at the end each failure is one line
+    (its overrides, its cause, its log) and the exit status is 1."""
+
+    def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
+        from hldx.cli import failure_line
+
+        params = self._parse_config() + list(arguments)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        self.overrides = self.split_arguments(parser.parse_overrides(params), self.max_batch_size)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns, done = [], 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            self.validate_batch_is_legal(batch)
+            returns.append(self.launcher.launch(batch, initial_job_idx=done))
+            done += len(batch)
+        failed = [r for batch in returns for r in batch if r.status == JobStatus.FAILED]
+        if failed:
+            lines = [f"  {' '.join(r.overrides)}: {failure_line(r._return_value)} (log: {_log_of(r)})" for r in failed]
+            raise SystemExit(f"{len(failed)} of {done} job(s) failed; the others ran:\n" + "\n".join(lines))
+        return returns
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
         # A static method of BasicSweeper; its sweep() calls it on self, which lands here.
@@ -43,3 +71,11 @@ class HldxSweeper(BasicSweeper):
         finally:
             Singleton.set_state(state)
         return list(self.split_overrides_to_chunks(todo, max_batch_size)) if todo else []
+
+
+def _log_of(job: JobReturn) -> str:
+    """Where a job's log is: Hydra's job log file in its output directory (the launcher's own log beside it)."""
+    hydra = job.hydra_cfg.hydra if job.hydra_cfg is not None else None
+    if hydra is None:
+        return "the launcher's log"
+    return str(Path(hydra.runtime.output_dir) / f"{hydra.job.name}.log")
