@@ -11,7 +11,8 @@ from hldx.errors import ConfigError
 from hldx import store as cache
 from hldx.job import execute
 from hldx.store import CacheError, codec
-from tests.test_cache import Teacher, built, flip_bit, make_spec, row_tokens, shard_file
+from cache_worker import Teacher, make_spec, row_tokens
+from tests.test_cache import built, flip_bit, shard_file
 
 L, D = 16, 96  # 3 blocks of 32 components; the Hadamard transform in blocks of 32
 
