@@ -1,5 +1,9 @@
 """cache.hidden_dtype=sr2 (hldx.store.codec): the rotation against an independent Hadamard matrix, the
-round trip through a real cache, bit-identical rebuilds however the rows are batched, checksums over it."""
+uniforms, unbiasedness, the round trip through a real cache, bit-identical rebuilds however the rows are
+batched, checksums over it; the losses' linear form, a run's use of it, the refusal of a size 32 does not
+divide, and the paper-123m study's cache under 150 TB."""
+import json
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -10,6 +14,7 @@ from hldx import losses, teacher
 from hldx.errors import ConfigError
 from hldx import store as cache
 from hldx.job import execute
+from hldx.plan import main as plan_main
 from hldx.store import CacheError, codec
 from cache_worker import Teacher, make_spec, row_tokens
 from tests.test_cache import built, flip_bit, shard_file
@@ -105,3 +110,10 @@ def test_a_run_on_an_sr2_cache_uses_its_targets_as_given(tiny, monkeypatch):
     execute(C.compose(tiny + ["method=hldf", "p1=0.3", "cache.hidden_dtype=sr2"]))
     assert seen and all(unit for unit, _ in seen)
     assert all(1.05 < norm < 1.6 for _, norm in seen)  # E||t~||^2 = 1 + the noise energy: decoded, not unit
+
+
+def test_the_paper_123m_studys_whole_cache_is_under_150_tb(hldx_cache, tmp_path):
+    out = tmp_path / "plan.json"
+    assert plan_main(["-m", "+sweep=paper-123m", f"plan.json={out}"]) == 0
+    storage = json.loads(out.read_text())["teacher_cache"]
+    assert storage["hidden_bytes_per_token"] == 720 + 16 / 512 and storage["bytes"] <= 150e12
