@@ -156,16 +156,25 @@ def kd_objective(logits_BxLxV: Tensor, tokens_BxL: Tensor, topk_idx_BxLxK: Tenso
     return (1 - alpha) * loss_nll + alpha * loss_kd, loss_nll, loss_kd
 
 
-def hidden_loss(pred_BxLxD: Tensor, target_BxLxD: Tensor, kind: str = "mse", eps: float = 1e-6) -> Tensor:
+def hidden_loss(pred_BxLxD: Tensor, target_BxLxD: Tensor, kind: str = "mse", eps: float = 1e-6,
+                unit_target: bool = False) -> Tensor:
     """The distance between per-token L2-normalised vectors (each divided by max(||x||, eps)), averaged over
     tokens: `mse` also averages over the D dimensions (the paper's MeanSquaredError, eq. 4 and L_emb; in
     [0, 4/D]), `mse_sum` sums over them (D x mse, in [0, 4]), `cosine` is 1 - cos (in [0, 2]; for unit
-    vectors ||a - b||^2 = 2 - 2 cos, so it is mse_sum / 2)."""
+    vectors ||a - b||^2 = 2 - 2 cos, so it is mse_sum / 2).
+
+    unit_target: the target is an unbiased estimate t~ of a unit vector t (hldx.store.codec), used as given:
+    the loss is c (1 - n(p).t~) with c = 2/D, 2, 1, linear in t~, so its value and its gradient are unbiased
+    for those of t. (||n(p) - t~||^2 would add ||t~||^2 - 1, the code's noise energy, to the value, not to
+    the gradient.)"""
     if pred_BxLxD.shape != target_BxLxD.shape:
         raise ValueError(f"hidden states differ in shape: prediction {tuple(pred_BxLxD.shape)} vs teacher "
                          f"{tuple(target_BxLxD.shape)}; the regressor must map d_S to d_T")
     dtype = _compute_dtype(pred_BxLxD, target_BxLxD)
     pred_BxLxD, target_BxLxD = pred_BxLxD.to(dtype), target_BxLxD.to(dtype)
+    if unit_target:
+        c = {"mse": 2 / pred_BxLxD.shape[-1], "mse_sum": 2.0, "cosine": 1.0}[kind]
+        return c * (1 - (F.normalize(pred_BxLxD, dim=-1, eps=eps) * target_BxLxD).sum(-1).mean())
     if kind == "cosine":
         return 1 - F.cosine_similarity(pred_BxLxD, target_BxLxD, dim=-1, eps=eps).mean()
     mse = F.mse_loss(F.normalize(pred_BxLxD, dim=-1, eps=eps), F.normalize(target_BxLxD, dim=-1, eps=eps))

@@ -22,7 +22,7 @@ from hldx.errors import ConfigError, check as require
 from hldx.models import final_state, forward_to_layer, load_model, middle_layer
 from hldx.budget import RunPlan, cache_extents
 from hldx.data import Rows
-from hldx.store import HIDDEN_DTYPES, VALUE_DTYPES, CacheReader, CacheSpec, build, open_cache
+from hldx.store import HIDDEN_DTYPES, VALUE_DTYPES, CacheReader, CacheSpec, build, codec, open_cache
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ def check(cfg: DictConfig, launch: bool = True) -> None:
     c = cfg.cache
     for key, allowed in (("values_dtype", VALUE_DTYPES), ("hidden_dtype", HIDDEN_DTYPES)):
         require(c[key] in allowed, f"cache.{key}", c[key], f"one of {', '.join(allowed)}")
+    d_T = cfg.teacher.model.hidden_size
+    require(c.hidden_dtype != "sr2" or d_T % codec.BLOCK == 0, "cache.hidden_dtype", c.hidden_dtype,
+            f"bfloat16, float8_e4m3 or float32 for a teacher of hidden size {d_T} (sr2: a multiple of {codec.BLOCK})")
     require(c.task < c.tasks, "cache.task", c.task, f"a worker index in [0, cache.tasks={c.tasks})")
     if cfg.hidden.teacher_layer is not None:
         depth = cfg.teacher.model.num_hidden_layers

@@ -28,7 +28,7 @@ from hldx.loader import Loader, Micro, Step
 from hldx.methods import Phase, phases
 from hldx.models import PhaseNet, build_model, build_regressor, compile_layers, load_model, middle_layer
 from hldx.parallel import Engine
-from hldx.store import CacheReader
+from hldx.store import UNIT_CODES, CacheReader
 from hldx.teacher import OnlineTeacher
 
 
@@ -143,8 +143,11 @@ class Trainer:
                 micro.tokens_BxL, phase.needs_teacher_logits, phase.needs_teacher_hidden)
         tokens_BxL, idx, val, target = micro.tokens_BxL, micro.topk_idx_BxLxK, micro.topk_val_BxLxK, micro.hidden_BxLxD
         logits, predicted = engine.module(tokens_BxL)
+        # An unbiased code of the unit target (cache.hidden_dtype=sr2): the losses are linear in it, so loss_ht
+        # and loss_emb, and their gradients, have the float32 target's as their expectation.
+        unit = self.reader is not None and self.reader.spec.hidden_dtype in UNIT_CODES
         if phase.name == "ht":
-            ht = losses.hidden_loss(predicted, target, cfg.hidden.loss)
+            ht = losses.hidden_loss(predicted, target, cfg.hidden.loss, unit_target=unit)
             return {"loss": ht, "loss_ht": ht}
         if phase.name == "nll":
             nll = losses.nll(logits, tokens_BxL, chunk=cfg.train.loss_chunk)
@@ -153,7 +156,7 @@ class Trainer:
                                              chunk=cfg.train.loss_chunk)
         parts = {"loss": total, "loss_nll": nll, "loss_kd": kd}
         if phase.name == "hldc":
-            emb = losses.hidden_loss(predicted, target, cfg.hidden.loss)
+            emb = losses.hidden_loss(predicted, target, cfg.hidden.loss, unit_target=unit)
             parts |= {"loss": total + cfg.gamma * emb, "loss_emb": emb}
         return parts
 

@@ -36,7 +36,8 @@ def test_bench_json_holds_the_measured_rates_and_their_ratios(hldx_cache, tmp_pa
     assert "mfu" not in r and "peak_mem_gib" not in r  # unknown on a CPU
     assert r["tokens_per_step"] == 4 * 32
     assert set(r["step_s"]) == set(r["flops_per_token"]) == runs
-    loaders = {f"loader_{m}{h}{n}" for m in ("kd", "hldc", "ht") for h in ("", "_float8_e4m3") for n in ("", "_readers2")
+    loaders = {f"loader_{m}{h}{n}" for m in ("kd", "hldc", "ht") for h in ("", "_float8_e4m3", "_sr2")
+               for n in ("", "_readers2")
                if not (m == "kd" and h)}
     ranks = {"ranks_single", "ranks_ddp", "ranks_fsdp"}
     assert set(r["tokens_per_s"]) == runs | loaders | ranks
@@ -72,7 +73,7 @@ def test_one_method_alone_reports_what_it_can(hldx_cache, tmp_path):
     assert B.main(TINY + ["bench.methods=[loader]", "cache.readers=1", f"bench.json={out}"]) == 0
     r = json.loads(out.read_text())
     assert set(r["tokens_per_s"]) == {"loader_kd", "loader_hldc", "loader_ht", "loader_hldc_float8_e4m3",
-                                      "loader_ht_float8_e4m3"} and "step_s" not in r
+                                      "loader_ht_float8_e4m3", "loader_hldc_sr2", "loader_ht_sr2"} and "step_s" not in r
 
 
 def test_report_medians_mfu_and_memory():

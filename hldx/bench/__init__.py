@@ -13,7 +13,7 @@ its bench.steps steps (CUDA events on a GPU, the host clock on a CPU); every ste
 (step_s_all), to judge the spread. On CUDA, a host-device synchronisation inside a measured step raises.
 
 Loader (bench.methods loader): Loader.get over every step of the bench's rows, for what KD, HLDC and HT
-read, hidden states in bfloat16 and float8_e4m3, with one reader thread and cache.readers, page cache warm,
+read, hidden states in bfloat16, float8_e4m3 and sr2, with one reader thread and cache.readers, page cache warm,
 each micro-batch copied to the job's device and decoded there (tokens_per_s.loader_*); ratio.loader_gpu_* divides one reader's rate by what that method's student consumes
 at plan.mfu of plan.peak_flops (an H100 at 40% by default), ratio.loader_readers*_vs_1_* cache.readers'
 rate by one reader's.

@@ -1,5 +1,5 @@
 """The loader's throughput, side by side: what KD (top-k), HLDC (top-k + hidden) and HT (hidden) read, with
-hidden states in bfloat16 and float8_e4m3, by one reader thread and by cache.readers, page cache warm; on the
+hidden states in bfloat16, float8_e4m3 and sr2, by one reader thread and by cache.readers, page cache warm; on the
 job's device, as the trainer takes it: every micro-batch copied there and decoded (on a GPU, a round ends when
 the device has done its copies and decodes)."""
 from __future__ import annotations
@@ -17,11 +17,11 @@ from hldx.device import device_of
 from hldx.loader import Loader
 
 METHODS = ("kd", "hldc", "ht")
-HIDDEN = ("bfloat16", "float8_e4m3")
+HIDDEN = ("bfloat16", "float8_e4m3", "sr2")
 
 
 def loader_runs(cfg: DictConfig) -> dict[str, tuple[str, str, int]]:
-    """Name -> (method, hidden dtype, readers): loader_<method>[_float8_e4m3][_readers<N>]."""
+    """Name -> (method, hidden dtype, readers): loader_<method>[_float8_e4m3|_sr2][_readers<N>]."""
     readers = sorted({1, cfg.cache.readers})
     return {f"loader_{m}" + ("" if h == HIDDEN[0] or m == "kd" else f"_{h}") + ("" if n == 1 else f"_readers{n}"):
             (m, h, n) for m in METHODS for h in (HIDDEN[:1] if m == "kd" else HIDDEN) for n in readers}

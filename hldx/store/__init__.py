@@ -23,15 +23,19 @@ turn, then an n x (number of arrays) table of uint64 checksums, xxh3_64 of each 
              values  [n, L, K]  bfloat16 | float16 | float32   their logits minus the position's largest
     hidden   hidden  [n, L, D]  bfloat16 | float32 | float8_e4m3fn   hidden state after the teacher's layer
              scale   [n, L]     bfloat16 (float8_e4m3 only)    per token: its largest |component| / 448
+        sr2: hidden  [n, L, D/4]  uint8                        2-bit codes of the unit vector (codec.py)
+             scale   [n, L, D/32] uint8                        per block of 32: its scale's code
 Logits relative to their maximum lose nothing for KD (softmax over the k is shift-invariant) and keep the
 finest steps of a narrow dtype for the values that carry the probability: bfloat16 rounds them to nearest
 (relative error <= 2**-8 of each value's distance from the maximum). float32 stores float32 exactly. In
 float8_e4m3 each token's vector is divided by its scale, so its largest component sits at the top of the
-format's range instead of its bottom (a unit vector's components are ~1/sqrt(d_T) ~ 0.02).
+format's range instead of its bottom (a unit vector's components are ~1/sqrt(d_T) ~ 0.02). sr2 stores each
+token's unit vector t in an unbiased code (E[decoded] = t; hldx.store.codec), to be used as decoded, never
+renormalised: the hidden losses are linear in it (hldx.losses.hidden_loss(unit_target=True)).
 
 Storage (bytes_per_token, checksums included): top-k k*(2 + 2) + 16/L (512.03 at the paper's k=128, V=32000,
-L=512; 768 with float32 logits); hidden d_T*2 (5,120 at d_T=2560), d_T + 2 in float8_e4m3 (2,562), + 8/L per
-array.
+L=512; 768 with float32 logits); hidden d_T*2 (5,120 at d_T=2560), d_T + 2 in float8_e4m3 (2,562), d_T/4 +
+d_T/32 in sr2 (720), + 8/L per array.
 
 Integrity. Every row of every array is checked against its checksum as it is read, so damaged data is never
 returned, at a cost proportional to what is read (xxh3 runs at > 10 GB/s); verify() checks every row of every
@@ -41,10 +45,10 @@ the same host) removes.
 """
 from hldx.store.read import Batch, CacheReader, open_cache, verify
 from hldx.store.shards import FORMAT, gc
-from hldx.store.spec import (HIDDEN_DTYPES, PARTS, VALUE_DTYPES, CacheError, CacheSpec, bytes_per_token,
+from hldx.store.spec import (HIDDEN_DTYPES, PARTS, UNIT_CODES, VALUE_DTYPES, CacheError, CacheSpec, bytes_per_token,
                              decode_hidden, decode_topk, encode_hidden, encode_topk, shard_ranges)
 from hldx.store.write import RowTokensFn, TeacherFn, build, built_extent, task_shards
 
 __all__ = ["Batch", "CacheError", "CacheReader", "CacheSpec", "FORMAT", "HIDDEN_DTYPES", "PARTS", "RowTokensFn",
-           "TeacherFn", "VALUE_DTYPES", "build", "built_extent", "bytes_per_token", "decode_hidden", "decode_topk",
+           "TeacherFn", "UNIT_CODES", "VALUE_DTYPES", "build", "built_extent", "bytes_per_token", "decode_hidden", "decode_topk",
            "encode_hidden", "encode_topk", "gc", "open_cache", "shard_ranges", "task_shards", "verify"]

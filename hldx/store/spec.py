@@ -10,9 +10,12 @@ import torch
 import xxhash
 
 from hldx.errors import UserError
+from hldx.store import codec
 
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-HIDDEN_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float8_e4m3": torch.float8_e4m3fn}
+HIDDEN_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float8_e4m3": torch.float8_e4m3fn,
+                 "sr2": torch.uint8}
+UNIT_CODES = ("sr2",)  # hidden dtypes holding an unbiased code of each token's unit vector (hldx.store.codec)
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 PARTS = ("topk", "hidden")
 
@@ -51,6 +54,9 @@ class CacheSpec:
         for key, allowed in (("values_dtype", VALUE_DTYPES), ("hidden_dtype", HIDDEN_DTYPES)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"cache.{key}={getattr(self, key)!r}: choose one of {sorted(allowed)}")
+        if self.hidden_dtype == "sr2" and self.hidden_size % codec.BLOCK:
+            raise ValueError(f"cache.hidden_dtype=sr2 needs a hidden size divisible by {codec.BLOCK}, "
+                             f"got {self.hidden_size}")
         if self.rows < 0 or self.hidden_rows < 0:
             raise ValueError(f"CacheSpec extents must be >= 0, got rows={self.rows}, hidden_rows={self.hidden_rows}")
 
@@ -87,7 +93,10 @@ def fields(spec: CacheSpec, part: str) -> list[Field]:
     if part == "topk":
         ids = torch.int16 if spec.vocab_size <= 65536 else torch.int32  # uint16 bits | int32
         return [Field("ids", ids, (L, spec.k)), Field("values", VALUE_DTYPES[spec.values_dtype], (L, spec.k))]
-    hidden = [Field("hidden", HIDDEN_DTYPES[spec.hidden_dtype], (L, spec.hidden_size))]
+    D = spec.hidden_size
+    if spec.hidden_dtype == "sr2":
+        return [Field("hidden", torch.uint8, (L, D // 4)), Field("scale", torch.uint8, (L, D // codec.BLOCK))]
+    hidden = [Field("hidden", HIDDEN_DTYPES[spec.hidden_dtype], (L, D))]
     return hidden + ([Field("scale", torch.bfloat16, (L,))] if spec.hidden_dtype == "float8_e4m3" else [])
 
 
@@ -149,10 +158,15 @@ def decode_topk(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, 
     return idx, values.float()
 
 
-def encode_hidden(spec: CacheSpec, hid_NxLxD: torch.Tensor) -> list[torch.Tensor]:
-    """Hidden states in the storage dtype; float8_e4m3: each token scaled so its largest component uses the
-    format's range, the scale kept beside it in bfloat16."""
+def encode_hidden(spec: CacheSpec, hid_NxLxD: torch.Tensor, first_row: int) -> list[torch.Tensor]:
+    """Hidden states of rows [first_row, first_row + N) in the storage dtype; float8_e4m3: each token scaled so
+    its largest component uses the format's range, the scale kept beside it in bfloat16; sr2: each token's
+    unit vector in hldx.store.codec's unbiased 2-bit code, its random bits a function of the row."""
     x = hid_NxLxD.float()
+    if spec.hidden_dtype == "sr2":
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float64).float()  # any device's
+        t = x / norm.clamp_min(1e-6)                               # as hldx.losses.hidden_loss normalises
+        return list(codec.encode(t, codec.uniforms(first_row, t.shape, t.device)))
     if spec.hidden_dtype != "float8_e4m3":
         return [x.to(HIDDEN_DTYPES[spec.hidden_dtype]).contiguous()]
     scale = (x.abs().amax(-1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny).to(torch.bfloat16)
@@ -161,6 +175,9 @@ def encode_hidden(spec: CacheSpec, hid_NxLxD: torch.Tensor) -> list[torch.Tensor
 
 
 def decode_hidden(hidden: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Stored hidden states (on any device) as float32 [.., D]."""
+    """Stored hidden states (on any device) as float32 [.., D]; sr2 (uint8 codes): the unbiased, not unit,
+    estimate of each token's unit vector, to be used as it is."""
+    if hidden.dtype == torch.uint8:
+        return codec.decode(hidden, scale)
     x = hidden.float()
     return x if scale is None else x * scale.float()[..., None]

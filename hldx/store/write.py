@@ -119,7 +119,7 @@ def _write_shards(root: Path, spec: CacheSpec, todo: dict[str, range], teacher_f
                 for part, r in want.items():
                     lo, hi = max(r.start, a) - a, min(r.stop, a + len(rows)) - a
                     arrays = encode_topk(spec, idx[lo:hi], val[lo:hi]) if part == "topk" else \
-                        encode_hidden(spec, hid[lo:hi])
+                        encode_hidden(spec, hid[lo:hi], a + lo)
                     pending.append(writer.submit(shards[part].write, a + lo, [t.cpu() for t in arrays]))
                 bar.update(len(rows) * spec.seq_len)
                 while len(pending) > 2 * len(todo):  # bounded: the teacher runs at most a batch ahead
