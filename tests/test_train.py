@@ -238,7 +238,7 @@ def test_a_log_that_is_not_a_terminal_gets_a_line_per_log_step(tiny, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = plan_run(C.compose(overrides)).phases[0].steps
-    lines = [line for line in done.stderr.splitlines() if "step/s" in line and "loss=" in line]
+    lines = [line for line in done.stderr.splitlines() if ("step/s" in line or "s/step" in line) and "loss=" in line]
     assert len(lines) == steps // 8 + (steps % 8 > 0) + 1  # each log step, and the last count when it closes
     assert f" 8/{steps} [" in lines[0] and "<" in lines[0] and "tok_s=" in lines[0]  # elapsed<left, tokens/s
     assert "\r" not in done.stderr
