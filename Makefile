@@ -19,8 +19,14 @@ setup: $(BIN)/.installed
 test-setup: setup
 	bash tests/install-services.sh
 
+# The demo: its evaluation tasks; the teacher, pre-trained once, and its cache (both cores); then the two seeds'
+# students at once, one core each (tiny models use a second thread poorly); then the report.
 demo: setup
-	$(BIN)/python -m hldx.run -m +sweep=demo
+	$(BIN)/python -m hldx.demotasks .hldx/demo-tasks
+	OMP_NUM_THREADS=2 $(BIN)/python -m hldx.cache build +sweep=demo method=hldc
+	OMP_NUM_THREADS=1 $(BIN)/python -m hldx.run -m +sweep=demo seed=0 hydra.sweep.dir=multirun/demo-0 & a=$$!; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m hldx.run -m +sweep=demo seed=1 hydra.sweep.dir=multirun/demo-1 & b=$$!; \
+	wait $$a && wait $$b
 	$(BIN)/python -m analysis.report --experiment demo --out reports/demo
 
 test: test-setup
