@@ -5,6 +5,7 @@ import logging
 import time
 import urllib.request
 
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -18,7 +19,13 @@ MAX_BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 
 
 def client(cfg: DictConfig) -> MlflowClient:
-    return MlflowClient(tracking_uri=cfg.tracking.uri)
+    """The tracking client; a local sqlite store is first opened under a file lock beside it: jobs started
+    together would otherwise race to create its tables."""
+    mlflow = MlflowClient(tracking_uri=cfg.tracking.uri)
+    if cfg.tracking.uri.startswith("sqlite:///"):
+        with FileLock(cfg.tracking.uri.removeprefix("sqlite:///") + ".lock"):
+            mlflow.search_experiments(max_results=1)
+    return mlflow
 
 
 def experiment_id(mlflow: MlflowClient, name: str) -> str:
