@@ -21,11 +21,11 @@ MAX_BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 def client(cfg: DictConfig) -> MlflowClient:
     """The tracking client; a local sqlite store is first opened under a file lock beside it: jobs started
     together would otherwise race to create its tables."""
-    mlflow = MlflowClient(tracking_uri=cfg.tracking.uri)
-    if cfg.tracking.uri.startswith("sqlite:///"):
-        with FileLock(cfg.tracking.uri.removeprefix("sqlite:///") + ".lock"):
-            mlflow.search_experiments(max_results=1)
-    return mlflow
+    uri = cfg.tracking.uri
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    with FileLock(uri.removeprefix("sqlite:///") + ".lock"):  # the client creates the tables
+        return MlflowClient(tracking_uri=uri)
 
 
 def experiment_id(mlflow: MlflowClient, name: str) -> str:
