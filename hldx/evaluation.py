@@ -100,7 +100,8 @@ class Evaluation:
         return {f"eval/{task}_{k}": v for task, scores in self.results.items() for k, v in scores.items()}
 
     def tags(self) -> dict[str, str]:
-        return {"hldx.eval_mode": self.mode, "hldx.eval_data": self.data, **{f"hldx.eval_skipped.{t}": why for t, why in self.skipped.items()}}
+        return {"hldx.eval_mode": self.mode, "hldx.eval_data": self.data,
+                **{f"hldx.eval_skipped.{t}": why for t, why in self.skipped.items()}}
 
     def table(self) -> str:
         lines = [f"{'task':<12}{'metric':<12}{'value':>12}{'random':>9}"]
@@ -236,7 +237,8 @@ def downstream(lm: LM | Callable[[], LM], cfg: DictConfig, names: list[str],
         if not tasks:
             return {}
         with _rng_kept():
-            out = simple_evaluate(model=lm() if callable(lm) else lm, tasks=list(tasks.values()), task_manager=manager, limit=cfg.eval.limit,
+            out = simple_evaluate(model=lm() if callable(lm) else lm, tasks=list(tasks.values()),
+                                  task_manager=manager, limit=cfg.eval.limit,
                                   bootstrap_iters=0, log_samples=False)
     results = {}
     for name in tasks:
