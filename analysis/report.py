@@ -65,16 +65,19 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "student"
 
 
-def make_figures(points: pd.DataFrame, out: Path) -> list[tuple[str, Path]]:
-    """The paper's figure kinds as PNGs in `out`, as (caption, path) in reading order."""
-    made = []
+def make_figures(points: pd.DataFrame, out: Path, labels: dict[str, str] | None = None) -> list[tuple[str, Path]]:
+    """The paper's figure kinds as PNGs in `out`, as (caption, path) in reading order; `labels`: the metrics'
+    shown names."""
+    labels = labels or {}
+    made, points = [], points.assign(metric=points["metric"].replace(labels))
+    downstream = [labels.get(m, m) for m in DOWNSTREAM]
     if points["improvement"].notna().any():
         val = points[points["metric"] == "val_logppl"]
         if val.loc[val["method"] != "nll", "improvement"].notna().any():  # the histograms show HLDC and HLDF
             made.append(("Fig. 1 kind: val log-ppl improvement over KD, per student",
                          figures.histograms(val, "student", "Val log-ppl: improvement over KD",
                                             out / "fig1_val_logppl_hist.png")))
-        for student, group in points[points["metric"].isin(DOWNSTREAM)].groupby("student", sort=False):
+        for student, group in points[points["metric"].isin(downstream)].groupby("student", sort=False):
             if group.loc[group["method"] != "nll", "improvement"].notna().any():
                 made.append((f"Figs. 2/4 kind: downstream improvement over KD, {student}",
                              figures.histograms(group, "metric", f"{student}: improvement over KD",
@@ -83,7 +86,7 @@ def make_figures(points: pd.DataFrame, out: Path) -> list[tuple[str, Path]]:
             made.append(("Fig. 5 kind: val log-ppl, KD (x) vs compared method (y), per student",
                          figures.scatters(val, "student", "Val log-ppl at shared hyperparameters",
                                           out / "fig5_val_logppl_scatter.png")))
-        for student, group in points[points["metric"].isin(DOWNSTREAM)].groupby("student", sort=False):
+        for student, group in points[points["metric"].isin(downstream)].groupby("student", sort=False):
             if group["improvement"].notna().any():
                 made.append((f"Figs. 6/7 kind: downstream, KD (x) vs compared method (y), {student}",
                              figures.scatters(group, "metric", f"{student}: scores at shared hyperparameters",
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = (runs[EVAL_DATA] == DEMO).any()
     labels = demo_labels(METRICS) if demo else {}  # shown: tables, figures; the CSVs keep the metric names
     shown_best, shown_summary = best_df.rename(columns=labels), summary_df.replace({"metric": labels})
-    figs = make_figures(points.replace({"metric": labels}), args.out)
+    figs = make_figures(points, args.out, labels)
     source = f"experiment {args.experiment}" if args.experiment else f"{args.runs_csv}"
     (args.out / "report.md").write_text(render(source, runs, shown_best, points, shown_summary, figs,
                                                args.select_on, absent))
