@@ -130,7 +130,8 @@ def test_teacher_with_another_tokenizer_is_refused_before_launch(hldx_cache, tmp
 
 def test_the_teachers_identity_is_the_teachers(monkeypatch, tmp_path):
     """Students differing in everything of their own share one on-demand teacher; two recipes make two."""
-    from hldx.teacher import teacher_path
+    from hldx.teacher import teacher_config, teacher_path
+    from hldx.tracking import run_name
 
     monkeypatch.setenv("HLDX_CACHE", str(tmp_path))
     students = [["method=kd", "seed=0"],
@@ -143,3 +144,4 @@ def test_the_teachers_identity_is_the_teachers(monkeypatch, tmp_path):
     assert len(recipes) == 2
     assert teacher_path(C.compose(["method=kd", "teacher.build.seed=1"])) != \
         teacher_path(C.compose(["method=kd"]))
+    assert run_name(teacher_config(C.compose(students[1])), "teacher") == "teacher|tiny-teacher|tokens=5e5|lr=3e-3"
