@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         exp_id, run_id = log_report(args.out, args.experiment, args.tracking_uri, note, shown)
         written = log_vs_kd(points, args.tracking_uri)
         uri = args.tracking_uri or mlflow.get_tracking_uri()
-        view = f"#/experiments/{exp_id}?viewStateShareKey={VIEW}"
+        view = f"#/experiments/{exp_id}/runs?viewStateShareKey={VIEW}"
         print(f"MLflow:  experiment {args.experiment!r} ({len(runs)} runs, vs_kd/eval/* in {written}; summary run "
               f"'report' {run_id})")
         if uri.startswith("http"):
