@@ -3,8 +3,10 @@ written to a folder and logged back to MLflow as the artifacts of a summary run 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -17,11 +19,19 @@ from mlflow.tracking import MlflowClient
 
 from analysis import figures
 from analysis.compare import best, pointwise, summary
-from analysis.runs import HPARAMS, METRICS, RUN_ID, read_csv, read_mlflow
+from analysis.runs import DEMO, EVAL_DATA, HPARAMS, METRICS, RUN_ID, read_csv, read_mlflow
 from hldx import cli
 from hldx.errors import BadInput
 
 DOWNSTREAM = METRICS[1:]  # all but val_logppl
+DEMO_NOTE = ("The columns marked (demo) are the demo's own tasks (python -m hldx.demotasks: items built from the "
+             "embedded corpus's held-out split in each benchmark's file format), not the benchmarks of those names.")
+VIEW = "hldx-pointwise"  # the MLflow UI's shared view of the runs table (experiment tag mlflow.sharedViewState.VIEW)
+
+
+def demo_labels(metrics: list[str]) -> dict[str, str]:
+    """Each benchmark-named metric as the report shows it for runs evaluated on the demo's own tasks."""
+    return {m: f"{m} (demo)" for m in metrics if m in DOWNSTREAM}
 
 
 def _cell(v) -> str:
@@ -55,16 +65,19 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "student"
 
 
-def make_figures(points: pd.DataFrame, out: Path) -> list[tuple[str, Path]]:
-    """The paper's figure kinds as PNGs in `out`, as (caption, path) in reading order."""
-    made = []
+def make_figures(points: pd.DataFrame, out: Path, labels: dict[str, str] | None = None) -> list[tuple[str, Path]]:
+    """The paper's figure kinds as PNGs in `out`, as (caption, path) in reading order; `labels`: the metrics'
+    shown names."""
+    labels = labels or {}
+    made, points = [], points.assign(metric=points["metric"].replace(labels))
+    downstream = [labels.get(m, m) for m in DOWNSTREAM]
     if points["improvement"].notna().any():
         val = points[points["metric"] == "val_logppl"]
         if val.loc[val["method"] != "nll", "improvement"].notna().any():  # the histograms show HLDC and HLDF
             made.append(("Fig. 1 kind: val log-ppl improvement over KD, per student",
                          figures.histograms(val, "student", "Val log-ppl: improvement over KD",
                                             out / "fig1_val_logppl_hist.png")))
-        for student, group in points[points["metric"].isin(DOWNSTREAM)].groupby("student", sort=False):
+        for student, group in points[points["metric"].isin(downstream)].groupby("student", sort=False):
             if group.loc[group["method"] != "nll", "improvement"].notna().any():
                 made.append((f"Figs. 2/4 kind: downstream improvement over KD, {student}",
                              figures.histograms(group, "metric", f"{student}: improvement over KD",
@@ -73,7 +86,7 @@ def make_figures(points: pd.DataFrame, out: Path) -> list[tuple[str, Path]]:
             made.append(("Fig. 5 kind: val log-ppl, KD (x) vs compared method (y), per student",
                          figures.scatters(val, "student", "Val log-ppl at shared hyperparameters",
                                           out / "fig5_val_logppl_scatter.png")))
-        for student, group in points[points["metric"].isin(DOWNSTREAM)].groupby("student", sort=False):
+        for student, group in points[points["metric"].isin(downstream)].groupby("student", sort=False):
             if group["improvement"].notna().any():
                 made.append((f"Figs. 6/7 kind: downstream, KD (x) vs compared method (y), {student}",
                              figures.scatters(group, "metric", f"{student}: scores at shared hyperparameters",
@@ -90,6 +103,8 @@ def render(source: str, runs: pd.DataFrame, best_df: pd.DataFrame, points: pd.Da
              "than KD)."]
     if absent:
         parts.append(_absent(absent))
+    if (runs[EVAL_DATA] == DEMO).any():
+        parts.append(DEMO_NOTE)
     parts += ["## Best vs best (Table 1 kind)",
              f"Per (student, method) the run with the lowest {select_on} (selected on that split"
              f"{', as the paper does' if select_on == 'val_logppl' else ''}; `--select-on` chooses); bold: best "
@@ -130,16 +145,29 @@ def _view(summary_df: pd.DataFrame, view: str) -> pd.DataFrame:
     return summary_df[summary_df["view"] == view].drop(columns="view").reset_index(drop=True)
 
 
-def log_report(out: Path, experiment: str, tracking_uri: str | None, note: str) -> tuple[str, str]:
-    """Log `out` as the artifacts of a new summary run (tag hldx.role=report) and `note` as the experiment's
-    description (MLflow's note); returns (experiment_id, run_id)."""
+def log_report(out: Path, experiment: str, tracking_uri: str | None, note: str,
+               metrics: list[str]) -> tuple[str, str]:
+    """Log `out` as the artifacts of a new summary run (tag hldx.role=report), `note` as the experiment's
+    description (MLflow's note) and the runs table's shared view VIEW (`view_state`); returns (experiment_id,
+    run_id)."""
     client = MlflowClient(tracking_uri)
     exp_id = client.get_experiment_by_name(experiment).experiment_id
     run = client.create_run(exp_id, run_name="report", tags={"hldx.role": "report", "mlflow.note.content": note})
     client.log_artifacts(run.info.run_id, str(out))
     client.set_terminated(run.info.run_id)
     client.set_experiment_tag(exp_id, "mlflow.note.content", note)
+    client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW}", json.dumps(view_state(metrics)))
     return exp_id, run.info.run_id
+
+
+def view_state(metrics: list[str]) -> dict:
+    """The MLflow UI's runs-table state (as its Share button saves it, MLflow 3.x): the columns vs_kd/eval/val_logppl
+    and eval/<metric>, the method and role tags, sorted by vs_kd/eval/val_logppl (best first)."""
+    column = "metrics.`{}`".format
+    columns = [column("vs_kd/eval/val_logppl"), *(column(f"eval/{m}") for m in metrics),
+               "tags.`hldx.method`", "tags.`hldx.role`", "tags.`hldx.hp_key`", "params.`seed`"]
+    return {"selectedColumns": columns, "orderByKey": column("vs_kd/eval/val_logppl"), "orderByAsc": False,
+            "searchFilter": "tags.`hldx.role` != 'report'"}
 
 
 def log_vs_kd(points: pd.DataFrame, tracking_uri: str | None) -> int:
@@ -153,6 +181,12 @@ def log_vs_kd(points: pd.DataFrame, tracking_uri: str | None) -> int:
         client.log_batch(run_id, metrics=[Metric(f"vs_kd/eval/{m}", float(v), now, 0) for m, v in vs.items()],
                          tags=[RunTag("hldx.kd_run", ",".join(sorted(set(group["kd_run_id"]))))])
     return paired[RUN_ID].nunique()
+
+
+def _mlflow_command() -> str:
+    """mlflow's command beside this Python (a virtual environment's, e.g. .venv/bin/mlflow), else `mlflow`."""
+    beside = Path(sys.executable).parent / "mlflow"
+    return os.path.relpath(beside) if beside.is_file() else "mlflow"
 
 
 class Parser(argparse.ArgumentParser):
@@ -187,33 +221,49 @@ def main(argv: list[str] | None = None) -> int:
     if args.select_on in absent:
         raise BadInput(f"--select-on {args.select_on} is invalid: no run has that metric")
     best_df, points = best(runs, args.select_on).drop(columns=absent), pointwise(runs)
+    if best_df.loc[best_df["method"] == "random", [m for m in METRICS if m in best_df]].isna().all(axis=None):
+        best_df = best_df[best_df["method"] != "random"].reset_index(drop=True)  # no chance rate left to show
     points = points[~points["metric"].isin(absent)].reset_index(drop=True)
     summary_df = summary(points, seed=args.seed)
     best_df.to_csv(args.out / "best.csv", index=False)
     points.to_csv(args.out / "pointwise.csv", index=False)
     summary_df.to_csv(args.out / "summary.csv", index=False)
-    figs = make_figures(points, args.out)
+    demo = (runs[EVAL_DATA] == DEMO).any()
+    labels = demo_labels(METRICS) if demo else {}  # shown: tables, figures; the CSVs keep the metric names
+    shown_best, shown_summary = best_df.rename(columns=labels), summary_df.replace({"metric": labels})
+    figs = make_figures(points, args.out, labels)
     source = f"experiment {args.experiment}" if args.experiment else f"{args.runs_csv}"
-    (args.out / "report.md").write_text(render(source, runs, best_df, points, summary_df, figs, args.select_on,
-                                               absent))
+    (args.out / "report.md").write_text(render(source, runs, shown_best, points, shown_summary, figs,
+                                               args.select_on, absent))
     if absent:
         print(_absent(absent))
 
-    print(f"\nBest vs best ({len(runs)} finished runs)\n\n{markdown_table(best_df)}\n")
-    print(f"Pointwise against KD\n\n{markdown_table(summary_df)}\n")
+    print(f"\nBest vs best ({len(runs)} finished runs)\n\n{markdown_table(shown_best)}\n")
+    print(f"Pointwise against KD\n\n{markdown_table(shown_summary)}\n")
+    if demo:
+        print(DEMO_NOTE)
     unpaired = len(points.loc[~points["paired"], ["student", "method", *HPARAMS, RUN_ID]].drop_duplicates())
     if unpaired:
         print(f"{unpaired} run(s) without a KD partner: see report.md")
-    print(f"Wrote {args.out}/report.md, best.csv, pointwise.csv, summary.csv and {len(figs)} figure(s)")
+    print(f"Done in {time.perf_counter() - start:.1f} s\n")
+    print(f"Report:  {args.out / 'report.md'} (tables: best.csv, pointwise.csv, summary.csv)")
+    if figs:
+        print(f"Figures: {', '.join(str(path) for _, path in figs)}")
     if args.experiment and not args.no_log:
-        note = f"Best vs best\n\n{markdown_table(best_df)}\n\nPointwise against KD\n\n{markdown_table(summary_df)}"
-        exp_id, run_id = log_report(args.out, args.experiment, args.tracking_uri, note)
-        print(f"Logged vs_kd/eval/* and hldx.kd_run into {log_vs_kd(points, args.tracking_uri)} run(s)")
+        note = (f"{DEMO_NOTE}\n\n" if demo else "") + \
+            f"Best vs best\n\n{markdown_table(shown_best)}\n\nPointwise against KD\n\n{markdown_table(shown_summary)}"
+        shown = [m for m in METRICS if m not in absent]
+        exp_id, run_id = log_report(args.out, args.experiment, args.tracking_uri, note, shown)
+        written = log_vs_kd(points, args.tracking_uri)
         uri = args.tracking_uri or mlflow.get_tracking_uri()
-        where = f"{uri}/#/experiments/{exp_id}/runs/{run_id}" if uri.startswith("http") else \
-            f"run {run_id} in experiment {exp_id} at {uri} (browse: mlflow ui --backend-store-uri {uri})"
-        print(f"Logged to MLflow as summary run 'report': {where}")
-    print(f"Done in {time.perf_counter() - start:.1f} s")
+        view = f"#/experiments/{exp_id}/runs?viewStateShareKey={VIEW}"
+        print(f"MLflow:  experiment {args.experiment!r} ({len(runs)} runs, vs_kd/eval/* in {written}; summary run "
+              f"'report' {run_id})")
+        if uri.startswith("http"):
+            print(f"         open {uri}/{view}")
+        else:
+            print(f"         {_mlflow_command()} ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{view}")
+        print("         (the runs table with vs_kd/eval/val_logppl and eval/* as columns, best first)")
     return 0
 
 

@@ -20,6 +20,8 @@ COLUMNS = ["student", "method", *HPARAMS, *METRICS]
 METHODS = ["nll", "kd", "hldc", "hldf", "teacher"]  # "teacher": the run tagged hldx.role=teacher
 RUN_ID = "run_id"  # optional extra column: the MLflow run id, empty for CSV rows without one
 SEED = "seed"      # optional extra column: the run's initialisation seed, 0 for CSV rows without one
+EVAL_DATA = "eval_data"  # optional extra column: the tag hldx.eval_data (hub, local, demo), empty if unknown
+DEMO = "demo"      # eval_data of runs evaluated on the demo's own tasks (python -m hldx.demotasks)
 
 
 def _typed(df: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -42,9 +44,10 @@ def _typed(df: pd.DataFrame, where: str) -> pd.DataFrame:
     if seeds.isna().any():
         raise BadInput(f"{where}: column 'seed' holds a non-integer {df[SEED][seeds.isna()].iloc[0]!r}")
     df[SEED] = seeds.astype(int)
+    df[EVAL_DATA] = df[EVAL_DATA].fillna("").astype(str) if EVAL_DATA in df else ""
     order = df["method"].map(METHODS.index)
     df = df.assign(_order=order).sort_values(["student", "_order", *HPARAMS, SEED], kind="stable")
-    return df[COLUMNS + [SEED, RUN_ID]].reset_index(drop=True)
+    return df[COLUMNS + [SEED, RUN_ID, EVAL_DATA]].reset_index(drop=True)
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:
@@ -69,6 +72,7 @@ def _row(run) -> dict:
         **{m: metrics.get(f"eval/{m}") for m in METRICS},
         SEED: params.get("seed", 0),
         RUN_ID: run.info.run_id,
+        EVAL_DATA: tags.get("hldx.eval_data", ""),
     }
 
 
@@ -101,5 +105,5 @@ def read_mlflow(experiment: str, tracking_uri: str | None = None) -> pd.DataFram
     if not latest:
         raise BadInput(f"experiment {experiment!r} has no FINISHED runs to report on "
                          f"({len(runs)} run(s) in other states); train some with `python -m hldx.run`")
-    df = pd.DataFrame([_row(r) for r in latest.values()], columns=COLUMNS + [SEED, RUN_ID])
+    df = pd.DataFrame([_row(r) for r in latest.values()], columns=COLUMNS + [SEED, RUN_ID, EVAL_DATA])
     return _typed(df, f"experiment {experiment!r}")

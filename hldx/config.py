@@ -190,17 +190,17 @@ def identity(cfg: DictConfig) -> dict:
 
 
 @functools.cache
-def _kd_method() -> DictConfig:
-    """`method=kd` as Hydra composes it (its schema, then conf/method/kd.yaml), without Hydra: this runs inside
-    a Hydra job, whose global state a compose would reset."""
-    body = OmegaConf.load(CONF_DIR / "method" / "kd.yaml")
-    return OmegaConf.merge(OmegaConf.structured(schema.KD), {k: v for k, v in body.items() if k != "defaults"})
+def preset(group: str, name: str, node: type) -> DictConfig:
+    """conf/<group>/<name>.yaml over its schema `node`, as Hydra composes it, without Hydra: this runs inside a
+    Hydra job, whose global state a compose would reset."""
+    body = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
+    return OmegaConf.merge(OmegaConf.structured(node), {k: v for k, v in body.items() if k != "defaults"})
 
 
 def as_kd(cfg: DictConfig, tau: float | None = None, alpha: float | None = None) -> DictConfig:
     """cfg's run as KD (at its own tau and alpha unless given): the partner it is compared with."""
     kd = cfg.copy()
-    kd.method = _kd_method().copy()
+    kd.method = preset("method", "kd", schema.KD).copy()
     kd.tau, kd.alpha = cfg.tau if tau is None else tau, cfg.alpha if alpha is None else alpha
     return kd
 

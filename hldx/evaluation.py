@@ -15,13 +15,16 @@ its first, given the tokens before it in that row.
 
 Data: the hub datasets by default (ids in DOWNSTREAM and eval.wikitext); offline, `eval.local_dir=DIR`
 makes every task read DIR/<file>.jsonl (hellaswag, piqa, arc_easy, winogrande, lambada_openai,
-wikitext103) in its hub dataset's own schema. The held-out split comes from `data` (data.path=DIR for
+wikitext103) in its hub dataset's own schema; a folder with a manifest (MANIFEST, written by
+`python -m hldx.demotasks`) is labelled by it, and every run carries the tag hldx.eval_data (hub, local,
+demo). The held-out split comes from `data` (data.path=DIR for
 local shards). A task whose data cannot be read is skipped: `Evaluation.skipped` holds the reason and the
 override that fixes it, it is logged as a warning and tagged hldx.eval_skipped.<task>; the others run.
 """
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import random
 import tempfile
@@ -45,6 +48,7 @@ from hldx.models import load_model
 from hldx.progress import Progress
 
 if TYPE_CHECKING:
+    from lm_eval.api.model import LM
     from lm_eval.api.task import Task
     from lm_eval.tasks import TaskManager
 
@@ -79,6 +83,7 @@ TASKS = ("val", "wikitext", *DOWNSTREAM)
 # Table 1's Random row: chance error rates, the report's reference lines (LAMBADA: ~1, open vocabulary).
 RANDOM_ERR = {name: t.chance_err for name, t in DOWNSTREAM.items()}
 WIKITEXT_FILE = "wikitext103"
+MANIFEST = "hldx-tasks.json"  # in eval.local_dir: what its files are ({"label": "demo", ...}: hldx.demotasks)
 
 
 @dataclass
@@ -86,6 +91,7 @@ class Evaluation:
     """What one evaluation produced: `results` is the JSON of eval.json, `metrics` what MLflow gets."""
 
     mode: str
+    data: str = "hub"   # where the tasks' data came from: hub, local, or a local folder's label (demo)
     results: dict[str, dict[str, float]] = field(default_factory=dict)  # {task: {metric: value}}
     skipped: dict[str, str] = field(default_factory=dict)               # {task: why, and the fix}
 
@@ -94,7 +100,8 @@ class Evaluation:
         return {f"eval/{task}_{k}": v for task, scores in self.results.items() for k, v in scores.items()}
 
     def tags(self) -> dict[str, str]:
-        return {"hldx.eval_mode": self.mode, **{f"hldx.eval_skipped.{t}": why for t, why in self.skipped.items()}}
+        return {"hldx.eval_mode": self.mode, "hldx.eval_data": self.data,
+                **{f"hldx.eval_skipped.{t}": why for t, why in self.skipped.items()}}
 
     def table(self) -> str:
         lines = [f"{'task':<12}{'metric':<12}{'value':>12}{'random':>9}"]
@@ -204,11 +211,11 @@ def _rng_kept() -> Iterator[None]:
         np.random.set_state(state[1])
 
 
-def _downstream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: DictConfig, names: list[str],
-                skipped: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Every task in one lm_eval.simple_evaluate call on the in-memory model; one whose data fails is skipped."""
+def downstream(lm: LM | Callable[[], LM], cfg: DictConfig, names: list[str],
+               skipped: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Every task in one lm_eval.simple_evaluate call on `lm` (an lm-eval model, or a function making it once a
+    task's data is read); a task whose data fails is skipped (recorded in `skipped`)."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     local = cfg.eval.local_dir
@@ -229,10 +236,9 @@ def _downstream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg:
                 tasks[name] = task
         if not tasks:
             return {}
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
-                  max_length=cfg.eval.max_length)
         with _rng_kept():
-            out = simple_evaluate(model=lm, tasks=list(tasks.values()), task_manager=manager, limit=cfg.eval.limit,
+            out = simple_evaluate(model=lm() if callable(lm) else lm, tasks=list(tasks.values()),
+                                  task_manager=manager, limit=cfg.eval.limit,
                                   bootstrap_iters=0, log_samples=False)
     results = {}
     for name in tasks:
@@ -299,10 +305,18 @@ def _hub_answers(timeout_s: float = 3.0) -> bool:
         return False
 
 
+def data_label(cfg: DictConfig) -> str:
+    """hub, local, or the label of eval.local_dir's manifest (demo: the demo's own tasks, not the benchmarks)."""
+    if cfg.eval.local_dir is None:
+        return "hub"
+    manifest = Path(cfg.eval.local_dir).expanduser() / MANIFEST
+    return json.loads(manifest.read_text()).get("label", "local") if manifest.is_file() else "local"
+
+
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: DictConfig) -> Evaluation:
     """Run eval.tasks on the model (put back in its train/eval mode afterwards); skip what cannot be read."""
     check(cfg)
-    ev = Evaluation(mode=cfg.eval.mode)
+    ev = Evaluation(mode=cfg.eval.mode, data=data_label(cfg))
     tasks = list(cfg.eval.tasks)
     was_training = model.training
     model.eval()
@@ -326,7 +340,12 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: Di
                 ev.results[name] = {"logppl": log_perplexity(model, tokens_NxL, cfg.eval.batch_size),
                                     "tokens": float(tokens_NxL[:, 1:].numel())}
         if names := [t for t in tasks if t in DOWNSTREAM and t not in ev.skipped]:
-            ev.results |= _downstream(model, tokenizer, cfg, names, ev.skipped)
+            from lm_eval.models.huggingface import HFLM
+
+            def lm() -> HFLM:
+                return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
+                            max_length=cfg.eval.max_length)
+            ev.results |= downstream(lm, cfg, names, ev.skipped)
     finally:
         model.train(was_training)
     ev.results = {t: ev.results[t] for t in tasks if t in ev.results}

@@ -102,6 +102,8 @@ class HLDF(KD):
 class TeacherBuild:
     tokens: int = key(integer(1))
     lr: Any = key(number(0, lo_open=True))
+    seed: int = key(integer(0))
+    train: str = key(one_of("default", "paper"))   # the conf/train preset it is trained with
 
 
 @dataclass

@@ -28,16 +28,22 @@ log = logging.getLogger(__name__)
 
 
 def teacher_config(cfg: DictConfig) -> DictConfig:
-    """The NLL run that pre-trains the configured teacher on the same data and tokenizer."""
+    """The NLL run that pre-trains the configured teacher. Its identity is the teacher's alone: its model, the
+    data and tokenizer, and its recipe teacher.build.* (tokens, lr, seed, the train preset); nothing of the
+    student's job but how it runs (device, precision, compile: keys outside every run's identity)."""
     if cfg.teacher.build is None:
         raise ConfigError(f"teacher={cfg.teacher.model.name} has no on-demand recipe: set teacher.ckpt=DIR "
                           f"(pre-train it with: python -m hldx.run method=nll student={cfg.teacher.model.name})")
+    build = cfg.teacher.build
     tcfg = cfg.copy()
     tcfg.method = OmegaConf.structured(schema.NLL(name="nll"))
     tcfg.student = cfg.teacher.model
-    tcfg.lr = cfg.teacher.build.lr
-    tcfg.budget = schema.Budget(flops=None, ot=None, tokens=cfg.teacher.build.tokens, accounting="exact")
-    tcfg.data.vocab_size = cfg.student.vocab_size
+    tcfg.lr, tcfg.seed = build.lr, build.seed
+    tcfg.budget = schema.Budget(flops=None, ot=None, tokens=build.tokens, accounting="exact")
+    tcfg.data.vocab_size = cfg.teacher.model.vocab_size
+    tcfg.train = C.preset("train", build.train, schema.Train).copy()
+    for k in ("device", "precision", "compile", "loss_chunk", "ckpt_every", "log_every"):
+        tcfg.train[k] = cfg.train[k]
     tcfg.train.parallel = "auto"  # its own engine: it may be trained before the student's ranks join
     return tcfg
 

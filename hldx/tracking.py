@@ -5,6 +5,7 @@ import logging
 import time
 import urllib.request
 
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -18,7 +19,13 @@ MAX_BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 
 
 def client(cfg: DictConfig) -> MlflowClient:
-    return MlflowClient(tracking_uri=cfg.tracking.uri)
+    """The tracking client; a local sqlite store is first opened under a file lock beside it: jobs started
+    together would otherwise race to create its tables."""
+    uri = cfg.tracking.uri
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    with FileLock(uri.removeprefix("sqlite:///") + ".lock"):  # the client creates the tables
+        return MlflowClient(tracking_uri=uri)
 
 
 def experiment_id(mlflow: MlflowClient, name: str) -> str:
@@ -48,6 +55,14 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def run_name(cfg: DictConfig, role: str) -> str:
+    """A student's readable name (hldx.config.run_name); the on-demand teacher's says it is the teacher, e.g.
+    teacher|tiny-teacher|tokens=5e5|lr=3e-3."""
+    if role != "teacher":
+        return C.run_name(cfg)
+    return f"teacher|{cfg.student.name}|tokens={C.short(float(cfg.budget.tokens))}|lr={C.short(float(cfg.lr))}"
+
+
 class Tracker:
     """Logs one hldx run; `run_id` given (from a checkpoint) or found by run_key resumes that run."""
 
@@ -62,9 +77,9 @@ class Tracker:
             self.mlflow.update_run(run_id, status="RUNNING")
             log.info("resuming MLflow run %s", run_id)
             return
-        tags = {"hldx.method": cfg.method.name, "hldx.student": cfg.student.name, "hldx.hp_key": C.hp_key(cfg),
-                "hldx.run_key": key, "hldx.role": role}
-        self.run_id = self.mlflow.create_run(self.experiment, run_name=C.run_name(cfg), tags=tags).info.run_id
+        tags = {"hldx.method": cfg.method.name, "hldx.student": cfg.student.name,
+                "hldx.hp_key": C.hp_key(cfg) if role == "student" else role, "hldx.run_key": key, "hldx.role": role}
+        self.run_id = self.mlflow.create_run(self.experiment, run_name=run_name(cfg, role), tags=tags).info.run_id
         params = {"method": cfg.method.name, "student": cfg.student.name, "seed": cfg.seed,
                   **{k: v for k, v in C.hparams(cfg).items() if v is not None}}
         params |= {f"cfg.{k}": v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}

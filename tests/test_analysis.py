@@ -325,3 +325,19 @@ def test_cli_exits_2_on_empty_experiment(mlflow_exp, tmp_path, capsys):
     empty.write_text(",".join(COLUMNS) + "\n")
     assert report.main(["--runs-csv", str(empty), "--out", str(tmp_path / "r")]) == 2
     assert "no runs" in capsys.readouterr().err
+
+
+def test_a_random_row_without_values_is_dropped_and_demo_columns_are_labelled(tmp_path, capsys):
+    """Offline runs with val_logppl alone: no chance rate left to show; runs on the demo's tasks: (demo)."""
+    rows = [{"student": "tiny", "method": m, "lr": 1e-3, "tau": t, "alpha": a, "val_logppl": v}
+            for m, t, a, v in [("kd", 1, 0.7, 3.1), ("hldf", 1, 0.7, 3.0)]]
+    frame([{**r, "p1": 0.05} for r in rows]).to_csv(tmp_path / "runs.csv", index=False)
+    assert report.main(["--runs-csv", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "a")]) == 0
+    assert list(pd.read_csv(tmp_path / "a" / "best.csv")["method"]) == ["kd", "hldf"]
+    demo = [{**r, "p1": 0.05, **scores(r["val_logppl"]), "eval_data": "demo"} for r in rows]
+    pd.DataFrame(demo, columns=[*COLUMNS, "eval_data"]).to_csv(tmp_path / "demo.csv", index=False)
+    assert report.main(["--runs-csv", str(tmp_path / "demo.csv"), "--out", str(tmp_path / "b")]) == 0
+    assert list(pd.read_csv(tmp_path / "b" / "best.csv")["method"]) == ["random", "kd", "hldf"]
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert report.DEMO_NOTE in text and "| val_logppl | wikitext_logppl (demo) |" in text
+    assert report.DEMO_NOTE in capsys.readouterr().out

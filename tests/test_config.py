@@ -126,3 +126,22 @@ def test_teacher_with_another_tokenizer_is_refused_before_launch(hldx_cache, tmp
     assert len(PreTrainedTokenizerFast.from_pretrained(str(tmp_path))) == len(ours)
     with pytest.raises(C.ConfigError, match="was trained with another tokenizer than data=embedded's"):
         check(cfg, launch=True)
+
+
+def test_the_teachers_identity_is_the_teachers(monkeypatch, tmp_path):
+    """Students differing in everything of their own share one on-demand teacher; two recipes make two."""
+    from hldx.teacher import teacher_config, teacher_path
+    from hldx.tracking import run_name
+
+    monkeypatch.setenv("HLDX_CACHE", str(tmp_path))
+    students = [["method=kd", "seed=0"],
+                ["method=hldf", "seed=1", "lr=1e-3", "alpha=0.9", "tau=2", "p1=0.1", "budget.tokens=1e6",
+                 "train.batch_size=8", "train.seq_len=64", "train.warmup_steps=10", "train.weight_decay=0"],
+                ["method=hldc", "seed=2", "gamma=0.3", "budget.flops=1e12"]]
+    paths = {teacher_path(C.compose(s)) for s in students}
+    assert len(paths) == 1 and paths.pop().is_relative_to(tmp_path / "teachers")
+    recipes = {teacher_path(C.compose(["method=kd", f"teacher.build.tokens={t}"])) for t in (500000, 600000)}
+    assert len(recipes) == 2
+    assert teacher_path(C.compose(["method=kd", "teacher.build.seed=1"])) != \
+        teacher_path(C.compose(["method=kd"]))
+    assert run_name(teacher_config(C.compose(students[1])), "teacher") == "teacher|tiny-teacher|tokens=5e5|lr=3e-3"

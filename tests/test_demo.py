@@ -1,0 +1,43 @@
+"""`make demo` in small: the demo sweep on a reduced grid trains against one teacher and one cache, and its
+report has a value in every one of the seven metric columns, labelled as the demo's own tasks."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import report
+from analysis.runs import METRICS
+from hldx.config import compose
+from hldx.demotasks import write
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_demo_report_has_all_seven_metrics_from_one_teacher_and_one_cache(tmp_path, capsys):
+    tasks, uri = tmp_path / "tasks", f"sqlite:///{tmp_path}/mlflow.db"
+    write(compose([]), tasks)
+    grid = ["+sweep=demo", "method=nll,kd", "alpha=0.9", "seed=0,1",  # the demo's grid, reduced
+            "train.seq_len=32", "train.batch_size=4", "data.max_train_tokens=32768", "budget.tokens=2048",
+            "teacher.build.tokens=8192", "eval.val_sequences=4", "eval.wikitext_sequences=4", "eval.limit=4",
+            f"eval.local_dir={tasks}", f"tracking.uri={uri}", f"paths.runs={tmp_path}/runs",
+            f"hydra.sweep.dir={tmp_path}/m"]
+    env = {**os.environ, "HLDX_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "hldx.run", "-m", *grid], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1  # seeds 0 and 1 share one teacher ...
+    assert len(list((tmp_path / "cache" / "teacher_cache").iterdir())) == 1  # ... and one cache
+
+    out = tmp_path / "report"
+    assert report.main(["--experiment", "demo", "--tracking-uri", uri, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    best = pd.read_csv(out / "best.csv")
+    assert list(best["method"]) == ["random", "teacher", "nll", "kd"]
+    assert best.loc[best["method"] != "random", METRICS].notna().all(axis=None)  # a value in every column
+    text = (out / "report.md").read_text()
+    assert report.DEMO_NOTE in text and "| hellaswag_err (demo) |" in text  # labelled as the demo's own tasks
+    assert "viewStateShareKey=hldx-pointwise" in printed.splitlines()[-2]  # the last lines: where everything is
