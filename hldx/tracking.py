@@ -69,6 +69,10 @@ class Tracker:
     def __init__(self, cfg: DictConfig, key: str, role: str = "student", run_id: str | None = None):
         self.mlflow = client(cfg)
         self.experiment = experiment_id(self.mlflow, cfg.tracking.experiment)
+        if run_id is not None and not self._here(run_id):
+            log.warning("the checkpoint's MLflow run %s is not in experiment %r of %s (a new store?): this run is "
+                        "logged as a new MLflow run", run_id, cfg.tracking.experiment, cfg.tracking.uri)
+            run_id = None
         if run_id is None:
             previous = find_run(self.mlflow, self.experiment, key)
             run_id = previous.info.run_id if previous and previous.info.status != "FINISHED" else None
@@ -90,6 +94,13 @@ class Tracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self.mlflow.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def _here(self, run_id: str) -> bool:
+        """Whether the run exists in this store, in this run's experiment."""
+        try:
+            return self.mlflow.get_run(run_id).info.experiment_id == self.experiment
+        except MlflowException:
+            return False
 
     def tag(self, **tags: str) -> None:
         self.mlflow.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

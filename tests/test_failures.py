@@ -138,3 +138,14 @@ def test_two_sweeps_grow_one_cache_to_different_extents_at_once(tiny, tmp_path):
         out, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, out[-4000:]
         assert len(re.findall(r"\] - (kd|hldf)\|\S+ finished: val_logppl=", out)) == 2, out[-4000:]
+
+
+def test_a_run_whose_tracking_store_was_replaced_logs_into_a_new_run(tiny, tmp_path):
+    """mlflow.db deleted (or tracking.uri changed) while paths.runs keeps the run: the checkpoint's MLflow run is
+    not in the new store, so the run is logged as a new one there instead of failing."""
+    job = tiny + ["method=nll"]
+    execute(C.compose(job))
+    again = job + [f"tracking.uri=sqlite:///{tmp_path}/new.db"]
+    metrics = execute(C.compose(again))
+    (run,) = runs_of(again)
+    assert run.info.status == "FINISHED" and run.data.metrics["eval/val_logppl"] == metrics["eval/val_logppl"]
