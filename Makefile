@@ -21,9 +21,10 @@ test-setup: setup
 
 # The demo, two jobs at a time, one core each (a tiny model gains little from a second thread, and loses much
 # on a busy machine): its evaluation tasks; the teacher, pre-trained once, and its cache beside the NLL
-# students (they need no teacher); the distilled students of the two seeds side by side; the report, over what
-# finished whatever failed (the exit status says whether anything did).
-DEMO = $(BIN)/python -m hldx.run -m +sweep=demo
+# students (they need no teacher); the distilled students of the two seeds side by side (each sweep's own
+# teacher and cache stages find them built); the report, over what finished whatever failed (the exit status
+# says whether anything did). One process, one job at a time: python -m hldx.run -m +sweep=demo.
+DEMO = $(BIN)/python -m hldx.run -m +sweep=demo hydra.sweeper.report=false
 demo: setup
 	$(BIN)/python -m hldx.demotasks .hldx/demo-tasks
 	export OMP_NUM_THREADS=1; s=0; \

@@ -7,7 +7,7 @@ or a budget too small for one step fails in seconds, before a teacher is trained
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch.distributed as dist
@@ -23,6 +23,7 @@ from hldx.store import task_shards
 from hldx.train import Checkpoint, Trainer
 
 log = logging.getLogger("hldx")
+TRAINED = "trained"  # hldx.state of a run trained, not yet evaluated (its MLflow run SCHEDULED)
 FAILED = "failed.txt"  # in a run's directory: why it cannot succeed as configured (it diverged)
 
 
@@ -97,8 +98,11 @@ def finished(cfg: DictConfig, key: str, run_dir: Path | None = None) -> str | No
     return run_id if run_id and (Path(run_dir or Path(cfg.paths.runs) / key) / "final").exists() else None
 
 
-def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None) -> dict[str, float]:
-    """Train and evaluate one run; returns its evaluation metrics ({} if it had already finished)."""
+def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None,
+            evaluate: bool = True) -> dict[str, float]:
+    """Train and evaluate one run; returns its evaluation metrics ({} if it had already finished). Without
+    `evaluate` (the stage graph's student job) it stops trained: weights in final/, its MLflow run SCHEDULED
+    and tagged hldx.state=trained, for `evaluate_trained` (the eval stage) to finish."""
     plan = plan_run(cfg)
     run_dir = Path(run_dir or Path(cfg.paths.runs) / plan.run_key)
     final = run_dir / "final"
@@ -125,29 +129,50 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
         resume.check_ranks(run_dir, size)  # before its MLflow run is touched
     tracker = tracking.Tracker(cfg, plan.run_key, role, run_id=resume.tracking_run_id if resume else None) \
         if rank == 0 else None
-    try:
+    with _failing(tracker, run_dir if rank == 0 else None):
         batches = data.Batches(rows, cfg.train.batch_size, rank, size)
         trainer = Trainer(cfg, plan, batches, source, run_dir, tokenizer, tracker.log if tracker else None,
                           tracker.run_id if tracker else None)
         model = trainer.fit()  # its weights are in final/ already
         if tracker is None:
             return {}
-        model = model.to(device_of(cfg))
         tokenizer.save_pretrained(final)
-        result = evaluation.evaluate(model.eval(), tokenizer, cfg)
-        metrics = result.metrics
-        tracker.log(metrics, sum(p.steps for p in plan.phases))
-        tracker.tag(**{"hldx.ckpt": str(final.resolve())}, **result.tags())
-        if role == "student":
-            tracker.compare_with_kd(cfg, metrics)
-    except BaseException as err:
-        if isinstance(err, RunFailed) and rank == 0:
-            (run_dir / FAILED).write_text(str(err) + "\n")
-        if tracker is not None:
-            if isinstance(err, RunFailed):
-                tracker.tag(**{"hldx.failure": str(err)})
-            tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
-        raise
+        if not evaluate:
+            tracker.tag(**{"hldx.ckpt": str(final.resolve()), "hldx.state": TRAINED})
+            tracker.finish("SCHEDULED")
+            log.info("%s trained: %s | its evaluation is a stage of its own (MLflow run %s: SCHEDULED, "
+                     "hldx.state=%s)", C.run_name(cfg), final, tracker.run_id, TRAINED)
+            return {}
+        return _evaluate(cfg, model.to(device_of(cfg)), tokenizer, final, tracker, plan, role)
+
+
+def evaluate_trained(cfg: DictConfig) -> dict[str, float]:
+    """The eval stage: evaluate a trained run's final weights (one process) and finish its MLflow run; {} if
+    it had finished already."""
+    plan = plan_run(cfg)
+    run_dir = Path(cfg.paths.runs) / plan.run_key
+    final = run_dir / "final"
+    if done := finished(cfg, plan.run_key):
+        log.info("%s already finished (MLflow run %s): nothing to evaluate", C.run_name(cfg), done)
+        return {}
+    if not final.exists():
+        raise ConfigError(f"{C.run_name(cfg)} has not been trained: {final} does not exist (its student job "
+                          f"runs first)")
+    tracker = tracking.Tracker(cfg, plan.run_key, "student")
+    with _failing(tracker, None):
+        model = models.load_model(str(final)).to(device_of(cfg))
+        return _evaluate(cfg, model, data.tokenizer_for(cfg), final, tracker, plan, "student")
+
+
+def _evaluate(cfg: DictConfig, model, tokenizer, final: Path, tracker: tracking.Tracker, plan: RunPlan,
+              role: str) -> dict[str, float]:
+    """Evaluate the run's final model, log it (with vs_kd/* for a student), finish its MLflow run."""
+    result = evaluation.evaluate(model.eval(), tokenizer, cfg)
+    metrics = result.metrics
+    tracker.log(metrics, sum(p.steps for p in plan.phases))
+    tracker.tag(**{"hldx.ckpt": str(final.resolve()), "hldx.state": "evaluated"}, **result.tags())
+    if role == "student":
+        tracker.compare_with_kd(cfg, metrics)
     tracker.finish()
     shown = ", ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items())
     log.info("%s finished: %s | checkpoint %s | MLflow run %s at %s", C.run_name(cfg), shown, final,
@@ -155,16 +180,32 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None)
     return metrics
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+@contextmanager
+def _failing(tracker: tracking.Tracker | None, run_dir: Path | None):
+    """On an error: a diverged run is recorded in run_dir/failed.txt and tagged hldx.failure; the MLflow run
+    ends FAILED (KILLED when interrupted); the error goes on."""
+    try:
+        yield
+    except BaseException as err:
+        if isinstance(err, RunFailed) and run_dir is not None:
+            (run_dir / FAILED).write_text(str(err) + "\n")
+        if tracker is not None:
+            if isinstance(err, RunFailed):
+                tracker.tag(**{"hldx.failure": str(err)})
+            tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
+
+
+def run(cfg: DictConfig, evaluate: bool = True) -> dict[str, float]:
     """A job as `python -m hldx.run` runs it, on the ranks this process was started among: every check, the
     on-demand teacher (before the ranks join: one process pre-trains it, the others wait for its lock), the
-    process group, then train -> evaluate -> log."""
+    process group, then train -> evaluate -> log (without `evaluate`: train, for the eval stage)."""
     check(cfg, ranks=ranks())
     device_of(cfg)  # here, not in check (a CPU login node checks GPU jobs): train.device=cuda without a GPU
     if cfg.method.name in C.DISTILLED:
         ensure_teacher(cfg)
     join(cfg, alone=parallel_mode(cfg, 1) != "none")
-    return execute(cfg)
+    return execute(cfg, evaluate=evaluate)
 
 
 def build_cache_share(cfg: DictConfig) -> str:

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.plan.device_memory / 1e9:g} GB refused")
     if cfg.budget.accounting == "paper":
         print(bias_table(planned))
-    print("stages of the study (python -m hldx.pipeline runs them; --dry-run: its sbatch plan):\n"
+    print("stages of the study (python -m hldx.run -m runs them; hydra.sweeper.dry_run=true: its sbatch plan):\n"
           + table(stages(planned)))
     tokens, exact = data.train_tokens(cfg)
     rows = None if tokens is None else tokens // cfg.train.seq_len

@@ -1,7 +1,9 @@
-"""The stage graph of a study: tokenize -> teacher -> cache -> students -> report, each stage what it runs, what
-it waits for, its GPU-hours and its bytes on disk (hldx.pipeline runs or submits it; hldx.plan prints it)."""
+"""The stage graph of a study: tokenize -> teacher -> cache -> students -> evaluations -> report, each stage what
+it runs, what it waits for, its GPU-hours and its bytes on disk (hldx.submit runs it here or submits it to
+SLURM; hldx.plan prints it)."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -15,31 +17,40 @@ from hldx.budget import cache_extents, cache_storage, flops_per_token, gpu_hours
 from hldx.models import count_parameters
 
 CPU_STAGES = ("tokenize", "report")  # no accelerator needed
+ONE_PROCESS = ("tokenize", "eval", "report")  # one task on one node (eval: on the students' device)
+
+
+def _compose(job_overrides: list[str]):
+    """A stage's config; in a SLURM job (no logging set up yet) hldx's INFO lines go to the job's log, as under
+    Hydra."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    return C.compose(job_overrides)
 
 
 def tokenize(job_overrides: list[str]) -> str:
     """The tokenize stage: the train stream tokenized and its training order laid down (both cached)."""
-    cfg = C.compose(job_overrides)
+    cfg = _compose(job_overrides)
     rows = data.training_rows(cfg, data.prepare(cfg, "train", data.tokenizer_for(cfg)))
     return f"training order {rows.digest}: {rows.count} rows of {cfg.train.seq_len} tokens"
 
 
 def pretrain_teacher(job_overrides: list[str]) -> str:
-    cfg = C.compose(job_overrides)
+    cfg = _compose(job_overrides)
     job.ensure_teacher(cfg)
     return str(teacher.teacher_path(cfg))
 
 
 def build_cache(job_overrides: list[str]) -> str:
-    return job.build_cache_share(C.compose(job_overrides))
+    return job.build_cache_share(_compose(job_overrides))
 
 
 class Train:
-    """The student stage: `python -m hldx.run`'s job. Preempted or timed out on SLURM (SIGUSR2) it checkpoints
-    and submitit requeues it (submitit calls `checkpoint`); it resumes from its checkpoint."""
+    """The student stage: `python -m hldx.run`'s job, up to trained (its evaluation is the next stage).
+    Preempted or timed out on SLURM (SIGUSR2) it checkpoints and submitit requeues it (submitit calls
+    `checkpoint`); it resumes from its checkpoint."""
 
     def __call__(self, job_overrides: list[str]) -> dict[str, float]:
-        return job.run(C.compose(job_overrides))
+        return job.run(_compose(job_overrides), evaluate=False)
 
     def checkpoint(self, job_overrides: list[str]):
         import submitit
@@ -50,6 +61,11 @@ class Train:
 train = Train()
 
 
+def evaluate(job_overrides: list[str]) -> dict[str, float]:
+    """The eval stage: a trained student's evaluation, logged into its MLflow run, which it finishes."""
+    return job.evaluate_trained(_compose(job_overrides))
+
+
 def report(command: list[str]) -> int:
     return subprocess.run(command, check=True).returncode
 
@@ -57,7 +73,7 @@ def report(command: list[str]) -> int:
 @dataclass
 class Stage:
     """One job (or job array: several `tasks`) of the study: what it runs and what it waits for."""
-    name: str                                   # tokenize, teacher, cache, student, report
+    name: str                                   # tokenize, teacher, cache, student, eval, report
     key: str                                    # with the name, the SLURM job name: hldx-<name>-<key>
     fn: object
     tasks: list = field(default_factory=list)   # one argument of fn per task
@@ -80,21 +96,25 @@ def stages(planned: list[study.Planned]) -> list[Stage]:
     data_key = C.digest([OmegaConf.to_container(first.data, resolve=True), first.train.seq_len, first.paths.cache])
     tokens, _ = data.train_tokens(first)
     graph = [Stage("tokenize", data_key, tokenize, [overrides], disk_bytes=2 * (tokens or 0))]  # uint16 ids
-    waits = {r.run_key: [graph[0].job_name] for _, _, r in planned}  # NLL students wait for tokenize only
-    distilled = [(j, c, r) for j, c, r in planned if c.method.name in C.DISTILLED]
+    trained = {r.run_key for _, c, r in planned if (Path(c.paths.runs) / r.run_key / "final").exists()}
+    training = [(j, c, r) for j, c, r in planned if r.run_key not in trained]  # trained: evaluation left only
+    waits = {r.run_key: [graph[0].job_name] for _, _, r in training}  # NLL students wait for tokenize only
     by_teacher: dict[str, list[study.Planned]] = {}
-    for j, c, r in distilled:  # the teacher's identity is its own: every seed and method of a study shares it
-        by_teacher.setdefault(_teacher_id(c), []).append((j, c, r))
+    for j, c, r in training:  # the teacher's identity is its own: every seed and method of a study shares it
+        if c.method.name in C.DISTILLED:
+            by_teacher.setdefault(_teacher_id(c), []).append((j, c, r))
     for group in by_teacher.values():
         graph += _teacher_stages(group, graph[0].job_name, data_key, tokens, waits)
-    for j, c, r in planned:
+    for j, c, r in training:
         graph.append(Stage("student", r.run_key, train, [j], waits[r.run_key], gpu_hours=gpu_hours(r, throughput(c)[0]),
                            disk_bytes=4 * count_parameters(c.student)["total"]))
+    for j, c, r in planned:
+        graph.append(Stage("eval", r.run_key, evaluate, [j], [] if r.run_key in trained else [f"hldx-student-{r.run_key}"]))
     exp = first.tracking.experiment
     command = [sys.executable, "-m", "analysis.report", "--experiment", exp, "--tracking-uri", first.tracking.uri,
                "--out", str(Path("reports") / exp)]
     graph.append(Stage("report", C.digest(exp), report, [command],
-                       [s.job_name for s in graph if s.name == "student"], ok=False))
+                       [s.job_name for s in graph if s.name == "eval"], ok=False))
     return graph
 
 

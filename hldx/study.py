@@ -86,11 +86,6 @@ def plan_sweep(overrides: list[str]) -> tuple[list[RunPlan], list[str]]:
     return [run for _, _, run in planned], errors
 
 
-def check_sweep(jobs: list[list[str]], launcher: str = "", ranks: int | None = None) -> list[list[str]]:
-    """The overrides of each job of launch_plan's."""
-    return [job for job, _, _ in launch_plan(jobs, launcher, ranks)]
-
-
 def launch_plan(jobs: list[list[str]], launcher: str = "", ranks: int | None = None) -> list[Planned]:
     """The jobs of a sweep left to launch, one per run_key, with their config and plan, before anything is
     launched.

@@ -24,7 +24,7 @@ def test_the_demo_report_has_all_seven_metrics_from_one_teacher_and_one_cache(tm
             "train.seq_len=32", "train.batch_size=4", "data.max_train_tokens=32768", "budget.tokens=2048",
             "teacher.build.tokens=8192", "eval.val_sequences=4", "eval.wikitext_sequences=4", "eval.limit=4",
             f"eval.local_dir={tasks}", f"tracking.uri={uri}", f"paths.runs={tmp_path}/runs",
-            f"hydra.sweep.dir={tmp_path}/m"]
+            f"hydra.sweep.dir={tmp_path}/m", "hydra.sweeper.report=false"]  # its report: below
     env = {**os.environ, "HLDX_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "hldx.run", "-m", *grid], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)

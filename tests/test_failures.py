@@ -54,7 +54,7 @@ def test_a_sweep_runs_every_job_and_names_each_failure(tiny, tmp_path):
     sweep = run(["-m", *tiny, "method=nll", "lr=1e30,4e-4", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
     assert sweep.returncode == 1 and "Traceback" not in sweep.stderr + sweep.stdout, sweep.stderr[-3000:]
     lines = sweep.stderr.strip().splitlines()
-    assert lines[-2] == "1 of 2 job(s) failed; the others ran:"
+    assert lines[-2] == "1 of 4 jobs and stages failed or did not run; the others ran:"  # tokenize, 2 jobs, report
     assert "lr=1e+30" in lines[-1] and ": diverged at step 2" in lines[-1]
     assert lines[-1].endswith(f"(log: {tmp_path}/sweep/0/run.log)")
     assert {(r.data.params["lr"], r.info.status) for r in runs_of(tiny)} == {("1e+30", "FAILED"),
@@ -131,7 +131,8 @@ def test_two_sweeps_grow_one_cache_to_different_extents_at_once(tiny, tmp_path):
     jobs = {"short": ["method=kd", "budget.tokens=2048,3072"], "long": ["method=hldf,kd", "budget.tokens=6144"]}
     procs = {name: subprocess.Popen([sys.executable, "-m", "hldx.run", "-m", *tiny, *extra,
                                      f"tracking.uri=sqlite:///{tmp_path}/{name}.db", f"paths.runs={tmp_path}/{name}",
-                                     f"hydra.sweep.dir={tmp_path}/sweep-{name}"], cwd=tmp_path,
+                                     f"hydra.sweep.dir={tmp_path}/sweep-{name}", "hydra.sweeper.report=false"],
+                                    cwd=tmp_path,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name, extra in jobs.items()}
     for name, proc in procs.items():

@@ -1,7 +1,8 @@
-"""The study as dependent stages (`python -m hldx.pipeline`): the stage graph and its sbatch plan, the stages in
-order here, and on the real single-node SLURM cluster each stage a job (the cache an array of 2) waiting for
-what it needs through --dependency=afterok, no distilled student starting before the last cache task ends,
-and the same command again submitting nothing twice."""
+"""A sweep as its study's stage graph (`python -m hldx.run -m`): the graph and its sbatch plan, the stages in order
+here, a trained run evaluated as a stage of its own, and on the real single-node SLURM cluster each stage a job
+(the cache an array of 2) waiting for what it needs: one teacher and one cache for both seeds, a cancelled cache
+task cancelling the students that need it, the relaunch building only what is missing, the same command again
+submitting nothing."""
 from __future__ import annotations
 
 import os
@@ -17,28 +18,40 @@ from slurm_cluster import wait_until
 from test_mlflow_ui import server  # noqa: F401 - the `mlflow server` fixture
 
 from hldx import config as C
-from hldx import pipeline, study
+from hldx import job, study
 from hldx.stages import stages
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDY = ["-m", "method=nll,kd", "budget.tokens=4096", "cache.tasks=2"]
+STUDY = ["method=nll,kd", "budget.tokens=4096", "cache.tasks=2"]
 
 
-def test_dry_run_prints_the_stages_and_their_dependencies(tiny, tmp_path, capsys):
+def hldx_run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """python -m hldx.run -m ARGS, its stderr and stdout together in .stdout, in order."""
+    return subprocess.run([sys.executable, "-m", "hldx.run", "-m", *args], cwd=cwd, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_dry_run_prints_the_stages_and_their_dependencies(tiny, tmp_path):
     tiny = tiny + [f"paths.cache={tmp_path}/cache"]  # no teacher yet: its stage is planned
-    assert pipeline.main(["--dry-run", *tiny, *STUDY, "hydra/launcher=slurm_cpu"]) == 0
-    out = capsys.readouterr().out
-    assert [line.split()[:2] for line in out.splitlines()[1:6]] == [
-        ["tokenize", "1"], ["teacher", "1"], ["cache", "2"], ["student", "2"], ["report", "1"]]
+    done = hldx_run([*tiny, *STUDY, "hydra/launcher=slurm_cpu", "hydra.sweeper.dry_run=true",
+                     f"hydra.sweep.dir={tmp_path}/m"], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:]
+    out = done.stdout
+    rows = out.splitlines()[out.splitlines().index(next(l for l in out.splitlines() if l.startswith("stage "))):]
+    assert [line.split()[:2] for line in rows[1:7]] == [
+        ["tokenize", "1"], ["teacher", "1"], ["cache", "2"], ["student", "2"], ["eval", "2"], ["report", "1"]]
     sbatch = [line for line in out.splitlines() if line.startswith("sbatch")]
     names = [line.split()[1].removeprefix("--job-name=") for line in sbatch]
-    assert [n.split("-")[1] for n in names] == ["tokenize", "teacher", "cache", "student", "student", "report"]
+    assert [n.split("-")[1] for n in names] == ["tokenize", "teacher", "cache", "student", "student", "eval", "eval",
+                                                "report"]
     nll, kd = (C.run_key(C.compose(tiny + ["budget.tokens=4096", f"method={m}"])) for m in ("nll", "kd"))
     assert sbatch[1].endswith(f"--dependency=afterok:<{names[0]}>")                  # teacher after tokenize
     assert "array of 2" in sbatch[2] and sbatch[2].endswith(f"afterok:<{names[1]}>")  # cache after the teacher
     assert f"hldx-student-{nll}" in sbatch[3] and sbatch[3].endswith(f"afterok:<{names[0]}>")  # NLL: data only
     assert f"hldx-student-{kd}" in sbatch[4] and sbatch[4].endswith(f"afterok:<{names[2]}>")   # KD: the cache
-    assert sbatch[5].endswith(f"--dependency=afterany:<{names[3]}>:<{names[4]}>")
+    assert sbatch[5].endswith(f"afterok:<hldx-student-{nll}>") and sbatch[6].endswith(f"afterok:<hldx-student-{kd}>")
+    assert sbatch[7].endswith(f"--dependency=afterany:<{names[5]}>:<{names[6]}>")   # the report, after the evals
+    assert not (tmp_path / "cache" / "teachers").exists()  # nothing ran
 
 
 def test_one_teacher_and_one_cache_per_distinct_teacher_whatever_the_seeds(tiny, tmp_path):
@@ -64,74 +77,124 @@ def test_one_teacher_and_one_cache_per_distinct_teacher_whatever_the_seeds(tiny,
 
 @pytest.mark.slow
 def test_the_stages_run_in_order_here_and_a_finished_study_does_nothing(tiny, tmp_path):
-    cmd = [sys.executable, "-m", "hldx.pipeline", *tiny, *STUDY, f"paths.cache={tmp_path}/cache"]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr[-3000:]
-    order = [line.split("pipeline: ")[1].split("-")[1] for line in done.stderr.splitlines()
-             if "pipeline: hldx-" in line]
-    assert order == ["tokenize", "teacher", "cache", "cache", "student", "student", "report"]
+    args = [*tiny, *STUDY, f"paths.cache={tmp_path}/cache", f"hydra.sweep.dir={tmp_path}/m"]
+    done = hldx_run(args, tmp_path, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    order = [line.split("stage hldx-")[1].split("-")[0] if "stage hldx-" in line else "student"
+             for line in done.stdout.splitlines() if "stage hldx-" in line or "] - nll|" in line or "] - kd|" in line]
+    assert order == ["tokenize", "teacher", "cache", "cache", "student", "student", "report"], done.stdout[-3000:]
     assert (tmp_path / "reports" / C.compose(tiny).tracking.experiment / "report.md").exists()
-    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert again.returncode == 0 and "every run of the study has finished: nothing to do" in again.stdout
+    again = hldx_run(args, tmp_path)
+    assert again.returncode == 0 and "every run of the sweep has finished: nothing to do" in again.stdout
 
 
-def _sacct(cluster, since: float) -> list[dict]:
-    out = cluster.run("sacct", "--noheader", "--allocations", "--parsable2", "--starttime",
-                      datetime.fromtimestamp(since - 5).strftime("%Y-%m-%dT%H:%M:%S"),
-                      "--format=JobID,JobName%100,State,Start,End,Submit")
-    keys = ["id", "name", "state", "start", "end", "submit"]
+def test_a_trained_run_is_evaluated_as_a_stage_without_training_again(tiny):
+    """The student stage stops trained (MLflow SCHEDULED, hldx.state=trained, never FINISHED); the graph then
+    holds its evaluation alone, which finishes the same MLflow run without a training step."""
+    cfg = C.compose(tiny + ["method=nll"])
+    assert job.run(cfg, evaluate=False) == {}
+    mlflow = MlflowClient(cfg.tracking.uri)
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert run.info.status == "SCHEDULED" and run.data.tags["hldx.state"] == "trained"
+    assert "eval/val_logppl" not in run.data.metrics
+    steps = len(mlflow.get_metric_history(run.info.run_id, "train/loss"))
+    graph = stages(study.launch_plan([tiny + ["method=nll"]]))
+    assert [s.name for s in graph] == ["tokenize", "eval", "report"] and graph[1].after == []
+    metrics = graph[1].fn(graph[1].tasks[0])
+    run = mlflow.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["hldx.state"] == "evaluated"
+    assert run.data.metrics["eval/val_logppl"] == metrics["eval/val_logppl"]
+    assert len(mlflow.get_metric_history(run.info.run_id, "train/loss")) == steps  # no step trained again
+    assert study.launch_plan([tiny + ["method=nll"]]) == []
+
+
+def _sacct(cluster, ids: list[str]) -> list[dict]:
+    """Each job (each array task) of these SLURM job ids: id, name, state, start, end (never started: None)."""
+    out = cluster.run("sacct", "--noheader", "--allocations", "--parsable2", f"--jobs={','.join(ids)}",
+                      "--format=JobID,JobName%100,State,Start,End")
+    keys = ["id", "name", "state", "start", "end"]
     return [dict(zip(keys, line.split("|"))) for line in out.splitlines() if "|hldx-" in line]
+
+
+def _stage(jobs: list[dict], name: str) -> list[dict]:
+    return [j for j in jobs if j["name"].startswith(f"hldx-{name}-")]
+
+
+def _drained(cluster, launch: subprocess.CompletedProcess, count: int) -> list[dict]:
+    """The jobs this launch submitted, once none is queued and accounting has recorded all `count` ended."""
+    ids = [line.split("submitted as job ")[1].split()[0].rstrip(",") for line in launch.stdout.splitlines()
+           if ": submitted as job " in line]
+    wait_until(lambda: "hldx-" not in cluster.run("squeue", "--noheader", "--format=%j"), 600,
+               "the study's jobs to leave the queue", interval_s=1)
+    try:
+        wait_until(lambda: len(jobs := _sacct(cluster, ids)) == count and all(j["end"] != "Unknown" for j in jobs),
+                   30, "accounting to record the jobs' end")
+    except TimeoutError as err:
+        raise AssertionError(f"{err}: {_sacct(cluster, ids)}") from None
+    return _sacct(cluster, ids)
+
+
+def _timeline(jobs: list[dict]) -> str:
+    return "\n".join(f"  {j['id']:6} {j['name'][:36]:36} {j['state']:14} {j['start']} -> {j['end']}"
+                     for j in sorted(jobs, key=lambda j: (j["start"], int(j["id"].split("_")[0]))))
 
 
 @pytest.mark.slow
 def test_the_study_on_slurm_as_dependent_jobs(slurm_cluster, server, hldx_cache, tmp_path):  # noqa: F811
-    overrides = [o for o in STUDY if o != "-m"] + [
-        "train.seq_len=32", "train.batch_size=4", "data.max_train_tokens=32768", "teacher.build.tokens=8192",
-        "eval.val_sequences=8", "eval.tasks=[val]", f"tracking.uri={server}", "tracking.experiment=pipeline",
-        f"paths.runs={tmp_path}/runs", f"paths.cache={tmp_path}/cache", "hydra/launcher=slurm_cpu",
-        "hydra.launcher.timeout_min=60", f"hydra.sweep.dir={tmp_path}/multirun"]
-    cmd = [sys.executable, "-m", "hldx.pipeline", *overrides]
+    """The demo's grid (reduced) through the mission's command: one teacher and one cache for both seeds. A
+    cache task cancelled at once cancels the KD students and their evaluations (--kill-on-invalid-dep); the
+    relaunch submits only the cache, the KD students, their evaluations and the report, and the cache task
+    that had completed builds nothing again; then every run is FINISHED and the command submits nothing."""
+    args = ["+sweep=demo", *STUDY, "alpha=0.9", "seed=0,1", "train.seq_len=32", "train.batch_size=4",
+            "data.max_train_tokens=32768", "teacher.build.tokens=8192", "eval.val_sequences=8", "eval.tasks=[val]",
+            f"tracking.uri={server}", "tracking.experiment=pipeline", f"paths.runs={tmp_path}/runs",
+            f"paths.cache={tmp_path}/cache", "cache.rows_per_shard=32", "hydra/launcher=slurm_cpu",
+            "hydra.launcher.timeout_min=60",
+            f"hydra.sweep.dir={tmp_path}/multirun"]
     t0 = time.time()
-    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert sum("submitted as job" in line for line in first.stdout.splitlines()) == 6, first.stdout
-    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert again.returncode == 0 and "submitted as job" not in again.stdout, again.stdout  # nothing twice
-    wait_until(lambda: "hldx-" not in slurm_cluster.run("squeue", "--noheader", "--format=%j"), 600,
-               "the study's jobs to leave the queue", interval_s=1)
-    wait_until(lambda: len(_sacct(slurm_cluster, t0)) == 7 and all(j["end"] != "Unknown" for j in _sacct(
-        slurm_cluster, t0)), 30, "accounting to record the jobs' end")
-    seconds = time.time() - t0
-    jobs = _sacct(slurm_cluster, t0)
-    print(f"\nthe pipeline on SLURM, {len(jobs)} jobs: submitted to all ended {seconds:.1f} s")
-    for j in sorted(jobs, key=lambda j: j["start"]):
-        print(f"  {j['id']:10} {j['name'][:36]:36} {j['state']:10} {j['start']} -> {j['end']}")
-    assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
-    stage = {name: [j for j in jobs if j["name"].startswith(f"hldx-{name}")]
-             for name in ("tokenize", "teacher", "cache", "student", "report")}
-    assert [len(stage[n]) for n in stage] == [1, 1, 2, 2, 1]
-    kd_key = C.run_key(C.compose([o for o in overrides if not o.startswith(("hydra", "method="))] + ["method=kd"]))
-    (kd,) = [j for j in stage["student"] if j["name"].endswith(kd_key)]
-    assert kd["start"] >= max(j["end"] for j in stage["cache"])       # no distilled student before the cache
-    assert min(j["start"] for j in stage["cache"]) >= stage["teacher"][0]["end"]
-    assert stage["report"][0]["start"] >= max(j["end"] for j in stage["student"])
-    mlflow = MlflowClient(server)
-    runs = mlflow.search_runs([mlflow.get_experiment_by_name("pipeline").experiment_id],
-                              filter_string="tags.`hldx.role` = 'student'")
-    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert "every run of the study has finished: nothing to do" in done.stdout, done.stdout
-    # Side by side: the same study as one Hydra sweep on SLURM, its students building teacher and cache under
-    # a file lock (a fresh cache and experiment, as the pipeline had), launch to end.
-    sweep = ["-m", *[o.replace("pipeline", "lock-sweep").replace(f"{tmp_path}/", f"{tmp_path}/sweep-")
-                     for o in overrides if not o.startswith("cache.tasks")]]
+    first = hldx_run(args, tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:]
+    submitted = [line for line in first.stdout.splitlines() if ": submitted as job " in line]
+    assert len(submitted) == 12, first.stdout  # tokenize, teacher, cache (2 tasks), 4 students, 4 evals, report
+    (cache_line,) = [line for line in submitted if line.startswith("hldx-cache-")]
+    array = cache_line.split("submitted as job ")[1].split()[0]
+    slurm_cluster.run("scancel", f"{array}_1")  # pending behind the teacher: it never runs
+    again = hldx_run(args, tmp_path)
+    assert again.returncode == 0 and ": submitted as job" not in again.stdout, again.stdout  # nothing twice
+    jobs = _drained(slurm_cluster, first, 12)  # the cancelled task never ran: SLURM's accounting has no record of it
+    print(f"\nthe demo study on SLURM, a cache task cancelled: {len(jobs)} jobs, {time.time() - t0:.1f} s\n"
+          + _timeline(jobs))
+    kd = [line.split(":")[0].removeprefix("hldx-student-") for line in submitted
+          if line.startswith("hldx-student-") and line.endswith(f"afterok:{array}")]  # the students of the cache
+    assert len(kd) == 2
+    assert [len(_stage(jobs, n)) for n in ("tokenize", "teacher", "cache", "student", "eval", "report")] == \
+        [1, 1, 1, 4, 4, 1]
+    for name, end in {j["name"]: j["state"] for j in jobs}.items():
+        cancelled = any(key in name for key in kd)  # the KD students and their evaluations
+        assert end.startswith("CANCELLED") if cancelled else end == "COMPLETED", (name, end)
+    shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "teacher_cache").rglob("*.bin")}
+    assert shards  # task 0's
+
     t1 = time.time()
-    lock = subprocess.run([sys.executable, "-m", "hldx.run", *sweep], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert lock.returncode == 0, lock.stderr[-3000:]
-    print(f"the same study as one locking sweep: {time.time() - t1:.1f} s; as the pipeline: {seconds:.1f} s")
+    relaunch = hldx_run(args, tmp_path)
+    assert relaunch.returncode == 0, relaunch.stdout[-3000:]
+    resubmitted = sorted(line.split("-")[1] for line in relaunch.stdout.splitlines() if ": submitted as job " in line)
+    assert resubmitted == ["cache", "eval", "eval", "report", "student", "student"], relaunch.stdout
+    jobs = _drained(slurm_cluster, relaunch, 7)
+    print(f"the relaunch: {len(jobs)} jobs, {time.time() - t1:.1f} s\n" + _timeline(jobs))
+    assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in shards.items())  # task 0's shards, untouched
+    cache, students, evals = _stage(jobs, "cache"), _stage(jobs, "student"), _stage(jobs, "eval")
+    assert min(j["start"] for j in students) >= max(j["end"] for j in cache)  # nothing trains on a partial cache
+    for student in students:
+        (ev,) = [j for j in evals if j["name"].split("-")[-1] == student["name"].split("-")[-1]]
+        assert ev["start"] >= student["end"]
+    assert _stage(jobs, "report")[0]["start"] >= max(j["end"] for j in evals)
+    mlflow = MlflowClient(server)
+    experiment = mlflow.get_experiment_by_name("pipeline").experiment_id
+    runs = mlflow.search_runs([experiment], filter_string="tags.`hldx.role` = 'student'")
+    assert sorted((r.info.status, r.data.tags["hldx.state"]) for r in runs) == [("FINISHED", "evaluated")] * 4
+    assert all("eval/val_logppl" in r.data.metrics for r in runs)
+    assert len(mlflow.search_runs([experiment], filter_string="tags.`hldx.role` = 'teacher'")) == 1
+    done = hldx_run(args, tmp_path)
+    assert "every run of the sweep has finished: nothing to do" in done.stdout, done.stdout

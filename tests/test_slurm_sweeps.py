@@ -1,12 +1,13 @@
 """Sweeps at cluster scale: `python -m hldx.run -m ... hydra/launcher=slurm_cpu` on the real single-node SLURM
 cluster (tests/slurm_cluster.py), every job logging to a real `mlflow server` on loopback.
 
-One sweep of 4 jobs, 2 distinct runs (KD ignores gamma), each a 2-rank FSDP2 job (two SLURM tasks, gloo). Once
-both train, `scontrol requeue` interrupts the first (SIGTERM: it checkpoints and exits, SLURM requeues it) and
-`scancel --signal=USR2` the second (SLURM's warning before a time limit or a preemption: it checkpoints and
-submitit requeues it). Both resume into their MLflow run, every step logged once; the first must end with the
-weights of an uninterrupted 2-rank DDP run (torchrun), bitwise: both engines, on SLURM and off it, are exact.
-The same command again launches nothing.
+One sweep of 4 jobs, 2 distinct runs (KD ignores gamma), submitted as its stage graph (tokenize, the teacher, its
+cache, the students, their evaluations, the report); each student a 2-rank FSDP2 job (two SLURM tasks, gloo).
+Once both train, `scontrol requeue` interrupts the first (SIGTERM: it checkpoints and exits, SLURM requeues it)
+and `scancel --signal=USR2` the second (SLURM's warning before a time limit or a preemption: it checkpoints and
+submitit requeues it, under the same job id: its evaluation keeps waiting). Both resume into their MLflow run,
+every step logged once; the first must end with the weights of an uninterrupted 2-rank DDP run (torchrun),
+bitwise: both engines, on SLURM and off it, are exact. The same command again submits nothing.
 Apart: 16 processes logging at once to one server lose no run and no metric.
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Sweep:
     root: Path
     log: str
     keys: list[str]       # run_key of job 0 (requeued) and job 1 (signalled)
-    jobs: list[str]       # their SLURM job ids
+    jobs: list[str]       # their students' SLURM job ids
     requeued_at: float
     reference: Path       # the uninterrupted run of job 0
 
@@ -56,9 +57,9 @@ def sweep_cmd(uri: str, root: Path, name: str) -> list[str]:
             f"tracking.experiment={EXPERIMENT}", f"paths.runs={root}/runs", f"hydra.sweep.dir={root}/{name}"]
 
 
-def array_jobs(cluster: SlurmCluster, array: str | None = None) -> list[tuple[str, str]]:
-    """(job id, state) of every run (a requeue starts a new one) of the array's jobs, or of all jobs."""
-    out = cluster.run("sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", *(["-j", array] if array else []))
+def job_runs(cluster: SlurmCluster, job: str | None = None) -> list[tuple[str, str]]:
+    """(job id, state) of every run (a requeue starts a new one) of the job, or of all jobs."""
+    out = cluster.run("sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", *(["-j", job] if job else []))
     return [tuple(line.split("|")) for line in out.splitlines()]
 
 
@@ -88,44 +89,41 @@ def slurm_sweep(server, slurm_cluster, hldx_cache, tmp_path_factory) -> Sweep:  
     reference = subprocess.Popen(torchrun, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})  # as slurm_cpu gives each rank
     try:
-        wait_until(lambda: all(Checkpoint.load(c) for c in ckpts) or sweep.poll() is not None, 240,
-                   "both jobs to train")
-        assert sweep.poll() is None, "the sweep ended before its jobs could be interrupted"
-        jobs = sorted(p.name for p in (root / "multirun" / ".submitit").iterdir() if re.fullmatch(r"\d+_\d", p.name))
+        log, _ = sweep.communicate(timeout=120)  # it returns once the stages are submitted
+        assert sweep.returncode == 0, log[-5000:]
+        submitted = dict(re.findall(r"(hldx-\S+): submitted as job (\d+)", log))
+        jobs = [submitted[f"hldx-student-{key}"] for key in keys]
+        wait_until(lambda: all(Checkpoint.load(c) for c in ckpts), 300, "both students to train")
         requeued_at = time.time()
         slurm_cluster.run("scontrol", "requeue", jobs[0])
         slurm_cluster.run("scancel", "--signal=USR2", jobs[1])
         assert not any((root / "runs" / key / "final").exists() for key in keys), "a job ended before its signal"
-        log, _ = sweep.communicate(timeout=300)
+        wait_until(lambda: "hldx-" not in slurm_cluster.run("squeue", "--noheader", "--format=%j"), 300,
+                   "the study's jobs to leave the queue", interval_s=1)
         seconds = time.time() - t0
         _, errors = reference.communicate(timeout=300)
     finally:
-        for proc in (sweep, reference):
-            if proc.poll() is None:
-                proc.kill()
-    assert sweep.returncode == 0, log[-5000:]
+        if reference.poll() is None:
+            reference.kill()
     assert reference.returncode == 0, errors[-5000:]
-    # The sweep returns once the jobs wrote their results; accounting records their end a moment later.
-    array = jobs[0].split("_")[0]
-    wait_until(lambda: not {s for _, s in array_jobs(slurm_cluster, array)} & {"PENDING", "RUNNING", "COMPLETING"},
+    wait_until(lambda: all({s for _, s in job_runs(slurm_cluster, j)} <= {"REQUEUED", "COMPLETED"} for j in jobs),
                30, "accounting to record the jobs' end")
-    print(f"\nsweep on SLURM, 2 jobs of 2 ranks, both interrupted once: launch to all finished {seconds:.1f} s")
+    print(f"\nsweep on SLURM, 2 students of 2 ranks, both interrupted once: launch to all evaluated {seconds:.1f} s")
     return Sweep(root, log, keys, jobs, requeued_at, root / "reference" / keys[0])
 
 
 def test_sweep_launches_each_distinct_run_once_as_a_two_rank_job(slurm_sweep, slurm_cluster, server):  # noqa: F811
     assert "sweep: 4 job(s), 2 distinct, 0 finished already: launching 2" in slurm_sweep.log
-    array = slurm_sweep.jobs[0].split("_")[0]
-    assert sorted({j for j, _ in array_jobs(slurm_cluster, array)}) == slurm_sweep.jobs
+    assert sum(": submitted as job" in line for line in slurm_sweep.log.splitlines()) == 8  # the stage graph
     runs = student_runs(server)
     assert sorted(r.info.run_name for r in runs) == ["kd|lr=4e-4|tau=0.5|alpha=0.7", "kd|lr=4e-4|tau=1|alpha=0.7"]
     assert {r.info.status for r in runs} == {"FINISHED"} and "eval/val_logppl" in runs[0].data.metrics
-    # Each job ran as two SLURM tasks (the logs of ranks 0 and 1); that they trained as one 2-rank job shows in
-    # the requeued job's weights: bitwise those of a 2-rank torchrun run.
+    # Each student ran as two SLURM tasks (the logs of ranks 0 and 1); that they trained as one 2-rank job
+    # shows in the requeued job's weights: bitwise those of a 2-rank torchrun run.
     logs = slurm_sweep.root / "multirun" / ".submitit"
     for job in slurm_sweep.jobs:
         assert sorted(p.name for p in (logs / job).glob("*_log.out")) == [f"{job}_0_log.out", f"{job}_1_log.out"]
-    # The tiny teacher and its cache were built at most once, shared through HLDX_CACHE by the concurrent jobs.
+    # The tiny teacher was built once, by its own stage, and shared through HLDX_CACHE by both students.
     mlflow = MlflowClient(server)
     every = [e.experiment_id for e in mlflow.search_experiments()]
     assert len(mlflow.search_runs(every, filter_string="tags.`hldx.role` = 'teacher'")) <= 1
@@ -134,7 +132,7 @@ def test_sweep_launches_each_distinct_run_once_as_a_two_rank_job(slurm_sweep, sl
 @pytest.mark.parametrize("index, how", [(0, "scontrol requeue"), (1, "SIGUSR2, submitit requeues")])
 def test_interrupted_job_resumes_into_its_mlflow_run(slurm_sweep, slurm_cluster, server, index, how):  # noqa: F811
     job, key = slurm_sweep.jobs[index], slurm_sweep.keys[index]
-    assert [s for j, s in array_jobs(slurm_cluster, job.split("_")[0]) if j == job] == ["REQUEUED", "COMPLETED"]
+    assert [s for _, s in job_runs(slurm_cluster, job)] == ["REQUEUED", "COMPLETED"]
     (run,) = [r for r in student_runs(server) if r.data.tags["hldx.run_key"] == key]
     history = MlflowClient(server).get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == [*range(5, 64, 5), 64]  # every step once: none lost, none twice
@@ -154,14 +152,15 @@ def test_requeued_job_ends_with_the_uninterrupted_runs_weights(slurm_sweep):
 
 
 def test_the_same_sweep_again_launches_nothing(slurm_sweep, slurm_cluster, server):  # noqa: F811
-    before_jobs, before_runs = array_jobs(slurm_cluster), {r.info.run_id for r in student_runs(server)}
+    before_jobs, before_runs = job_runs(slurm_cluster), {r.info.run_id for r in student_runs(server)}
     t0 = time.monotonic()
     cmd = sweep_cmd(server, slurm_sweep.root, "multirun-again")
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     print(f"\nthe same sweep again, all finished: {time.monotonic() - t0:.1f} s")
     assert again.returncode == 0, again.stderr[-5000:]
     assert "sweep: 4 job(s), 2 distinct, 2 finished already: launching 0" in again.stdout + again.stderr
-    assert array_jobs(slurm_cluster) == before_jobs
+    assert "every run of the sweep has finished: nothing to do" in again.stdout
+    assert job_runs(slurm_cluster) == before_jobs
     assert {r.info.run_id for r in student_runs(server)} == before_runs
 
 

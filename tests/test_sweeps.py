@@ -16,7 +16,7 @@ from slurm_cluster import free_port
 from hldx import config as C
 from hldx.budget import flops_per_token
 from hldx.plan import main
-from hldx.study import check_sweep, expand_sweep, plan_sweep
+from hldx.study import expand_sweep, launch_plan, plan_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -81,6 +81,11 @@ def test_plan_takes_the_throughput_hldx_bench_measured(tmp_path, capsys):
     assert "measured student gemma3-123m" in capsys.readouterr().err
 
 
+def check_sweep(jobs: list[list[str]], launcher: str = "") -> list[list[str]]:
+    """The overrides of the jobs left to launch."""
+    return [job for job, _, _ in launch_plan(jobs, launcher)]
+
+
 def test_every_bad_job_is_named_before_anything_launches():
     jobs = expand_sweep(["+sweep=paper-123m", "method=nll,kd", "lr=4e-4,-1", "tau=1", "alpha=0.7", "gamma=0.1",
                          "p1=0.05", "tracking=local"])
@@ -116,11 +121,11 @@ def test_tracking_server_that_does_not_answer_fails_within_seconds(tiny, server)
 
 def test_sweep_runs_each_distinct_job_once_then_skips_it_until_it_fails(tiny, tmp_path):
     grid = [*tiny, "method=nll", "tau=0.5,1", "alpha=0.7,0.9"]  # NLL ignores tau and alpha: 4 jobs, 1 run
-    cmd = [sys.executable, "-m", "hldx.run", "-m", *grid, f"hydra.sweep.dir={tmp_path}/m"]
+    cmd = [sys.executable, "-m", "hldx.run", "-m", *grid, f"hydra.sweep.dir={tmp_path}/m", "hydra.sweeper.report=false"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sweep: 4 job(s), 1 distinct, 0 finished already: launching 1" in done.stdout + done.stderr
-    assert [p.name for p in (tmp_path / "m").iterdir() if p.is_dir()] == ["0"]  # Hydra's output of one job
+    assert sorted(p.name for p in (tmp_path / "m").iterdir() if p.is_dir()) == ["0", "stages"]  # one job's output
     jobs = expand_sweep(grid)
     assert check_sweep(jobs) == []  # FINISHED in MLflow, its final checkpoint on disk
     cfg = C.compose(jobs[0])

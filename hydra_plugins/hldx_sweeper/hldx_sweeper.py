@@ -1,10 +1,13 @@
-"""hldx's Hydra plugin: the study grids of sweeps/ as the config group `sweep` (`+sweep=NAME`), and a sweeper
-that launches only the jobs of a sweep that hldx still has to run.
+"""hldx's Hydra plugin: the study grids of sweeps/ as the config group `sweep` (`+sweep=NAME`), and the sweeper
+that runs a sweep as its stage graph, the one way a study runs.
 
 The sweeper is Hydra's basic sweeper (the same grid syntax, `hydra.sweeper.params` from a sweep config)
-with one step between expanding the grid and launching it: `hldx.study.check_sweep` checks every job,
-drops duplicates (same run identity) and skips finished runs, so that the local and the SLURM launcher
-both get the remaining distinct jobs. Hydra imports this module when it starts (plugin discovery).
+with the study's stages around the launch: `hldx.study.launch_plan` checks every job, drops duplicates
+(same run identity) and skips finished runs; `hldx.stages` makes the stage graph of what is left (one
+teacher and one cache per distinct teacher, whatever the seeds). With a SLURM launcher (hydra/launcher=
+slurm...) the graph is submitted as dependent jobs (hldx.submit) and the command returns; here, tokenize,
+teacher and cache run first in this process, then the students through Hydra's launcher (each trains and
+evaluates), then the report. Hydra imports this module when it starts (plugin discovery).
 """
 from __future__ import annotations
 
@@ -29,47 +32,91 @@ for _path in sorted(SWEEPS.glob("*.yaml")):
 
 
 class HldxSweeper(BasicSweeper):
-    """BasicSweeper whose expanded grid passes through hldx.study.check_sweep before any job is launched, and
-    that runs every job it can: a failed job does not stop the others; at the end each failure is one line
-    (its overrides, its cause, its log) and the exit status is 1."""
+    """BasicSweeper that runs the study's stage graph (see above) and every job it can: a failed job does not
+    stop the others; at the end each failure is one line (its overrides, its cause, its log) and the exit
+    status is 1. `dry_run`: print the stages (on SLURM: the sbatch plan) and run nothing; `report`: write
+    the report (reports/<experiment>/) after the students here."""
+
+    def __init__(self, max_batch_size: int | None, params: dict[str, str] | None = None, dry_run: bool = False,
+                 report: bool = True) -> None:
+        super().__init__(max_batch_size, params)
+        self.dry_run, self.report = dry_run, report
+        self.planned: list = []
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
-        from hldx.cli import failure_line
+        from hldx import submit
+        from hldx.stages import stages, table
 
         params = self._parse_config() + list(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        self.overrides = self.split_arguments(parser.parse_overrides(params), self.max_batch_size)
+        self.split_arguments(parser.parse_overrides(params), self.max_batch_size)  # sets self.planned
         sweep_dir = Path(self.config.hydra.sweep.dir)
+        graph = stages(self.planned)
+        if not graph:
+            print("every run of the sweep has finished: nothing to do")
+            return []
+        print(table(graph))
+        launcher = self.config.hydra.launcher
+        if launcher._target_.endswith("SlurmLauncher"):
+            for line in submit.submit(graph, launcher, sweep_dir / ".submitit", self.dry_run):
+                print(line)
+            return []
+        if self.dry_run:
+            print("dry run: here, the stages would run in this order: " + ", ".join(s.job_name for s in graph))
+            return []
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        stage_logs = sweep_dir / "stages"
+        before = [s for s in graph if s.name in ("tokenize", "teacher", "cache")]
+        after = [s for s in graph if s.name == "report"] if self.report else []
+        failed = submit.run_here(before, stage_logs)
+        students = [s for s in graph if s.name == "student"]
+        blocked = {s.job_name: failed[w] for s in students for w in s.after if w in failed}
+        evaluate = [s.tasks[0] for s in graph if s.name == "eval" and f"hldx-student-{s.key}" not in
+                    {t.job_name for t in students}]  # trained before: the job evaluates it without training
+        todo = [s.tasks[0] for s in students if s.job_name not in blocked] + evaluate
+        self.overrides = list(self.split_overrides_to_chunks(todo, self.max_batch_size)) if todo else []
         returns, done = [], 0
         while not self.is_done():
             batch = self.get_job_batch()
             self.validate_batch_is_legal(batch)
             returns.append(self.launcher.launch(batch, initial_job_idx=done))
             done += len(batch)
-        failed = [r for batch in returns for r in batch if r.status == JobStatus.FAILED]
-        if failed:
-            lines = [f"  {' '.join(r.overrides)}: {failure_line(r._return_value)} (log: {_log_of(r)})" for r in failed]
-            raise SystemExit(f"{len(failed)} of {done} job(s) failed; the others ran:\n" + "\n".join(lines))
+        failed |= submit.run_here(after, stage_logs)
+        self._end(returns, done + len(before) + len(after) + len(blocked), failed, blocked)
         return returns
+
+    @staticmethod
+    def _end(returns: list[Sequence[JobReturn]], total: int, failed: dict[str, str], blocked: dict[str, str]) -> None:
+        """Exit status 1 with one line per job (or stage) that failed or could not run, of `total`."""
+        from hldx.cli import failure_line
+
+        jobs = [r for batch in returns for r in batch if r.status == JobStatus.FAILED]
+        lines = [f"  {' '.join(r.overrides)}: {failure_line(r._return_value)} (log: {_log_of(r)})" for r in jobs]
+        lines += [f"  {name}: {why}" for name, why in failed.items()]
+        lines += [f"  {name}: not run: {why}" for name, why in blocked.items()]
+        if lines:
+            raise SystemExit(f"{len(lines)} of {total} jobs and stages failed or did not run; the others ran:\n"
+                             + "\n".join(lines))
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
         # A static method of BasicSweeper; its sweep() calls it on self, which lands here.
         from hldx.cli import report
         from hldx.errors import UserError
-        from hldx.study import check_sweep
+        from hldx.study import launch_plan
 
         (jobs,) = BasicSweeper.split_arguments(overrides, None)
         state = Singleton.get_state()  # composing the jobs re-initialises Hydra's globals: keep the sweep's
         try:
             launcher = self.config.hydra.launcher
             ranks = int(launcher.get("nodes") or 1) * int(launcher.get("tasks_per_node") or 1)
-            todo = check_sweep(jobs, launcher._target_, ranks)
+            target = "" if self.dry_run else launcher._target_  # dry: sbatch need not be on PATH
+            self.planned = launch_plan(jobs, target, ranks)
         except UserError as err:  # one message naming each bad job, exit status 2
             raise SystemExit(report("python -m hldx.run", err)) from None
         finally:
             Singleton.set_state(state)
+        todo = [job for job, _, _ in self.planned]
         return list(self.split_overrides_to_chunks(todo, max_batch_size)) if todo else []
 
 

@@ -1,0 +1,139 @@
+"""A study's stage graph (hldx.stages) run: submitted to SLURM as dependent jobs through submitit, or here in
+order. hldx's sweeper (`python -m hldx.run -m ...`) hands it the checked, deduplicated jobs of a sweep.
+
+On SLURM each stage is a job or job array named `hldx-<stage>-<key>`, with `--dependency=afterok:` on what it
+needs (the report: afterany, it runs whatever happened) and `--kill-on-invalid-dep=yes`, so that a stage
+that failed or was cancelled cancels what waits for it instead of leaving it pending forever. A job that is
+requeued (preempted, timed out: submitit requeues it under the same id) keeps its dependents waiting. The
+same command again submits only what is missing: a stage queued or running (squeue, by name) is waited on,
+a tokenize or cache stage that COMPLETED (sacct) is not submitted again, a finished run is skipped (MLflow)
+and a trained one is only evaluated.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from hldx.cli import failure_line
+from hldx.errors import RunFailed, UserError
+from hldx.stages import CPU_STAGES, ONE_PROCESS, Stage
+
+log = logging.getLogger("hldx")
+
+
+# ---- SLURM ------------------------------------------------------------------------------------------------
+
+def executor(launcher: DictConfig, folder: Path, stage: Stage, dependency: str | None):
+    """A submitit executor from the Hydra launcher preset (hydra/launcher=slurm...), as hydra-submitit-launcher
+    builds one, for this stage: its job name, one process for tokenize, eval and report (no GPU for the CPU
+    stages, at most one for eval), its dependency."""
+    import submitit
+
+    params = OmegaConf.to_container(launcher, resolve=True)
+    params.pop("_target_", None)
+    params.pop("submitit_folder", None)
+    ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm",
+                               slurm_max_num_timeout=params.pop("max_num_timeout", 0))
+    generic = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes",
+               "stderr_to_stdout"}
+    params["name"] = stage.job_name
+    if stage.name in ONE_PROCESS:
+        gpus = None if stage.name in CPU_STAGES or not params.get("gpus_per_node") else 1
+        params |= {"gpus_per_node": gpus, "nodes": 1, "tasks_per_node": 1}
+    extra = dict(params.pop("additional_parameters", None) or {})
+    if dependency:
+        extra |= {"dependency": dependency, "kill_on_invalid_dep": "yes"}
+    ex.update_parameters(**{k if k in generic or k == "name" else f"slurm_{k}": v for k, v in params.items()},
+                         slurm_additional_parameters=extra)
+    return ex
+
+
+def queued() -> dict[str, str]:
+    """{job name: SLURM job id} of this user's hldx jobs pending or running (an array: its job id)."""
+    out = subprocess.run(["squeue", "--me", "--noheader", "--format=%F|%j"], capture_output=True, text=True,
+                         check=True).stdout
+    return {name: job_id for job_id, name in (line.split("|", 1) for line in out.split()) if name.startswith("hldx-")}
+
+
+def completed(tasks: dict[str, int]) -> set[str]:
+    """Of these job names ({name: its number of tasks}), those whose latest submission COMPLETED every task,
+    from SLURM's accounting (an array task cancelled while pending leaves no record: it counts as not done)."""
+    out = subprocess.run(["sacct", "--noheader", "--allocations", "--parsable2", "--format=JobName,State,Submit",
+                          "--starttime=now-60days", f"--name={','.join(tasks)}"],
+                         capture_output=True, text=True, check=True).stdout
+    latest: dict[str, tuple[str, list]] = {}
+    for line in out.splitlines():
+        name, state, submitted = line.split("|")
+        when, states = latest.get(name, ("", []))
+        if submitted > when:
+            latest[name] = (submitted, [state])
+        elif submitted == when:
+            states.append(state)
+    return {name for name, (_, states) in latest.items() if states == ["COMPLETED"] * tasks[name]}
+
+
+def submit(graph: list[Stage], launcher: DictConfig, folder: Path, dry_run: bool) -> list[str]:
+    """Submit the stages not already queued or completed (tokenize and cache: SLURM's accounting says; a
+    student's completion is MLflow's, checked before), each with afterok on the SLURM ids of what it waits
+    for; the lines saying what was (or, dry, would be) done."""
+    ids = {} if dry_run else queued()
+    done = set() if dry_run else completed({s.job_name: len(s.tasks) for s in graph if s.name in ("tokenize", "cache")})
+    lines = []
+    for stage in graph:
+        if stage.job_name in ids:
+            lines.append(f"{stage.job_name}: already queued or running as job {ids[stage.job_name]}")
+            continue
+        if stage.job_name in done:
+            lines.append(f"{stage.job_name}: completed before")
+            continue
+        waits = [ids.get(name, f"<{name}>") for name in stage.after if name in ids or dry_run]
+        dependency = f"{'afterok' if stage.ok else 'afterany'}:{':'.join(waits)}" if waits else None
+        if dry_run:
+            tasks = f" array of {len(stage.tasks)}" if len(stage.tasks) > 1 else ""
+            lines.append(f"sbatch --job-name={stage.job_name}{tasks}"
+                         f"{f' --dependency={dependency}' if dependency else ''}")
+            ids[stage.job_name] = f"<{stage.job_name}>"
+            continue
+        ex = executor(launcher, folder, stage, dependency)
+        many = len(stage.tasks) > 1
+        jobs = ex.map_array(stage.fn, stage.tasks) if many else [ex.submit(stage.fn, stage.tasks[0])]
+        ids[stage.job_name] = jobs[0].job_id.split("_")[0]
+        lines.append(f"{stage.job_name}: submitted as job {ids[stage.job_name]}"
+                     f"{f' ({len(jobs)} tasks)' if len(jobs) > 1 else ''}"
+                     f"{f', {dependency}' if dependency else ''}")
+    return lines
+
+
+# ---- here -------------------------------------------------------------------------------------------------
+
+def run_here(graph: list[Stage], logs: Path) -> dict[str, str]:
+    """The stages in order in this process, each logging also to logs/<its job name>.log; a stage that fails
+    does not stop the others, but what waits for it (afterok) does not run. {job name: why} of the stages that
+    failed or did not run; a bug's traceback goes to the stage's log only."""
+    failed: dict[str, str] = {}
+    for stage in graph:
+        if stage.ok and (blocked := [name for name in stage.after if name in failed]):
+            failed[stage.job_name] = f"not run: {blocked[0]} did not complete"
+            continue
+        logs.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(logs / f"{stage.job_name}.log")
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger().addHandler(handler)
+        try:
+            for i, task in enumerate(stage.tasks):
+                of = f" task {i} of {len(stage.tasks)}" if len(stage.tasks) > 1 else ""
+                log.info("stage %s%s", stage.job_name, of)
+                stage.fn(task)
+        except Exception as err:  # noqa: BLE001 - reported in one line; a bug's traceback in the stage's log
+            if not isinstance(err, (UserError, RunFailed)):
+                handler.handle(logging.LogRecord("hldx", logging.ERROR, __file__, 0, "%s",
+                                                 (traceback.format_exc(),), None))
+            failed[stage.job_name] = f"{failure_line(err)} (log: {logs / f'{stage.job_name}.log'})"
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    return failed
