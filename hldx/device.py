@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -109,6 +110,9 @@ def join(cfg: DictConfig, alone: bool = False) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        log.info("rank %d of %d joined (%s, rendezvous %s:%s) on node %s", dist.get_rank(), dist.get_world_size(),
+                 backend, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"),
+                 os.environ.get("SLURMD_NODENAME") or socket.gethostname())
     elif alone:  # an engine (DDP, FSDP2) on one process: a group of one
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if device.type == "cuda":

@@ -109,7 +109,8 @@ def stages(planned: list[study.Planned]) -> list[Stage]:
         graph.append(Stage("student", r.run_key, train, [j], waits[r.run_key], gpu_hours=gpu_hours(r, throughput(c)[0]),
                            disk_bytes=4 * count_parameters(c.student)["total"]))
     for j, c, r in planned:
-        graph.append(Stage("eval", r.run_key, evaluate, [j], [] if r.run_key in trained else [f"hldx-student-{r.run_key}"]))
+        student = [] if r.run_key in trained else [f"hldx-student-{r.run_key}"]
+        graph.append(Stage("eval", r.run_key, evaluate, [j], student))
     exp = first.tracking.experiment
     command = [sys.executable, "-m", "analysis.report", "--experiment", exp, "--tracking-uri", first.tracking.uri,
                "--out", str(Path("reports") / exp)]

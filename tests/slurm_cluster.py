@@ -1,4 +1,4 @@
-"""A real single-node SLURM cluster for tests, from Debian's packages (installed by tests/install-slurm.sh).
+"""A real SLURM cluster for tests, of one node or two, from Debian's packages (installed by tests/install-slurm.sh).
 
 `SlurmCluster(workdir)` runs munged, a private MariaDB, slurmdbd, slurmctld and slurmd as root without
 systemd, all on free loopback ports with their configs, sockets, state and logs under `workdir`: it never
@@ -7,7 +7,9 @@ need `cluster.env` (`SLURM_CONF`); the session fixture `slurm_cluster` exports i
 
 The configuration (DESIGN §5):
 - one node named after `hostname -s`, with the machine's real CPUs and memory (`cpus` may declare more:
-  `SlurmdParameters=config_overrides` keeps such a node in service);
+  `SlurmdParameters=config_overrides` keeps such a node in service); with `nodes=2`, a second node named
+  `localhost` (both names resolve here: a job's rendezvous address is its first node's name), each node its
+  own slurmd on its own port with its own spool, sharing the machine's CPUs and memory;
 - select/cons_tres over cores and memory, `DefMemPerCPU` (else a job takes all the memory), and each core
   shared by up to `oversubscribe` jobs (`OverSubscribe=FORCE:n`): several one-CPU jobs run at once;
 - partition `debug` (default) is preemptible (`PreemptMode=REQUEUE`, `GraceTime`); a job in partition
@@ -79,9 +81,13 @@ class SlurmCluster:
         kill_wait_s: int = 5,
         grace_time_s: int = 5,
         def_mem_per_cpu_mb: int = 512,
+        nodes: int = 1,
     ) -> None:
+        if nodes not in (1, 2):
+            raise ValueError(f"nodes={nodes}: a test cluster has one node or two")
         self.root = Path(workdir).resolve()
         self.node = socket.gethostname().split(".")[0]
+        self.nodes = [self.node, "localhost"][:nodes]
         self.cpus = cpus or os.cpu_count() or 1
         self.oversubscribe = oversubscribe
         self.kill_wait_s = kill_wait_s
@@ -119,8 +125,11 @@ class SlurmCluster:
             self._start_slurmdbd()
             self._spawn("slurmctld", "-D", "-i")  # registers the cluster with slurmdbd
             self._wait("slurmctld to answer", lambda: self._ok("scontrol", "ping"))
-            self._spawn("slurmd", "-D", "-N", self.node)
-            self._wait(f"node {self.node} to be idle", lambda: self.node_state() == "idle", timeout_s=60)
+            for node in self.nodes:
+                (self.var / f"spool-{node}").mkdir(parents=True, exist_ok=True)
+                self._spawn("slurmd", "-D", "-N", node, key=f"slurmd-{node}")
+            for node in self.nodes:
+                self._wait(f"node {node} to be idle", lambda n=node: self.node_state(n) == "idle", timeout_s=60)
         except BaseException:
             self.stop()
             raise
@@ -138,7 +147,7 @@ class SlurmCluster:
                 )
             except (TimeoutError, subprocess.SubprocessError):
                 pass  # whatever the jobs left is killed below
-        for name in reversed(DAEMONS):
+        for name in reversed([*DAEMONS[:-1], *(f"slurmd-{n}" for n in self.nodes)]):
             proc = self._procs.pop(name, None)
             if proc is not None and proc.poll() is None:
                 proc.terminate()
@@ -158,9 +167,9 @@ class SlurmCluster:
             raise SlurmCommandError(out.returncode, cmd, out.stdout, out.stderr)
         return out.stdout.strip()
 
-    def node_state(self) -> str:
-        """The node's state as `sinfo` says it: idle, mixed, allocated, down*, ..."""
-        states = self.run("sinfo", "-h", "-N", "-n", self.node, "-o", "%T")  # a line for each partition
+    def node_state(self, node: str | None = None) -> str:
+        """The node's state (the first node's by default) as `sinfo` says it: idle, mixed, allocated, down*, ..."""
+        states = self.run("sinfo", "-h", "-N", "-n", node or self.node, "-o", "%T")  # a line for each partition
         return states.splitlines()[0]
 
     def job_state(self, job_id: str) -> str:
@@ -233,11 +242,11 @@ class SlurmCluster:
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none",
             f"StateSaveLocation={self.var / 'state'}",
-            f"SlurmdSpoolDir={self.var / 'spool'}",
+            f"SlurmdSpoolDir={self.var / 'spool-%n'}",  # %n: the node's name
             f"SlurmctldPidFile={self.var / 'slurmctld.pid'}",
-            f"SlurmdPidFile={self.var / 'slurmd.pid'}",
+            f"SlurmdPidFile={self.var / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={self.log / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.log / 'slurmd.log'}",
+            f"SlurmdLogFile={self.log / 'slurmd-%n.log'}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "MpiDefault=none",
@@ -252,7 +261,9 @@ class SlurmCluster:
             "PreemptMode=REQUEUE",
             "SlurmctldParameters=preempt_send_user_signal",
             f"KillWait={self.kill_wait_s}",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={mem_mb} State=UNKNOWN",
+            *(f"NodeName={node} NodeAddr=127.0.0.1 Port={port} CPUs={max(1, self.cpus // len(self.nodes))} "
+              f"RealMemory={mem_mb // len(self.nodes)} State=UNKNOWN"
+              for node, port in zip(self.nodes, [slurmd_port, *(free_port() for _ in self.nodes[1:])])),
             f"PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE {share} PriorityTier=1 "
             f"PreemptMode=REQUEUE GraceTime={self.grace_time_s}",
             "PartitionName=urgent Nodes=ALL MaxTime=INFINITE OverSubscribe=EXCLUSIVE PriorityTier=2 "
@@ -260,9 +271,11 @@ class SlurmCluster:
         ]
         (self.etc / "slurm.conf").write_text("\n".join(lines) + "\n")
 
-    def _spawn(self, name: str, *args: str) -> None:
-        with open(self.log / f"{name}.out", "ab") as out:
-            self._procs[name] = subprocess.Popen(
+    def _spawn(self, name: str, *args: str, key: str | None = None) -> None:
+        """Start daemon `name` (known as `key`, by default its name), its output in log/<key>.out."""
+        key = key or name
+        with open(self.log / f"{key}.out", "ab") as out:
+            self._procs[key] = subprocess.Popen(
                 [shutil.which(name, path=SBIN), *args], env={**os.environ, **self.env}, cwd=self.root,
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=_die_with_parent,
@@ -324,4 +337,11 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
     with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster, pytest.MonkeyPatch.context() as mp:
         for key, value in cluster.env.items():
             mp.setenv(key, value)
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A two-node SLURM cluster beside the session's; a command reaches it with `env={**os.environ, **.env}`."""
+    with SlurmCluster(tmp_path_factory.mktemp("slurm-2"), nodes=2) as cluster:
         yield cluster

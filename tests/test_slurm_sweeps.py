@@ -8,7 +8,8 @@ and `scancel --signal=USR2` the second (SLURM's warning before a time limit or a
 submitit requeues it, under the same job id: its evaluation keeps waiting). Both resume into their MLflow run,
 every step logged once; the first must end with the weights of an uninterrupted 2-rank DDP run (torchrun),
 bitwise: both engines, on SLURM and off it, are exact. The same command again submits nothing.
-Apart: 16 processes logging at once to one server lose no run and no metric.
+Apart: a student on two SLURM nodes (a two-node cluster on this machine, one task each) ends with one rank's
+weights; 16 processes logging at once to one server lose no run and no metric.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from test_mlflow_ui import server  # noqa: F401 - the `mlflow server` fixture
 from hldx import config as C
 from hldx import tracking
 from hldx.checkpoint import Checkpoint
+from hldx.job import execute
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,6 +164,46 @@ def test_the_same_sweep_again_launches_nothing(slurm_sweep, slurm_cluster, serve
     assert "every run of the sweep has finished: nothing to do" in again.stdout
     assert job_runs(slurm_cluster) == before_jobs
     assert {r.info.run_id for r in student_runs(server)} == before_runs
+
+
+def test_a_two_node_job_ends_with_one_ranks_weights(slurm_two_nodes, tmp_path):
+    """2 nodes x 1 task through hydra.launcher.nodes=2: an FSDP2 student, its ranks meeting from SLURM's
+    environment, ends with the weights of one process at the whole batch, bit for bit; each task's log names
+    its node."""
+    job = ["train.seq_len=32", "train.batch_size=4", "data.max_train_tokens=32768", "eval.val_sequences=8",
+           "eval.tasks=[val]", "method=nll", "budget.tokens=4096", "train.log_every=8"]
+    args = [*job, "train.parallel=fsdp", "hydra/launcher=slurm_cpu", "hydra.launcher.nodes=2",
+            "hydra.launcher.tasks_per_node=1", f"tracking.uri=sqlite:///{tmp_path}/two.db", f"paths.runs={tmp_path}/two",
+            f"hydra.sweep.dir={tmp_path}/m"]
+    env = {**os.environ, **slurm_two_nodes.env, "OMP_NUM_THREADS": "1"}
+    launch = subprocess.run([sys.executable, "-m", "hldx.run", "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    submitted = dict(re.findall(r"(hldx-\S+): submitted as job (\d+)", launch.stdout))
+    wait_until(lambda: "hldx-" not in slurm_two_nodes.run("squeue", "--noheader", "--format=%j"), 300,
+               "the jobs to leave the queue", interval_s=1)
+    key = C.run_key(C.compose(job))
+    student = submitted[f"hldx-student-{key}"]
+    wait_until(lambda: slurm_two_nodes.run("sacct", "-n", "-X", "-P", "-j", student, "-o", "State") == "COMPLETED", 30,
+               "accounting to record the student's end")
+    nodes = slurm_two_nodes.run("sacct", "-n", "-X", "-P", "-j", student, "-o", "NNodes,NodeList")
+    logs = [(tmp_path / "m" / ".submitit" / student / f"{student}_{task}_log.{ext}").read_text()
+            for task in (0, 1) for ext in ("out", "err")]
+    shown = [line for text in logs for line in text.splitlines() if "Starting with JobEnvironment" in line
+             or "] - rank " in line]  # submitit's, then hldx's: which node each rank is on
+    print(f"\nthe two-node student (job {student}, nodes {nodes}):\n" + "\n".join(shown))
+    assert nodes == "2|localhost,vm".replace("vm", slurm_two_nodes.node)
+    assert any("node=0(2)" in line for line in shown) and any("node=1(2)" in line for line in shown)
+    assert {line.split(" on node ")[1] for line in shown if " joined (gloo" in line} == {"localhost", slurm_two_nodes.node}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: a matmul's sums in the same order
+    try:
+        execute(C.compose(job + ["train.micro_batch_size=2", f"paths.runs={tmp_path}/one",
+                                 f"tracking.uri=sqlite:///{tmp_path}/one.db"]))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = final_weights(tmp_path / "two" / key), final_weights(tmp_path / "one" / key)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 N_JOBS, N_LOGS = 16, 20
