@@ -35,7 +35,7 @@ HPARAMS = ("lr", "tau", "alpha", "gamma", "p1")
 # Keys that change how a run executes, not what it computes: left out of the run identity.
 RUNTIME_TRAIN_KEYS = ("micro_batch_size", "ckpt_every", "log_every", "device", "precision", "compile",
                       "loss_chunk", "parallel")
-RUNTIME_DATA_KEYS = ("max_epochs", "train_tokens", "workers")  # what a run may read, an estimate: not what it computes
+RUNTIME_DATA_KEYS = ("max_epochs", "train_tokens", "workers", "tasks")  # how data is read or made, not what it is
 
 schema.register()
 

@@ -106,10 +106,17 @@ def check(cfg: DictConfig) -> None:
         source_spec(cfg, split)
 
 
-def documents(cfg: DictConfig, split: str) -> Iterator[str]:
-    """The texts of `split`, one per document, in corpus order."""
+def documents(cfg: DictConfig, split: str, part: tuple[int, int] = (0, 1)) -> Iterator[str]:
+    """The texts of `split`, one per document, in corpus order; `part` (i, n): those of the i-th of n blocks of
+    its files (local files only; the embedded corpus is one file, in part 0)."""
     _check_split(split)
     data = cfg.data
+    i, n = part
+    if n > 1 and data.name == "c4" and _c4_local_dir(data) is None:
+        raise ConfigError(f"data.tasks={n} is invalid for data.path={data.path}: tokenizing in parts needs local "
+                          f"files (data.path=DIR), or data.tasks=1")
+    if data.name == "embedded" and i > 0:
+        return
     if data.name == "embedded":
         file = _embedded_file(data, split)
         with gzip.open(file, "rt", encoding="utf-8") as f:
@@ -128,6 +135,9 @@ def documents(cfg: DictConfig, split: str) -> Iterator[str]:
     root = _c4_local_dir(data)
     if root is not None:
         files = [str(f) for f in _c4_files(data, root, split)]
+        files = files[len(files) * i // n: len(files) * (i + 1) // n]
+        if not files:
+            return
         rows = load_dataset("json", data_files={split: files}, split=split, streaming=True, cache_dir=cache_dir)
         yield from (row["text"] for row in rows)
         return
@@ -238,15 +248,53 @@ def _stream_dir(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFast)
 
 
 def prepare(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFast) -> Stream:
-    """Tokenise `split` once into {paths.cache}/streams/<digest>/ and map it read-only.
+    """Tokenise `split` once into {paths.cache}/streams/<digest>/ and map it read-only: the train split joined
+    from its data.tasks parts when `prepare_part` has built them all (the same bytes), else here.
 
     `data.max_{split}_tokens` (when set) truncates the stream to that many tokens.
     """
     final, spec = _stream_dir(cfg, split, tokenizer)
+    parts = [_part_dir(final, i, cfg.data.tasks) for i in range(cfg.data.tasks)] if split == "train" else []
+    if len(parts) > 1 and all(p.is_dir() for p in parts):
+        _build_once(final, lambda tmp: _join(parts, spec, tmp))
     _build_once(final, lambda tmp: _write_stream(cfg, split, tokenizer, spec, tmp))
     meta = json.loads((final / "meta.json").read_text())
     tokens = np.memmap(final / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
     return Stream(tokens=tokens, digest=final.name, path=final)
+
+
+def _part_dir(final: Path, i: int, n: int) -> Path:
+    return final.parent / f"{final.name}.parts" / f"{i:05d}-of-{n:05d}"
+
+
+def prepare_part(cfg: DictConfig, tokenizer: PreTrainedTokenizerFast, i: int) -> Path:
+    """Tokenise the train split's i-th of data.tasks blocks of files once (a SLURM array task of the tokenize
+    stage), untruncated, beside its stream; `prepare` joins the parts in file order."""
+    final, spec = _stream_dir(cfg, "train", tokenizer)
+    part = (i, cfg.data.tasks)
+    return _build_once(_part_dir(final, *part), lambda tmp: _write_stream(cfg, "train", tokenizer,
+                                                                           {**spec, "max_tokens": None}, tmp, part))
+
+
+def _join(parts: list[Path], spec: dict, out: Path) -> None:
+    """The stream from its parts, in order, truncated at spec's max_tokens: the bytes one process writes."""
+    metas = [json.loads((p / "meta.json").read_text()) for p in parts]
+    left = spec["max_tokens"]
+    with open(out / "tokens.bin", "wb") as f:
+        for part, meta in zip(parts, metas):
+            if meta["num_tokens"] == 0 or left == 0:
+                continue
+            tokens = np.memmap(part / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+            if left is not None:
+                tokens = tokens[:left]
+                left -= len(tokens)
+            tokens.tofile(f)
+    num_tokens = (out / "tokens.bin").stat().st_size // np.dtype(metas[0]["dtype"]).itemsize
+    if num_tokens == 0:
+        raise ConfigError("the train split's parts hold no text")
+    meta = {**spec, "dtype": metas[0]["dtype"], "num_tokens": num_tokens, "eos_token_id": metas[0]["eos_token_id"]}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    log.info("joined %d parts of the train split: %d tokens", len(parts), num_tokens)
 
 
 def train_tokens(cfg: DictConfig) -> tuple[int | None, bool]:
@@ -273,10 +321,11 @@ def _encode(batch: list[str]) -> list[list[int]]:
     return [e.ids for e in _WORKER_TOKENIZER[0].encode_batch_fast(batch, add_special_tokens=False)]
 
 
-def _encoded(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFast) -> Iterator[list[list[int]]]:
-    """The ids of `split`'s documents, batch by batch in corpus order: encoded here, or by data.workers
-    processes (ordered: the same stream, bit for bit)."""
-    texts = documents(cfg, split)
+def _encoded(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFast, part: tuple[int, int] = (0, 1)
+             ) -> Iterator[list[list[int]]]:
+    """The ids of `split`'s documents (of `part`), batch by batch in corpus order: encoded here, or by
+    data.workers processes (ordered: the same stream, bit for bit)."""
+    texts = documents(cfg, split, part)
     batches = iter(lambda: list(itertools.islice(texts, ENCODE_BATCH)), [])
     workers = cfg.data.workers
     if workers == 1:
@@ -288,13 +337,15 @@ def _encoded(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFast) ->
         yield from pool.imap(_encode, batches)
 
 
-def _write_stream(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFast, spec: dict, out: Path) -> None:
+def _write_stream(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFast, spec: dict, out: Path,
+                  part: tuple[int, int] = (0, 1)) -> None:
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     eos, max_tokens = tokenizer.eos_token_id, spec["max_tokens"]
     num_tokens, start = 0, time.perf_counter()
     with open(out / "tokens.bin", "wb") as f, \
-            Progress(desc=f"tokenize {split}", unit="tok", unit_scale=True, total=max_tokens) as bar:
-        for batch in _encoded(cfg, split, tokenizer):
+            Progress(desc=f"tokenize {split}" + (f" part {part[0]} of {part[1]}" if part[1] > 1 else ""),
+                     unit="tok", unit_scale=True, total=max_tokens) as bar:
+        for batch in _encoded(cfg, split, tokenizer, part):
             ids = np.fromiter(itertools.chain.from_iterable(doc + [eos] for doc in batch), dtype=dtype)
             if max_tokens is not None:
                 ids = ids[: max_tokens - num_tokens]
@@ -306,7 +357,7 @@ def _write_stream(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerFas
     rate = num_tokens / (time.perf_counter() - start)
     log.info("tokenized %s: %d tokens at %.0f tokens/s, %.0f per worker (data.workers=%d)", split, num_tokens, rate,
              rate / cfg.data.workers, cfg.data.workers)
-    if num_tokens == 0:
+    if num_tokens == 0 and part[1] == 1:
         raise ConfigError(f"the {split} split of data.name={cfg.data.name} data.path={cfg.data.path} holds no text")
     meta = {**spec, "dtype": np.dtype(dtype).name, "num_tokens": num_tokens, "eos_token_id": eos}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))

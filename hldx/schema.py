@@ -124,6 +124,7 @@ class Embedded:
     seed: int = key(integer(0))
     max_epochs: int = key(integer(1))
     workers: int = key(integer(1))
+    tasks: int = key(integer(1))
 
 
 @dataclass

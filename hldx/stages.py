@@ -1,6 +1,7 @@
-"""The stage graph of a study: tokenize -> teacher -> cache -> students -> evaluations -> report, each stage what
-it runs, what it waits for, its GPU-hours and its bytes on disk (hldx.submit runs it here or submits it to
-SLURM; hldx.plan prints it)."""
+"""The stage graph of a study: tokenize (with data.tasks > 1: an array over blocks of files, then their join and
+the training order) -> teacher -> cache -> students -> evaluations -> report, each stage what it runs, what it
+waits for, its GPU-hours and its bytes on disk (hldx.submit runs it here or submits it to SLURM; hldx.plan
+prints it)."""
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,8 @@ from hldx import config as C
 from hldx.budget import cache_extents, cache_storage, flops_per_token, gpu_hours, plan_run, throughput
 from hldx.models import count_parameters
 
-CPU_STAGES = ("tokenize", "report")  # no accelerator needed
-ONE_PROCESS = ("tokenize", "eval", "report")  # one task on one node (eval: on the students' device)
+CPU_STAGES = ("tokenize", "order", "report")  # no accelerator needed
+ONE_PROCESS = ("tokenize", "order", "eval", "report")  # one task on one node (eval: on the students' device)
 
 
 def _compose(job_overrides: list[str]):
@@ -32,6 +33,13 @@ def tokenize(job_overrides: list[str]) -> str:
     cfg = _compose(job_overrides)
     rows = data.training_rows(cfg, data.prepare(cfg, "train", data.tokenizer_for(cfg)))
     return f"training order {rows.digest}: {rows.count} rows of {cfg.train.seq_len} tokens"
+
+
+def tokenize_part(task: tuple[list[str], int]) -> str:
+    """A task of the tokenize array (data.tasks > 1): the train split's i-th block of files tokenized."""
+    job_overrides, i = task
+    cfg = _compose(job_overrides)
+    return str(data.prepare_part(cfg, data.tokenizer_for(cfg), i))
 
 
 def pretrain_teacher(job_overrides: list[str]) -> str:
@@ -73,7 +81,7 @@ def report(command: list[str]) -> int:
 @dataclass
 class Stage:
     """One job (or job array: several `tasks`) of the study: what it runs and what it waits for."""
-    name: str                                   # tokenize, teacher, cache, student, eval, report
+    name: str                                   # tokenize, order, teacher, cache, student, eval, report
     key: str                                    # with the name, the SLURM job name: hldx-<name>-<key>
     fn: object
     tasks: list = field(default_factory=list)   # one argument of fn per task
@@ -95,16 +103,22 @@ def stages(planned: list[study.Planned]) -> list[Stage]:
     overrides = planned[0][0]
     data_key = C.digest([OmegaConf.to_container(first.data, resolve=True), first.train.seq_len, first.paths.cache])
     tokens, _ = data.train_tokens(first)
-    graph = [Stage("tokenize", data_key, tokenize, [overrides], disk_bytes=2 * (tokens or 0))]  # uint16 ids
+    ids_bytes = 2 * (tokens or 0)  # uint16 ids
+    graph = [Stage("tokenize", data_key, tokenize, [overrides], disk_bytes=ids_bytes)]
+    if first.data.tasks > 1:  # an array over blocks of files, then their join and the training order
+        graph = [Stage("tokenize", data_key, tokenize_part, [(overrides, i) for i in range(first.data.tasks)],
+                       disk_bytes=ids_bytes),
+                 Stage("order", data_key, tokenize, [overrides], [f"hldx-tokenize-{data_key}"], disk_bytes=ids_bytes)]
+    data_ready = graph[-1].job_name  # what every job waits for first: the training order
     trained = {r.run_key for _, c, r in planned if (Path(c.paths.runs) / r.run_key / "final").exists()}
     training = [(j, c, r) for j, c, r in planned if r.run_key not in trained]  # trained: evaluation left only
-    waits = {r.run_key: [graph[0].job_name] for _, _, r in training}  # NLL students wait for tokenize only
+    waits = {r.run_key: [data_ready] for _, _, r in training}  # NLL students wait for the data only
     by_teacher: dict[str, list[study.Planned]] = {}
     for j, c, r in training:  # the teacher's identity is its own: every seed and method of a study shares it
         if c.method.name in C.DISTILLED:
             by_teacher.setdefault(_teacher_id(c), []).append((j, c, r))
     for group in by_teacher.values():
-        graph += _teacher_stages(group, graph[0].job_name, data_key, tokens, waits)
+        graph += _teacher_stages(group, data_ready, data_key, tokens, waits)
     for j, c, r in training:
         graph.append(Stage("student", r.run_key, train, [j], waits[r.run_key], gpu_hours=gpu_hours(r, throughput(c)[0]),
                            disk_bytes=4 * count_parameters(c.student)["total"]))

@@ -6,7 +6,7 @@ needs (the report: afterany, it runs whatever happened) and `--kill-on-invalid-d
 that failed or was cancelled cancels what waits for it instead of leaving it pending forever. A job that is
 requeued (preempted, timed out: submitit requeues it under the same id) keeps its dependents waiting. The
 same command again submits only what is missing: a stage queued or running (squeue, by name) is waited on,
-a tokenize or cache stage that COMPLETED (sacct) is not submitted again, a finished run is skipped (MLflow)
+a tokenize, order or cache stage that COMPLETED (sacct) is not submitted again, a finished run is skipped (MLflow)
 and a trained one is only evaluated.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def submit(graph: list[Stage], launcher: DictConfig, folder: Path, dry_run: bool
     student's completion is MLflow's, checked before), each with afterok on the SLURM ids of what it waits
     for; the lines saying what was (or, dry, would be) done."""
     ids = {} if dry_run else queued()
-    done = set() if dry_run else completed({s.job_name: len(s.tasks) for s in graph if s.name in ("tokenize", "cache")})
+    done = set() if dry_run else completed({s.job_name: len(s.tasks) for s in graph if s.name in ("tokenize", "order", "cache")})
     lines = []
     for stage in graph:
         if stage.job_name in ids:

@@ -195,6 +195,26 @@ def test_c4_local_shards(tmp_path):
     np.testing.assert_array_equal(capped.tokens, full.tokens[:1000])
 
 
+def test_tokenizing_in_parts_joins_to_one_processs_stream(tmp_path):
+    """The train split's two files tokenized as data.tasks=3 parts (one of them empty) and joined in file order:
+    the same stream, byte for byte and digest, as one process makes; truncated alike at max_train_tokens."""
+    docs = packaged("validation")
+    c4_shards(tmp_path / "c4", docs[:36], docs[36:46])
+    c4 = ["data=c4", f"data.path={tmp_path / 'c4'}", "data.tokenizer_documents=35"]
+    for cap in ([], ["data.max_train_tokens=5000"]):
+        one = data.prepare(config(tmp_path / "one", *c4, *cap), "train", data.tokenizer_for(config(tmp_path / "one", *c4)))
+        cfg = config(tmp_path / "parts", *c4, *cap, "data.tasks=3")
+        tok = data.tokenizer_for(cfg)
+        parts = [data.prepare_part(cfg, tok, i) for i in range(3)]
+        assert [json.loads((p / "meta.json").read_text())["num_tokens"] > 0 for p in parts] == [False, True, True]
+        joined = data.prepare(cfg, "train", tok)
+        assert joined.digest == one.digest and len(one.tokens) == (5000 if cap else len(one.tokens))
+        assert (joined.path / "tokens.bin").read_bytes() == (one.path / "tokens.bin").read_bytes()
+        assert (joined.path / "meta.json").read_text() == (one.path / "meta.json").read_text()
+    with pytest.raises(ConfigError, match="data.tasks=2 is invalid for data.path=allenai/c4: tokenizing in parts"):
+        next(data.documents(config(tmp_path, "data=c4", "data.tasks=2"), "train", (1, 2)))
+
+
 def test_c4_bad_paths_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="data.path=/no/such/c4 is invalid: expected a readable directory"):
         data.tokenizer_for(config(tmp_path, "data=c4", "data.path=/no/such/c4"))

@@ -13,6 +13,8 @@ weights; 16 processes logging at once to one server lose no run and no metric.
 """
 from __future__ import annotations
 
+import gzip
+import json
 import multiprocessing
 import os
 import re
@@ -27,6 +29,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from slurm_cluster import SlurmCluster, free_port, wait_until
+from test_data import c4_shards
 from test_mlflow_ui import server  # noqa: F401 - the `mlflow server` fixture
 
 from hldx import config as C
@@ -167,19 +170,25 @@ def test_the_same_sweep_again_launches_nothing(slurm_sweep, slurm_cluster, serve
 
 
 def test_a_two_node_job_ends_with_one_ranks_weights(slurm_two_nodes, tmp_path):
-    """2 nodes x 1 task through hydra.launcher.nodes=2: an FSDP2 student, its ranks meeting from SLURM's
-    environment, ends with the weights of one process at the whole batch, bit for bit; each task's log names
-    its node."""
-    job = ["train.seq_len=32", "train.batch_size=4", "data.max_train_tokens=32768", "eval.val_sequences=8",
-           "eval.tasks=[val]", "method=nll", "budget.tokens=4096", "train.log_every=8"]
-    args = [*job, "train.parallel=fsdp", "hydra/launcher=slurm_cpu", "hydra.launcher.nodes=2",
+    """On C4-layout files tokenized by a SLURM array (data.tasks=2, then their join and the training order): the
+    stream one process makes, byte for byte and digest. Then 2 nodes x 1 task through hydra.launcher.nodes=2:
+    an FSDP2 student, its ranks meeting from SLURM's environment, ends with the weights of one process at the
+    whole batch, bit for bit; each task's log names its node."""
+    docs = [json.loads(line)["text"] for line in gzip.open(ROOT / "hldx" / "corpus" / "train.jsonl.gz", "rt")]
+    c4_shards(tmp_path / "c4", docs[:400], docs[400:440])
+    job = ["train.seq_len=32", "train.batch_size=4", "data=c4", f"data.path={tmp_path / 'c4'}",
+           "data.max_train_tokens=32768", "eval.val_sequences=8", "eval.tasks=[val]", "method=nll", "budget.tokens=4096",
+           "train.log_every=8"]
+    args = [*job, "data.tasks=2", "train.parallel=fsdp", "hydra/launcher=slurm_cpu", "hydra.launcher.nodes=2",
             "hydra.launcher.tasks_per_node=1", f"tracking.uri=sqlite:///{tmp_path}/two.db", f"paths.runs={tmp_path}/two",
-            f"hydra.sweep.dir={tmp_path}/m"]
+            f"paths.cache={tmp_path}/cache-array", f"hydra.sweep.dir={tmp_path}/m"]
     env = {**os.environ, **slurm_two_nodes.env, "OMP_NUM_THREADS": "1"}
     launch = subprocess.run([sys.executable, "-m", "hldx.run", "-m", *args], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=120)
     assert launch.returncode == 0, launch.stderr[-3000:]
     submitted = dict(re.findall(r"(hldx-\S+): submitted as job (\d+)", launch.stdout))
+    assert [name.split("-")[1] for name in submitted] == ["tokenize", "order", "student", "eval", "report"]
+    assert re.search(r"hldx-tokenize-\S+: submitted as job \d+ \(2 tasks\)", launch.stdout), launch.stdout
     wait_until(lambda: "hldx-" not in slurm_two_nodes.run("squeue", "--noheader", "--format=%j"), 300,
                "the jobs to leave the queue", interval_s=1)
     key = C.run_key(C.compose(job))
@@ -204,6 +213,11 @@ def test_a_two_node_job_ends_with_one_ranks_weights(slurm_two_nodes, tmp_path):
         torch.set_num_threads(threads)
     a, b = final_weights(tmp_path / "two" / key), final_weights(tmp_path / "one" / key)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    (array,) = [p.parent / "tokens.bin" for p in (tmp_path / "cache-array" / "streams").glob("*/meta.json")
+                if json.loads(p.read_text())["split"] == "train"]
+    one = Path(C.compose(job).paths.cache) / "streams" / array.parent.name / "tokens.bin"
+    assert one.read_bytes() == array.read_bytes()  # the same digest (its directory's name), the same bytes
+    print(f"stream {array.parent.name}: {len(array.read_bytes()) // 2} tokens from 2 array tasks, as from one process")
 
 
 N_JOBS, N_LOGS = 16, 20

@@ -67,7 +67,7 @@ class HldxSweeper(BasicSweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         stage_logs = sweep_dir / "stages"
-        before = [s for s in graph if s.name in ("tokenize", "teacher", "cache")]
+        before = [s for s in graph if s.name in ("tokenize", "order", "teacher", "cache")]
         after = [s for s in graph if s.name == "report"] if self.report else []
         failed = submit.run_here(before, stage_logs)
         students = [s for s in graph if s.name == "student"]
