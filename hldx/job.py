@@ -14,7 +14,7 @@ import torch.distributed as dist
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from hldx import budget, data, evaluation, models, teacher, tracking
+from hldx import budget, data, evaluation, models, order, teacher, tracking
 from hldx import config as C
 from hldx.budget import RunPlan, parallel_mode, plan_run
 from hldx.device import device_of, join, ranks, world
@@ -61,7 +61,7 @@ def epochs(cfg: DictConfig, plan: RunPlan, rows: int | None = None) -> int | Non
     if rows is None:
         tokens, _ = data.train_tokens(cfg)
         rows = None if tokens is None else tokens // cfg.train.seq_len
-    return None if not rows else data.epochs(budget.rows_read(cfg, plan)["all"], rows)
+    return None if not rows else order.epochs(budget.rows_read(cfg, plan)["all"], rows)
 
 
 def check_epochs(cfg: DictConfig, plan: RunPlan, rows: int | None = None) -> None:
@@ -117,7 +117,7 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None,
         raise RunFailed(f"{C.run_name(cfg)} {failed.read_text().strip()} in an earlier attempt and is not run "
                         f"again: change its hyperparameters, or delete {failed} to retry it")
     tokenizer = data.tokenizer_for(cfg)
-    rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    rows = order.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
     check_epochs(cfg, plan, rows.count)
     source = None
     if cfg.method.name in C.DISTILLED:
@@ -130,7 +130,7 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None,
     tracker = tracking.Tracker(cfg, plan.run_key, role, run_id=resume.tracking_run_id if resume else None) \
         if rank == 0 else None
     with _failing(tracker, run_dir if rank == 0 else None):
-        batches = data.Batches(rows, cfg.train.batch_size, rank, size)
+        batches = order.Batches(rows, cfg.train.batch_size, rank, size)
         trainer = Trainer(cfg, plan, batches, source, run_dir, tokenizer, tracker.log if tracker else None,
                           tracker.run_id if tracker else None)
         model = trainer.fit()  # its weights are in final/ already
@@ -217,7 +217,7 @@ def build_cache_share(cfg: DictConfig) -> str:
     join(cfg, alone=False)
     rank, size = world()
     tokenizer = data.tokenizer_for(cfg)
-    rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    rows = order.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
     spec = teacher.cache_spec(cfg, tokenizer, rows, plan)
     shards = task_shards(spec, cfg.cache.task * size + rank, cfg.cache.tasks * size)
     complete = teacher.build_cache(cfg, spec, rows, device_of(cfg), shards)

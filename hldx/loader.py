@@ -1,6 +1,6 @@
 """The data path: each step's tokens and teacher outputs, read ahead of the step it feeds.
 
-A step's rows are a pure function of the step (hldx.data.Batches), so while step s computes, threads read
+A step's rows are a pure function of the step (hldx.order.Batches), so while step s computes, threads read
 steps s+1..s+P (cache.prefetch) from the training rows and the teacher cache straight into host buffers,
 page-locked on a GPU. The cache.readers threads read whole steps, several at once (keep cache.prefetch >=
 cache.readers): reading files and hashing them release the GIL, so readers scale with cores.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hldx.data import Batches
+from hldx.order import Batches
 from hldx.store import CacheReader, decode_hidden, decode_topk
 
 

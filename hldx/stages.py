@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from hldx import data, job, study, teacher
+from hldx import data, job, order, study, teacher
 from hldx import config as C
 from hldx.budget import cache_extents, cache_storage, flops_per_token, gpu_hours, plan_run, throughput
 from hldx.models import count_parameters
@@ -31,7 +31,7 @@ def _compose(job_overrides: list[str]):
 def tokenize(job_overrides: list[str]) -> str:
     """The tokenize stage: the train stream tokenized and its training order laid down (both cached)."""
     cfg = _compose(job_overrides)
-    rows = data.training_rows(cfg, data.prepare(cfg, "train", data.tokenizer_for(cfg)))
+    rows = order.training_rows(cfg, data.prepare(cfg, "train", data.tokenizer_for(cfg)))
     return f"training order {rows.digest}: {rows.count} rows of {cfg.train.seq_len} tokens"
 
 

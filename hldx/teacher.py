@@ -21,7 +21,7 @@ from hldx.data import tokenizer_digest
 from hldx.errors import ConfigError, check as require
 from hldx.models import final_state, forward_to_layer, load_model, middle_layer
 from hldx.budget import RunPlan, cache_extents
-from hldx.data import Rows
+from hldx.order import Rows
 from hldx.store import HIDDEN_DTYPES, VALUE_DTYPES, CacheReader, CacheSpec, build, codec, open_cache
 
 log = logging.getLogger(__name__)

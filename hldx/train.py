@@ -21,7 +21,7 @@ from hldx.progress import Progress
 from hldx import losses
 from hldx.budget import PhasePlan, RunPlan, parallel_mode
 from hldx.checkpoint import Checkpoint, Preemption, barrier, latest, save_start, start_dir
-from hldx.data import Batches
+from hldx.order import Batches
 from hldx.device import device_of, peak_flops, world
 from hldx.errors import ConfigError, RunFailed
 from hldx.loader import Loader, Micro, Step

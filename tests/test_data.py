@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hldx import data
+from hldx.order import Batches, Rows, epochs, training_rows
 from hldx.config import ConfigError, compose
 
 ENGLISH = "The quick brown fox, naïve as ever, jumps over 3 lazy dogs — doesn't it?\n\tYes!"
@@ -245,8 +246,8 @@ def stream(tmp_path):
     return data.Stream(tokens=np.arange(ROWS * SEQ + 5, dtype=np.uint16), digest="test", path=tmp_path)
 
 
-def order(stream, seed: int, tmp_path, seq: int = SEQ) -> data.Rows:
-    return data.training_rows(compose([f"paths.cache={tmp_path}", f"train.seq_len={seq}", f"data.seed={seed}"]),
+def order(stream, seed: int, tmp_path, seq: int = SEQ) -> Rows:
+    return training_rows(compose([f"paths.cache={tmp_path}", f"train.seq_len={seq}", f"data.seed={seed}"]),
                               stream)
 
 
@@ -264,12 +265,12 @@ def test_the_order_is_laid_down_once_by_data_seed(stream, tmp_path):
     assert other.digest != rows.digest and other.tokens_RxL[:, 0].tolist() != rows.tokens_RxL[:, 0].tolist()
     # `seed` (the initialisation) does not move the order: a multi-seed study shares it, and its cache.
     cfg = compose([f"paths.cache={tmp_path}", f"train.seq_len={SEQ}", "data.seed=3", "seed=9"])
-    assert data.training_rows(cfg, stream).digest == rows.digest
+    assert training_rows(cfg, stream).digest == rows.digest
 
 
 def test_batches_read_the_order_in_sequence(stream, tmp_path):
     rows = order(stream, 3, tmp_path)
-    batches = data.Batches(rows, 6)
+    batches = Batches(rows, 6)
     for step in (0, 5, 6, 7, 40):  # step 6 spans the end of epoch 0 (positions 36..41)
         assert batches.positions(step).tolist() == [g % ROWS for g in range(step * 6, step * 6 + 6)]
     tokens_BxL, idx = batches.batch(6)
@@ -279,17 +280,17 @@ def test_batches_read_the_order_in_sequence(stream, tmp_path):
 
 
 def test_every_row_once_per_epoch_in_the_same_order(stream, tmp_path):
-    batches = data.Batches(order(stream, 0, tmp_path), 6)
+    batches = Batches(order(stream, 0, tmp_path), 6)
     seen = np.concatenate([batches.positions(s) for s in range(3 * ROWS // 6 + 1)])
-    epochs = [seen[e * ROWS:(e + 1) * ROWS] for e in range(3)]
-    assert epochs[0].tolist() == epochs[1].tolist() == epochs[2].tolist() == list(range(ROWS))
-    assert data.epochs(3 * ROWS, ROWS) == 3 and data.epochs(3 * ROWS + 1, ROWS) == 4
+    passes = [seen[e * ROWS:(e + 1) * ROWS] for e in range(3)]
+    assert passes[0].tolist() == passes[1].tolist() == passes[2].tolist() == list(range(ROWS))
+    assert epochs(3 * ROWS, ROWS) == 3 and epochs(3 * ROWS + 1, ROWS) == 4
 
 
 def test_ranks_partition_the_global_batch(stream, tmp_path):
     rows = order(stream, 0, tmp_path)
-    whole = data.Batches(rows, 6)
-    ranks = [data.Batches(rows, 6, rank=r, world=2) for r in range(2)]
+    whole = Batches(rows, 6)
+    ranks = [Batches(rows, 6, rank=r, world=2) for r in range(2)]
     for step in range(15):
         parts = [b.batch(step) for b in ranks]
         assert all(p[0].shape == (3, SEQ) for p in parts)
@@ -300,19 +301,19 @@ def test_ranks_partition_the_global_batch(stream, tmp_path):
 
 def test_resume_at_step_k_matches_uninterrupted_run(stream, tmp_path):
     rows = order(stream, 7, tmp_path)
-    uninterrupted = [data.Batches(rows, 6).positions(s).tolist() for s in range(30)]
-    resumed = data.Batches(rows, 6)
+    uninterrupted = [Batches(rows, 6).positions(s).tolist() for s in range(30)]
+    resumed = Batches(rows, 6)
     assert [resumed.positions(s).tolist() for s in range(17, 30)] == uninterrupted[17:]
 
 
 def test_batch_larger_than_an_epoch(stream, tmp_path):
-    batches = data.Batches(order(stream, 2, tmp_path), 80)  # one step spans three epochs
+    batches = Batches(order(stream, 2, tmp_path), 80)  # one step spans three epochs
     assert batches.positions(1).tolist() == [g % ROWS for g in range(80, 160)]
 
 
 def test_bad_batch_settings(stream, tmp_path):
     with pytest.raises(ValueError, match="batch_size=6 must be a positive multiple of the world size 4"):
-        data.Batches(order(stream, 0, tmp_path), 6, rank=0, world=4)
+        Batches(order(stream, 0, tmp_path), 6, rank=0, world=4)
     with pytest.raises(ConfigError, match="train.seq_len=1000 is invalid: .* fewer than one row"):
         order(stream, 0, tmp_path, seq=1000)
 

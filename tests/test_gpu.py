@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from hldx import bench as B
 from hldx import config as C
-from hldx import data
+from hldx import data, order
 from hldx.bench.steps import READS, method_phases, random_cache
 from hldx.device import join
 from hldx.loader import Loader
@@ -28,8 +28,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_bf16_gpu_step_matches_fp32_cpu_step(hldx_cache, tmp_path, method, compile):
     cfg = C.compose(TINY)
     tokenizer = data.tokenizer_for(cfg)
-    rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
-    batches = data.Batches(rows, cfg.train.batch_size)
+    rows = order.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    batches = order.Batches(rows, cfg.train.batch_size)
     reader = random_cache(cfg, rows, tmp_path / "cache", data.tokenizer_digest(tokenizer))
     parts_cpu, update_cpu = _one_step(method, "cpu", False, reader, batches, tokenizer)
     parts_gpu, update_gpu = _one_step(method, "cuda", compile, reader, batches, tokenizer)
@@ -82,8 +82,8 @@ def test_loader_copies_on_a_side_stream_ahead_of_compute(hldx_cache, tmp_path):
     stream; the step's values on the device are the ones the CPU loader reads; its threads use the device."""
     cfg = C.compose(TINY)
     tokenizer = data.tokenizer_for(cfg)
-    rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
-    batches = data.Batches(rows, cfg.train.batch_size)
+    rows = order.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    batches = order.Batches(rows, cfg.train.batch_size)
     reader = random_cache(cfg, rows, tmp_path / "cache", data.tokenizer_digest(tokenizer))
     dev = torch.device("cuda", torch.cuda.current_device())
     parts, B = ("topk", "hidden"), cfg.train.batch_size
@@ -123,8 +123,8 @@ def test_fsdp2_on_one_gpu_matches_one_process(hldx_cache, tmp_path, group_of_one
     and update within the bf16 tolerances."""
     cfg = C.compose(TINY)
     tokenizer = data.tokenizer_for(cfg)
-    rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
-    batches = data.Batches(rows, cfg.train.batch_size)
+    rows = order.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    batches = order.Batches(rows, cfg.train.batch_size)
     reader = random_cache(cfg, rows, tmp_path / "cache", data.tokenizer_digest(tokenizer))
     (parts, update), (parts_one, update_one) = (_one_step(method, "cuda", False, reader, batches, tokenizer,
                                                           parallel=p) for p in ("fsdp", "none"))
@@ -139,8 +139,8 @@ def test_dcp_save_and_exact_resume_with_fused_adamw_and_fsdp2(hldx_cache, tmp_pa
     step as the original does."""
     cfg = C.compose(TINY + ["train.device=cuda", "train.parallel=fsdp"])
     tokenizer = data.tokenizer_for(cfg)
-    rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
-    batches = data.Batches(rows, cfg.train.batch_size)
+    rows = order.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    batches = order.Batches(rows, cfg.train.batch_size)
     reader = random_cache(cfg, rows, tmp_path / "cache", data.tokenizer_digest(tokenizer))
     trainer = Trainer(cfg, None, batches, reader, tmp_path, tokenizer, None)
     phase = method_phases(cfg)["kd"]

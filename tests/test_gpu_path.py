@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from omegaconf import OmegaConf
 
 from hldx import config as C
-from hldx import data, losses
+from hldx import data, losses, order
 from hldx.budget import layer_activation_bytes
 from hldx.device import device_of
 from hldx.errors import ConfigError
@@ -214,9 +214,9 @@ def tiny_inputs(hldx_cache, tmp_path_factory):
     """A teacher cache of random values on the tiny rows: (reader, batches, tokenizer) of _one_step."""
     cfg = C.compose(TINY)
     tokenizer = data.tokenizer_for(cfg)
-    rows = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    rows = order.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
     reader = random_cache(cfg, rows, tmp_path_factory.mktemp("cache"), data.tokenizer_digest(tokenizer))
-    return reader, data.Batches(rows, cfg.train.batch_size), tokenizer
+    return reader, order.Batches(rows, cfg.train.batch_size), tokenizer
 
 
 def _close(got: tuple[dict, torch.Tensor], want: tuple[dict, torch.Tensor], loss_rtol: float, update_rtol: float):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hldx import data
+from hldx import order
 from hldx import store as cache
 from hldx.loader import Loader, _runs
 from hldx.store import CacheError
@@ -22,12 +22,12 @@ def setup(tmp_path):
     tokens = row_tokens(spec)(np.arange(ROWS)).numpy().astype(np.uint16)
     path = tmp_path / "rows.bin"
     tokens.tofile(path)
-    rows = data.Rows(np.memmap(path, np.uint16, "r", shape=tokens.shape), spec.stream_digest, tmp_path)
+    rows = order.Rows(np.memmap(path, np.uint16, "r", shape=tokens.shape), spec.stream_digest, tmp_path)
     assert cache.build(spec, tmp_path / "c", Teacher(spec), row_tokens(spec), progress=False)
     return rows, cache.open_cache(tmp_path / "c", spec), spec
 
 
-def expected(spec, batches: data.Batches, step: int):
+def expected(spec, batches: order.Batches, step: int):
     """The step's tokens, the teacher's top-k for its rows, and the rows."""
     positions = batches.positions(step)
     idx, val, _ = online(spec, positions)
@@ -37,7 +37,7 @@ def expected(spec, batches: data.Batches, step: int):
 @pytest.mark.parametrize("readers, prefetch", [(1, 1), (2, 3)])
 def test_every_step_holds_its_rows_across_epochs(setup, readers, prefetch):
     rows, reader, spec = setup
-    batches = data.Batches(rows, B)
+    batches = order.Batches(rows, B)
     steps = range(0, 3 * ROWS // B + 1)  # three epochs: steps 6, 12 and 18 span an epoch's end
     with Loader(batches, reader, ("topk", "hidden"), steps, torch.device("cpu"), prefetch, readers) as loader:
         for step in steps:
@@ -56,7 +56,7 @@ def test_every_step_holds_its_rows_across_epochs(setup, readers, prefetch):
 
 def test_a_loader_started_mid_run_reads_what_an_uninterrupted_one_does(setup):
     rows, reader, _ = setup
-    batches = data.Batches(rows, B, rank=1, world=2)
+    batches = order.Batches(rows, B, rank=1, world=2)
     full, resumed = [], []
     with Loader(batches, reader, ("topk",), range(20), torch.device("cpu"), 3, 2) as loader:
         full = [loader.get(s).micro(0, B // 2).topk_val_BxLxK.clone() for s in range(20)]
@@ -67,7 +67,7 @@ def test_a_loader_started_mid_run_reads_what_an_uninterrupted_one_does(setup):
 
 def test_tokens_alone_for_nll(setup):
     rows, _, _ = setup
-    batches = data.Batches(rows, B)
+    batches = order.Batches(rows, B)
     with Loader(batches, None, (), range(3), torch.device("cpu")) as loader:
         micro = loader.get(2).micro(0, B)
     assert torch.equal(micro.tokens_BxL, batches.batch(2)[0]) and micro.topk_idx_BxLxK is None
@@ -77,7 +77,7 @@ def test_a_damaged_row_stops_the_step_that_reads_it(setup, tmp_path):
     rows, _, spec = setup
     flip_bit(shard_file(tmp_path / "c", "topk", 8, 16), 5)  # row 8's ids
     reader = cache.open_cache(tmp_path / "c", spec)
-    with Loader(data.Batches(rows, B), reader, ("topk",), range(4), torch.device("cpu"), 2, 2) as loader:
+    with Loader(order.Batches(rows, B), reader, ("topk",), range(4), torch.device("cpu"), 2, 2) as loader:
         loader.get(0)  # rows 0..5
         with pytest.raises(CacheError, match=r"ids of rows \[8\] fail their checksum"):
             loader.get(1)  # rows 6..11

@@ -1,13 +1,12 @@
-"""Smoke tests of the real SLURM test cluster (tests/slurm_cluster.py) through submitit and Hydra's launcher:
-results, arrays, a two-task torch.distributed rendezvous, preemption and requeue with resumption,
-cancellation, and a Hydra sweep on SLURM."""
+"""Smoke tests of the real SLURM test cluster (tests/slurm_cluster.py) through submitit: results, arrays, a
+two-task torch.distributed rendezvous, preemption and requeue with resumption, cancellation, and a stage
+submitted with the keys of hldx's launcher presets."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -197,35 +196,24 @@ def test_scancel_makes_result_raise(slurm_cluster: SlurmCluster) -> None:
     assert time.monotonic() - t0 < 30
 
 
-HYDRA_APP = """
-import json, os
-import hydra
-from hydra.core.hydra_config import HydraConfig
-
-@hydra.main(version_base=None, config_path=".", config_name="config")
-def main(cfg) -> None:
-    slurm = {k: v for k, v in os.environ.items() if k.startswith("SLURM_")}
-    with open(os.path.join(HydraConfig.get().runtime.output_dir, "job.json"), "w") as f:
-        json.dump({"x": cfg.x, **slurm}, f)
-
-if __name__ == "__main__":
-    main()
-"""
+def slurm_environment(_: object) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("SLURM_")}
 
 
-def test_hydra_sweep_through_submitit_slurm_launcher(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    (tmp_path / "app.py").write_text(HYDRA_APP)
-    (tmp_path / "config.yaml").write_text(f"x: 0\nhydra:\n  sweep:\n    dir: {tmp_path / 'multirun'}\n")
-    launcher = [f"timeout_min={TIMEOUT_MIN}", "cpus_per_task=1", "mem_gb=1", "partition=debug"]
-    new_key = "+hydra.launcher.additional_parameters.comment=hldx-test"  # `+`: a key the schema lacks
-    cmd = [sys.executable, "app.py", "-m", "hydra/launcher=submitit_slurm", "x=1,2", new_key]
-    cmd += [f"hydra.launcher.{kv}" for kv in launcher]
-    env = {**os.environ, **slurm_cluster.env}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    jobs = [json.loads((tmp_path / "multirun" / str(i) / "job.json").read_text()) for i in (0, 1)]
-    assert [j["x"] for j in jobs] == [1, 2]
-    assert len({j["SLURM_ARRAY_JOB_ID"] for j in jobs}) == 1
-    assert [j["SLURM_ARRAY_TASK_ID"] for j in jobs] == ["0", "1"]
-    assert all(j["SLURM_MEM_PER_NODE"] == "1024" and j["SLURM_JOB_PARTITION"] == "debug" for j in jobs)
-    assert "Comment=hldx-test" in slurm_cluster.run("scontrol", "show", "job", jobs[0]["SLURM_JOB_ID"])
+def test_a_stage_is_submitted_with_the_launcher_presets_keys(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """hldx.submit turns hydra/launcher=slurm_cpu and its overrides (a key the schema lacks among them) into the
+    stage's sbatch options: a 2-task array here."""
+    from hldx import config as C
+    from hldx.stages import Stage
+    from hldx.submit import executor
+
+    launcher = C.compose(["hydra/launcher=slurm_cpu", f"hydra.launcher.timeout_min={TIMEOUT_MIN}",
+                          "hydra.launcher.mem_gb=1", "hydra.launcher.partition=debug",
+                          "+hydra.launcher.additional_parameters.comment=hldx-test"], with_hydra=True).hydra.launcher
+    stage = Stage("cache", "test", slurm_environment, [0, 1])
+    jobs = executor(launcher, tmp_path, stage, None).map_array(stage.fn, stage.tasks)
+    envs = [job.result() for job in jobs]
+    assert len({e["SLURM_ARRAY_JOB_ID"] for e in envs}) == 1 and [e["SLURM_ARRAY_TASK_ID"] for e in envs] == ["0", "1"]
+    assert all(e["SLURM_MEM_PER_NODE"] == "1024" and e["SLURM_JOB_PARTITION"] == "debug" for e in envs)
+    assert all(e["SLURM_JOB_NAME"] == "hldx-cache-test" for e in envs)
+    assert "Comment=hldx-test" in slurm_cluster.run("scontrol", "show", "job", envs[0]["SLURM_JOB_ID"])

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from hldx import cli, data, job
+from hldx import cli, data, job, order
 from hldx import config as C
 from hldx.bench.building import build_bench
 from hldx.bench.loading import loader_bench
@@ -91,10 +91,10 @@ def bench(cfg: DictConfig) -> dict:
         torch.set_num_threads(b.threads)
     join(cfg, alone=parallel_mode(cfg, 1) != "none")  # FSDP2 for the 3.4B preset: a process group of one
     tokenizer = data.tokenizer_for(cfg)
-    full = data.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
+    full = order.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
     # One step's rows, read again round after round: what the bench caches stays small at 512-row steps.
     count = min(full.count, t.batch_size)
-    rows = data.Rows(full.tokens_RxL[:count], f"{full.digest}-{count}rows", full.path)
+    rows = order.Rows(full.tokens_RxL[:count], f"{full.digest}-{count}rows", full.path)
     setup = {"device": device_name(device), "torch": torch.__version__, "student": cfg.student.name,
              "teacher": cfg.teacher.model.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
              "precision": "bf16" if t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda") else "fp32",

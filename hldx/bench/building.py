@@ -10,14 +10,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from hldx import data
+from hldx import order
 from hldx.device import device_of
 from hldx.models import build_model, middle_layer
 from hldx.store import CacheSpec
 from hldx.teacher import OnlineTeacher, batch_rows, build_cache
 
 
-def build_bench(cfg: DictConfig, rows: data.Rows, tokenizer_digest: str, tmp: Path) -> dict:
+def build_bench(cfg: DictConfig, rows: order.Rows, tokenizer_digest: str, tmp: Path) -> dict:
     """tokens/s of the teacher's forward alone (tokens_per_s.build_forward) and of the whole build of a cache
     of top-k and hidden states for the same rows (tokens_per_s.build); ratio.build_forward, the second over the
     first (1: the build costs only the forward). One warm-up batch first."""
@@ -45,7 +45,7 @@ def build_bench(cfg: DictConfig, rows: data.Rows, tokenizer_digest: str, tmp: Pa
                      rows_per_shard=cfg.cache.rows_per_shard, rows=count, hidden_rows=count)
     built = OmegaConf.merge(cfg, {"cache": {"dir": str(tmp / "build")}})
     start = time.perf_counter()
-    build_cache(built, spec, data.Rows(rows.tokens_RxL[:count], rows.digest, rows.path), device, online=teacher)
+    build_cache(built, spec, order.Rows(rows.tokens_RxL[:count], rows.digest, rows.path), device, online=teacher)
     sync()
     build_s = time.perf_counter() - start
     tps = {"build_forward": count * L / forward_s, "build": count * L / build_s}

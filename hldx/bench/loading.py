@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from hldx import data
+from hldx import order
 from hldx.bench.steps import READS, method_flops, random_cache
 from hldx.device import device_of
 from hldx.loader import Loader
@@ -27,13 +27,13 @@ def loader_runs(cfg: DictConfig) -> dict[str, tuple[str, str, int]]:
             (m, h, n) for m in METHODS for h in (HIDDEN[:1] if m == "kd" else HIDDEN) for n in readers}
 
 
-def loader_bench(cfg: DictConfig, rows: data.Rows, tokenizer_digest: str, tmp: Path) -> dict:
+def loader_bench(cfg: DictConfig, rows: order.Rows, tokenizer_digest: str, tmp: Path) -> dict:
     """tokens/s of Loader.get over every step of the rows, for each of loader_runs(), the runs taking turns
     round by round (the order rotating); the median over bench.steps rounds after bench.warmup; and the
     ratios: over the tokens/s a student at plan.mfu of plan.peak_flops consumes (loader_gpu_*, one reader)
     and of cache.readers readers over one (loader_readers*)."""
     b, t = cfg.bench, cfg.train
-    batches = data.Batches(rows, t.batch_size)
+    batches = order.Batches(rows, t.batch_size)
     n, rounds = rows.count // t.batch_size, b.warmup + b.steps
     readers = {h: random_cache(cfg, rows, tmp / f"loader-{h}", tokenizer_digest, h) for h in HIDDEN}
     runs = loader_runs(cfg)

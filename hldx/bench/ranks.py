@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
-from hldx import data
+from hldx import order
 from hldx.bench.steps import method_phases
 from hldx.device import join
 from hldx.loader import Loader
@@ -24,9 +24,9 @@ from hldx.train import Trainer, _optimizer
 MODES = ("ddp", "fsdp")
 
 
-def _stepper(cfg: DictConfig, rows: data.Rows, rank: int, world: int, rounds: int):
+def _stepper(cfg: DictConfig, rows: order.Rows, rank: int, world: int, rounds: int):
     """A function of the round that runs one NLL step of this rank (its share B/world of the batch)."""
-    batches = data.Batches(rows, cfg.train.batch_size, rank, world)
+    batches = order.Batches(rows, cfg.train.batch_size, rank, world)
     trainer = Trainer(cfg, None, batches, None, Path("."), None, None)  # only its step() is called
     engine = trainer.engine(method_phases(cfg)["nll"], build_model(cfg.student, cfg.seed).train(), None)
     optimizer = _optimizer(cfg, engine.params, engine.extra, trainer.device)
@@ -40,7 +40,7 @@ def _worker(rank: int, world: int, port: int, cfg_yaml: str, rows: tuple, rounds
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     cfg = OmegaConf.create(cfg_yaml)
     join(cfg)
-    step = _stepper(cfg, data.Rows(*rows), rank, world, rounds)
+    step = _stepper(cfg, order.Rows(*rows), rank, world, rounds)
     while (r := conn.recv()) is not None:
         torch.distributed.barrier()
         start = time.perf_counter()
@@ -55,7 +55,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ranks_bench(cfg: DictConfig, rows: data.Rows) -> dict:
+def ranks_bench(cfg: DictConfig, rows: order.Rows) -> dict:
     """tokens/s of the NLL step on one rank (train.parallel=none) and on two ranks under each engine; ratios
     ratio.<mode>_single = two ranks' tokens/s over one rank's."""
     b, t = cfg.bench, cfg.train

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from hldx.progress import Progress
 
-from hldx import data
+from hldx import order
 from hldx.budget import flops_per_token
 from hldx.loader import Loader
 from hldx.methods import Phase, phases
@@ -43,7 +43,7 @@ def method_flops(cfg: DictConfig) -> dict[str, float]:
         for name, cost in flops_per_token(method_config(cfg, m)).items() if name != "data"}
 
 
-def random_cache(cfg: DictConfig, rows: data.Rows, root: Path, tokenizer_digest: str,
+def random_cache(cfg: DictConfig, rows: order.Rows, root: Path, tokenizer_digest: str,
                  hidden_dtype: str | None = None) -> CacheReader:
     """A teacher cache of all training rows holding random top-k logits (distinct ids, sorted values) and
     random hidden states, in the configured teacher's shapes and dtypes (hidden_dtype: another one)."""
@@ -125,13 +125,13 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, torch threads: {torch.get_num_threads()})"
 
 
-def train_steps(cfg: DictConfig, chosen: list[str], rows: data.Rows, reader: CacheReader | None, tokenizer,
+def train_steps(cfg: DictConfig, chosen: list[str], rows: order.Rows, reader: CacheReader | None, tokenizer,
                 device: torch.device, tmp: Path, sync_debug: bool = False
                 ) -> tuple[dict[str, list[float]], dict[str, float], Trainer]:
     """Seconds per step of each chosen run (and peak GiB on CUDA), measured by `measure`."""
     t, b = cfg.train, cfg.bench
     rounds = b.warmup + b.steps
-    batches = data.Batches(rows, t.batch_size)
+    batches = order.Batches(rows, t.batch_size)
     trainer = Trainer(cfg, None, batches, reader, tmp, tokenizer, None)  # only its step() is called
     model = build_model(cfg.student, cfg.seed).to(device).train()
     if t.compile:

@@ -1,7 +1,7 @@
 """The teacher-cache byte format: write, read, verify. It knows nothing of models, Hydra or the teacher: a
 cache is filled by any function from token rows to top-k logits and hidden states.
 
-A *row* r is row r of the training order (hldx.data.Rows): a run reads rows in sequence, so the rows of its
+A *row* r is row r of the training order (hldx.order.Rows): a run reads rows in sequence, so the rows of its
 first n steps are a prefix, and a cache holds exactly a prefix of rows per part: top-k logits for rows
 [0, spec.rows), hidden states for rows [0, spec.hidden_rows). A cache directory is named by its spec's
 identity (teacher, tokenizer, training order, seq_len, k, hidden layer, dtypes, rows_per_shard), not by its

@@ -32,7 +32,7 @@ class CacheSpec:
 
     teacher_digest: str
     tokenizer_digest: str
-    stream_digest: str        # the training rows (hldx.data.Rows), in their order
+    stream_digest: str        # the training rows (hldx.order.Rows), in their order
     seq_len: int
     k: int
     vocab_size: int

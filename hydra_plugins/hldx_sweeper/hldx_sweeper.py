@@ -69,7 +69,7 @@ class HldxSweeper(BasicSweeper):
         stage_logs = sweep_dir / "stages"
         before = [s for s in graph if s.name in ("tokenize", "order", "teacher", "cache")]
         after = [s for s in graph if s.name == "report"] if self.report else []
-        failed = submit.run_here(before, stage_logs)
+        failed = _keeping_hydra(submit.run_here, before, stage_logs)
         students = [s for s in graph if s.name == "student"]
         blocked = {s.job_name: failed[w] for s in students for w in s.after if w in failed}
         evaluate = [s.tasks[0] for s in graph if s.name == "eval" and f"hldx-student-{s.key}" not in
@@ -82,7 +82,7 @@ class HldxSweeper(BasicSweeper):
             self.validate_batch_is_legal(batch)
             returns.append(self.launcher.launch(batch, initial_job_idx=done))
             done += len(batch)
-        failed |= submit.run_here(after, stage_logs)
+        failed |= _keeping_hydra(submit.run_here, after, stage_logs)
         self._end(returns, done + len(before) + len(after) + len(blocked), failed, blocked)
         return returns
 
@@ -106,18 +106,25 @@ class HldxSweeper(BasicSweeper):
         from hldx.study import launch_plan
 
         (jobs,) = BasicSweeper.split_arguments(overrides, None)
-        state = Singleton.get_state()  # composing the jobs re-initialises Hydra's globals: keep the sweep's
+        launcher = self.config.hydra.launcher
+        ranks = int(launcher.get("nodes") or 1) * int(launcher.get("tasks_per_node") or 1)
+        target = "" if self.dry_run else launcher._target_  # dry: sbatch need not be on PATH
         try:
-            launcher = self.config.hydra.launcher
-            ranks = int(launcher.get("nodes") or 1) * int(launcher.get("tasks_per_node") or 1)
-            target = "" if self.dry_run else launcher._target_  # dry: sbatch need not be on PATH
-            self.planned = launch_plan(jobs, target, ranks)
+            self.planned = _keeping_hydra(launch_plan, jobs, target, ranks)
         except UserError as err:  # one message naming each bad job, exit status 2
             raise SystemExit(report("python -m hldx.run", err)) from None
-        finally:
-            Singleton.set_state(state)
         todo = [job for job, _, _ in self.planned]
         return list(self.split_overrides_to_chunks(todo, max_batch_size)) if todo else []
+
+
+def _keeping_hydra(fn, *args):
+    """fn(*args), Hydra's globals kept: composing a job's config re-initialises them, and the sweep's jobs
+    take their name and output directory from them."""
+    state = Singleton.get_state()
+    try:
+        return fn(*args)
+    finally:
+        Singleton.set_state(state)
 
 
 def _log_of(job: JobReturn) -> str:
