@@ -77,11 +77,12 @@ def completed(tasks: dict[str, int]) -> set[str]:
 
 
 def submit(graph: list[Stage], launcher: DictConfig, folder: Path, dry_run: bool) -> list[str]:
-    """Submit the stages not already queued or completed (tokenize and cache: SLURM's accounting says; a
+    """Submit the stages not already queued or completed (tokenize, order and cache: SLURM's accounting says; a
     student's completion is MLflow's, checked before), each with afterok on the SLURM ids of what it waits
     for; the lines saying what was (or, dry, would be) done."""
     ids = {} if dry_run else queued()
-    done = set() if dry_run else completed({s.job_name: len(s.tasks) for s in graph if s.name in ("tokenize", "order", "cache")})
+    once = {s.job_name: len(s.tasks) for s in graph if s.name in ("tokenize", "order", "cache")}
+    done = set() if dry_run else completed(once)
     lines = []
     for stage in graph:
         if stage.job_name in ids:

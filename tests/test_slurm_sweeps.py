@@ -43,7 +43,8 @@ TINY = ["train.seq_len=32", "train.batch_size=4", "data.max_train_tokens=32768",
         "eval.val_sequences=8", "eval.tasks=[val]", "method=kd", "budget.tokens=8192", "train.ckpt_every=4",
         "train.log_every=5"]  # 64 steps; a checkpoint every 4
 GRID = ["tau=0.5,1", "gamma=0.1,0.05"]
-SLURM = ["hydra/launcher=slurm_cpu", "hydra.launcher.tasks_per_node=2", "train.parallel=fsdp"]
+SLURM = ["hydra/launcher=slurm_cpu", "hydra.launcher.tasks_per_node=2", "train.parallel=fsdp",
+         "hydra.sweeper.report=false"]
 EXPERIMENT = "slurm-sweep"
 
 
@@ -120,7 +121,7 @@ def slurm_sweep(server, slurm_cluster, hldx_cache, tmp_path_factory) -> Sweep:  
 def test_sweep_launches_each_distinct_run_once_as_a_two_rank_job(slurm_sweep, slurm_cluster, server):  # noqa: F811
     assert "sweep: 4 job(s), 2 distinct, 0 finished already: launching 2" in slurm_sweep.log
     stages = [line.split("-")[1] for line in slurm_sweep.log.splitlines() if ": submitted as job" in line]
-    assert stages[-5:] == ["student", "student", "eval", "eval", "report"]  # after tokenize, [teacher,] cache
+    assert stages[-4:] == ["student", "student", "eval", "eval"]  # after tokenize, [teacher,] cache; no report
     runs = student_runs(server)
     assert sorted(r.info.run_name for r in runs) == ["kd|lr=4e-4|tau=0.5|alpha=0.7", "kd|lr=4e-4|tau=1|alpha=0.7"]
     assert {r.info.status for r in runs} == {"FINISHED"} and "eval/val_logppl" in runs[0].data.metrics
@@ -178,17 +179,18 @@ def test_a_two_node_job_ends_with_one_ranks_weights(slurm_two_nodes, tmp_path):
     docs = [json.loads(line)["text"] for line in gzip.open(ROOT / "hldx" / "corpus" / "train.jsonl.gz", "rt")]
     c4_shards(tmp_path / "c4", docs[:400], docs[400:440])
     job = ["train.seq_len=32", "train.batch_size=4", "data=c4", f"data.path={tmp_path / 'c4'}",
-           "data.max_train_tokens=32768", "eval.val_sequences=8", "eval.tasks=[val]", "method=nll", "budget.tokens=4096",
-           "train.log_every=8"]
+           "data.max_train_tokens=32768", "eval.val_sequences=8", "eval.tasks=[val]", "method=nll",
+           "budget.tokens=4096", "train.log_every=8"]
     args = [*job, "data.tasks=2", "train.parallel=fsdp", "hydra/launcher=slurm_cpu", "hydra.launcher.nodes=2",
-            "hydra.launcher.tasks_per_node=1", f"tracking.uri=sqlite:///{tmp_path}/two.db", f"paths.runs={tmp_path}/two",
-            f"paths.cache={tmp_path}/cache-array", f"hydra.sweep.dir={tmp_path}/m"]
+            "hydra.launcher.tasks_per_node=1", f"tracking.uri=sqlite:///{tmp_path}/two.db",
+            f"paths.runs={tmp_path}/two", f"paths.cache={tmp_path}/cache-array", f"hydra.sweep.dir={tmp_path}/m",
+            "hydra.sweeper.report=false"]
     env = {**os.environ, **slurm_two_nodes.env, "OMP_NUM_THREADS": "1"}
     launch = subprocess.run([sys.executable, "-m", "hldx.run", "-m", *args], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=120)
     assert launch.returncode == 0, launch.stderr[-3000:]
     submitted = dict(re.findall(r"(hldx-\S+): submitted as job (\d+)", launch.stdout))
-    assert [name.split("-")[1] for name in submitted] == ["tokenize", "order", "student", "eval", "report"]
+    assert [name.split("-")[1] for name in submitted] == ["tokenize", "order", "student", "eval"]
     assert re.search(r"hldx-tokenize-\S+: submitted as job \d+ \(2 tasks\)", launch.stdout), launch.stdout
     wait_until(lambda: "hldx-" not in slurm_two_nodes.run("squeue", "--noheader", "--format=%j"), 300,
                "the jobs to leave the queue", interval_s=1)
@@ -204,7 +206,8 @@ def test_a_two_node_job_ends_with_one_ranks_weights(slurm_two_nodes, tmp_path):
     print(f"\nthe two-node student (job {student}, nodes {nodes}):\n" + "\n".join(shown))
     assert nodes == "2|localhost,vm".replace("vm", slurm_two_nodes.node)
     assert any("node=0(2)" in line for line in shown) and any("node=1(2)" in line for line in shown)
-    assert {line.split(" on node ")[1] for line in shown if " joined (gloo" in line} == {"localhost", slurm_two_nodes.node}
+    joined = {line.split(" on node ")[1] for line in shown if " joined (gloo" in line}
+    assert joined == {"localhost", slurm_two_nodes.node}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: a matmul's sums in the same order
     try:

@@ -34,8 +34,8 @@ for _path in sorted(SWEEPS.glob("*.yaml")):
 class HldxSweeper(BasicSweeper):
     """BasicSweeper that runs the study's stage graph (see above) and every job it can: a failed job does not
     stop the others; at the end each failure is one line (its overrides, its cause, its log) and the exit
-    status is 1. `dry_run`: print the stages (on SLURM: the sbatch plan) and run nothing; `report`: write
-    the report (reports/<experiment>/) after the students here."""
+    status is 1. `dry_run`: print the stages (on SLURM: the sbatch plan) and run nothing; `report`: end with
+    the report stage (reports/<experiment>/)."""
 
     def __init__(self, max_batch_size: int | None, params: dict[str, str] | None = None, dry_run: bool = False,
                  report: bool = True) -> None:
@@ -51,7 +51,7 @@ class HldxSweeper(BasicSweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         self.split_arguments(parser.parse_overrides(params), self.max_batch_size)  # sets self.planned
         sweep_dir = Path(self.config.hydra.sweep.dir)
-        graph = stages(self.planned)
+        graph = [s for s in stages(self.planned) if self.report or s.name != "report"]
         if not graph:
             print("every run of the sweep has finished: nothing to do")
             return []
@@ -68,7 +68,7 @@ class HldxSweeper(BasicSweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         stage_logs = sweep_dir / "stages"
         before = [s for s in graph if s.name in ("tokenize", "order", "teacher", "cache")]
-        after = [s for s in graph if s.name == "report"] if self.report else []
+        after = [s for s in graph if s.name == "report"]
         failed = _keeping_hydra(submit.run_here, before, stage_logs)
         students = [s for s in graph if s.name == "student"]
         blocked = {s.job_name: failed[w] for s in students for w in s.after if w in failed}
