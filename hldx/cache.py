@@ -28,9 +28,7 @@ def build(overrides: list[str]) -> int:
 
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("-h", "--help"):
-        print(__doc__)
+    if (args := cli.command_args(argv, __doc__)) is None:
         return 0
     if args and args[0] == "build":
         return build(args[1:])

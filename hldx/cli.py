@@ -86,6 +86,15 @@ def _missing_option(text: str) -> str:
     return f"{group.replace('/', '.')}={option} is invalid: expected {allowed}"
 
 
+def command_args(argv: list[str] | None, doc: str) -> list[str] | None:
+    """A command's arguments; None, after printing `doc`, when it starts with --help."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-h", "--help"):
+        print(doc)
+        return None
+    return args
+
+
 def sweep_args(argv: list[str] | None, doc: str) -> list[str] | None:
     """The overrides of a command that takes a sweep (`-m` optional: it always expands one); None, after
     printing `doc`, when --help was asked for."""

@@ -169,9 +169,7 @@ def write(cfg: DictConfig, out: Path, seed: int = 0) -> dict[str, int]:
 
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("-h", "--help"):
-        print(__doc__)
+    if (args := cli.command_args(argv, __doc__)) is None:
         return 0
     if not args or "=" in args[0]:
         raise UserError("expected the directory to write into first: python -m hldx.demotasks DIR [<overrides>]")
