@@ -114,9 +114,9 @@ def documents(cfg: DictConfig, split: str, part: tuple[int, int] = (0, 1)) -> It
     if n > 1 and data.name == "c4" and _c4_local_dir(data) is None:
         raise ConfigError(f"data.tasks={n} is invalid for data.path={data.path}: tokenizing in parts needs local "
                           f"files (data.path=DIR), or data.tasks=1")
-    if data.name == "embedded" and i > 0:
-        return
     if data.name == "embedded":
+        if i > 0:  # one file: part 0's
+            return
         file = _embedded_file(data, split)
         with gzip.open(file, "rt", encoding="utf-8") as f:
             for n, line in enumerate(f, 1):

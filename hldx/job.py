@@ -23,7 +23,7 @@ from hldx.store import task_shards
 from hldx.train import Checkpoint, Trainer
 
 log = logging.getLogger("hldx")
-TRAINED = "trained"  # hldx.state of a run trained, not yet evaluated (its MLflow run SCHEDULED)
+TRAINED, EVALUATED = "trained", "evaluated"  # hldx.state: trained, not yet evaluated (MLflow: SCHEDULED); done
 FAILED = "failed.txt"  # in a run's directory: why it cannot succeed as configured (it diverged)
 
 
@@ -133,7 +133,7 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None,
         batches = order.Batches(rows, cfg.train.batch_size, rank, size)
         trainer = Trainer(cfg, plan, batches, source, run_dir, tokenizer, tracker.log if tracker else None,
                           tracker.run_id if tracker else None)
-        model = trainer.fit()  # its weights are in final/ already
+        trainer.fit()  # the weights are in final/
         if tracker is None:
             return {}
         tokenizer.save_pretrained(final)
@@ -143,7 +143,7 @@ def execute(cfg: DictConfig, role: str = "student", run_dir: Path | None = None,
             log.info("%s trained: %s | its evaluation is a stage of its own (MLflow run %s: SCHEDULED, "
                      "hldx.state=%s)", C.run_name(cfg), final, tracker.run_id, TRAINED)
             return {}
-        return _evaluate(cfg, model.to(device_of(cfg)), tokenizer, final, tracker, plan, role)
+        return _evaluate(cfg, tokenizer, final, tracker, plan, role)
 
 
 def evaluate_trained(cfg: DictConfig) -> dict[str, float]:
@@ -160,17 +160,17 @@ def evaluate_trained(cfg: DictConfig) -> dict[str, float]:
                           f"runs first)")
     tracker = tracking.Tracker(cfg, plan.run_key, "student")
     with _failing(tracker, None):
-        model = models.load_model(str(final)).to(device_of(cfg))
-        return _evaluate(cfg, model, data.tokenizer_for(cfg), final, tracker, plan, "student")
+        return _evaluate(cfg, data.tokenizer_for(cfg), final, tracker, plan, "student")
 
 
-def _evaluate(cfg: DictConfig, model, tokenizer, final: Path, tracker: tracking.Tracker, plan: RunPlan,
+def _evaluate(cfg: DictConfig, tokenizer, final: Path, tracker: tracking.Tracker, plan: RunPlan,
               role: str) -> dict[str, float]:
-    """Evaluate the run's final model, log it (with vs_kd/* for a student), finish its MLflow run."""
+    """Evaluate the run's final weights, log it (with vs_kd/* for a student), finish its MLflow run."""
+    model = models.load_model(str(final)).to(device_of(cfg))
     result = evaluation.evaluate(model.eval(), tokenizer, cfg)
     metrics = result.metrics
     tracker.log(metrics, sum(p.steps for p in plan.phases))
-    tracker.tag(**{"hldx.ckpt": str(final.resolve()), "hldx.state": "evaluated"}, **result.tags())
+    tracker.tag(**{"hldx.ckpt": str(final.resolve()), "hldx.state": EVALUATED}, **result.tags())
     if role == "student":
         tracker.compare_with_kd(cfg, metrics)
     tracker.finish()

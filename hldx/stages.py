@@ -106,12 +106,12 @@ def stages(planned: list[study.Planned]) -> list[Stage]:
     ids_bytes = 2 * (tokens or 0)  # uint16 ids
     graph = [Stage("tokenize", data_key, tokenize, [overrides], disk_bytes=ids_bytes)]
     if first.data.tasks > 1:  # an array over blocks of files, then their join and the training order
-        graph = [Stage("tokenize", data_key, tokenize_part, [(overrides, i) for i in range(first.data.tasks)],
-                       disk_bytes=ids_bytes),
-                 Stage("order", data_key, tokenize, [overrides], [f"hldx-tokenize-{data_key}"], disk_bytes=ids_bytes)]
+        parts = Stage("tokenize", data_key, tokenize_part, [(overrides, i) for i in range(first.data.tasks)],
+                      disk_bytes=ids_bytes)
+        graph = [parts, Stage("order", data_key, tokenize, [overrides], [parts.job_name], disk_bytes=ids_bytes)]
     data_ready = graph[-1].job_name  # what every job waits for first: the training order
-    trained = {r.run_key for _, c, r in planned if (Path(c.paths.runs) / r.run_key / "final").exists()}
-    training = [(j, c, r) for j, c, r in planned if r.run_key not in trained]  # trained: evaluation left only
+    training = [(j, c, r) for j, c, r in planned  # a run trained before: its evaluation left only
+                if not (Path(c.paths.runs) / r.run_key / "final").exists()]
     waits = {r.run_key: [data_ready] for _, _, r in training}  # NLL students wait for the data only
     by_teacher: dict[str, list[study.Planned]] = {}
     for j, c, r in training:  # the teacher's identity is its own: every seed and method of a study shares it
@@ -119,12 +119,12 @@ def stages(planned: list[study.Planned]) -> list[Stage]:
             by_teacher.setdefault(_teacher_id(c), []).append((j, c, r))
     for group in by_teacher.values():
         graph += _teacher_stages(group, data_ready, data_key, tokens, waits)
-    for j, c, r in training:
-        graph.append(Stage("student", r.run_key, train, [j], waits[r.run_key], gpu_hours=gpu_hours(r, throughput(c)[0]),
-                           disk_bytes=4 * count_parameters(c.student)["total"]))
-    for j, c, r in planned:
-        student = [] if r.run_key in trained else [f"hldx-student-{r.run_key}"]
-        graph.append(Stage("eval", r.run_key, evaluate, [j], student))
+    students = {r.run_key: Stage("student", r.run_key, train, [j], waits[r.run_key],
+                                 gpu_hours=gpu_hours(r, throughput(c)[0]),
+                                 disk_bytes=4 * count_parameters(c.student)["total"]) for j, c, r in training}
+    graph += students.values()
+    graph += [Stage("eval", r.run_key, evaluate, [j], [students[r.run_key].job_name] if r.run_key in students else [])
+              for j, _, r in planned]  # a run trained before: its evaluation alone
     exp = first.tracking.experiment
     command = [sys.executable, "-m", "analysis.report", "--experiment", exp, "--tracking-uri", first.tracking.uri,
                "--out", str(Path("reports") / exp)]

@@ -177,9 +177,9 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         return step_parts
 
-    def fit(self) -> nn.Module | None:
-        """Train every phase left (from the checkpoint, if there is one); the student at the end (on rank 0; the
-        other ranks get None: one copy of the weights on a node's host)."""
+    def fit(self) -> Path:
+        """Train every phase left (from the checkpoint, if there is one); where the student's final weights are
+        (HF format, written by rank 0: whoever needs them loads them, one copy on a node's host)."""
         cfg, n = self.cfg, len(self.plan.phases)
         resume = Checkpoint.load(self.run_dir) or Checkpoint(ranks=self.world)
         resume.check_ranks(self.run_dir, self.world)  # hldx.job checks it first; the Trainer stands alone too
@@ -194,7 +194,7 @@ class Trainer:
             for index in range(resume.phase, n):
                 start = resume.step if index == resume.phase else 0
                 self._run_phase(index, phases(cfg)[index], self.plan.phases[index], start, bar)
-        return load_model(str(start_dir(self.run_dir, n, n))) if self.rank == 0 else None
+        return start_dir(self.run_dir, n, n)
 
     def _run_phase(self, index: int, phase: Phase, plan: PhasePlan, start: int, bar) -> None:
         cfg, device, n = self.cfg, self.device, len(self.plan.phases)

@@ -72,8 +72,8 @@ class HldxSweeper(BasicSweeper):
         failed = _keeping_hydra(submit.run_here, before, stage_logs)
         students = [s for s in graph if s.name == "student"]
         blocked = {s.job_name: failed[w] for s in students for w in s.after if w in failed}
-        evaluate = [s.tasks[0] for s in graph if s.name == "eval" and f"hldx-student-{s.key}" not in
-                    {t.job_name for t in students}]  # trained before: the job evaluates it without training
+        # An eval stage waiting for no student: a run trained before, which its job evaluates without training.
+        evaluate = [s.tasks[0] for s in graph if s.name == "eval" and not s.after]
         todo = [s.tasks[0] for s in students if s.job_name not in blocked] + evaluate
         self.overrides = list(self.split_overrides_to_chunks(todo, self.max_batch_size)) if todo else []
         returns, done = [], 0
