@@ -100,9 +100,17 @@ def source_spec(cfg: DictConfig, split: str) -> dict:
 
 
 def check(cfg: DictConfig) -> None:
-    """Raise ConfigError for a bad data.name or data.path (both splits), without reading any text."""
+    """Raise ConfigError for a bad data.name or data.path (both splits) or data.tasks, without reading any text."""
     for split in SPLITS:
         source_spec(cfg, split)
+    _check_parts(cfg.data, cfg.data.tasks)
+
+
+def _check_parts(data: DictConfig, parts: int) -> None:
+    """Tokenizing in several parts needs the files on disk."""
+    if parts > 1 and data.name == "c4" and _c4_local_dir(data) is None:
+        raise ConfigError(f"data.tasks={parts} is invalid for data.path={data.path}: tokenizing in parts needs "
+                          f"local files (data.path=DIR), or data.tasks=1")
 
 
 def documents(cfg: DictConfig, split: str, part: tuple[int, int] = (0, 1)) -> Iterator[str]:
@@ -111,9 +119,7 @@ def documents(cfg: DictConfig, split: str, part: tuple[int, int] = (0, 1)) -> It
     _check_split(split)
     data = cfg.data
     i, n = part
-    if n > 1 and data.name == "c4" and _c4_local_dir(data) is None:
-        raise ConfigError(f"data.tasks={n} is invalid for data.path={data.path}: tokenizing in parts needs local "
-                          f"files (data.path=DIR), or data.tasks=1")
+    _check_parts(data, n)
     if data.name == "embedded":
         if i > 0:  # one file: part 0's
             return

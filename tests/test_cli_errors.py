@@ -32,6 +32,8 @@ BAD = [
     (["hldx.bench", "bench.methods=[nll,fast]"], "bench.methods=['nll', 'fast'] is invalid: expected a non-empty list"),
     (["analysis.report", "--runs-csv", "/no/such.csv", "--out", "/tmp/x"], "--runs-csv /no/such.csv is invalid"),
     (["analysis.report", "--out"], "argument --out: expected one argument"),
+    (["hldx.run", "-m", "data=c4", "data.tasks=2", "hydra/launcher=slurm_cpu", "hydra.sweeper.dry_run=true"],
+     "data.tasks=2 is invalid for data.path=allenai/c4: tokenizing in parts needs local files"),
     (["hldx.run", "eval=full", "eval.local_dir=/no/such/dir"],
      "eval=full needs every task's data, and it cannot be read for wikitext (fix: write /no/such/dir/wikitext103.jsonl)"),
 ]
