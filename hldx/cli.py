@@ -105,6 +105,19 @@ def sweep_args(argv: list[str] | None, doc: str) -> list[str] | None:
     return args
 
 
+def output_file(key: str, value: str):
+    """The path an output switch (plan.json, eval.json, bench.json) names, its directory made before any work;
+    UserError if it cannot be."""
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{key}={value} is invalid: its directory cannot be made ({err.strerror})") from None
+    return path
+
+
 def report(prog: str, err: BaseException) -> int:
     """Print the one-line form of a user's mistake and return exit status 2; re-raise anything else."""
     line = explain(err)
