@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import subprocess
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from hldx.cli import failure_line
 from hldx.errors import RunFailed, UserError
+from hldx.progress import SweepLine, into_log
 from hldx.stages import CPU_STAGES, ONE_PROCESS, Stage
 
 log = logging.getLogger("hldx")
@@ -111,30 +113,39 @@ def submit(graph: list[Stage], launcher: DictConfig, folder: Path, dry_run: bool
 
 # ---- here -------------------------------------------------------------------------------------------------
 
-def run_here(graph: list[Stage], logs: Path) -> dict[str, str]:
+def run_here(graph: list[Stage], logs: Path, line: SweepLine | None = None) -> dict[str, str]:
     """The stages in order in this process, each logging also to logs/<its job name>.log; a stage that fails
     does not stop the others, but what waits for it (afterok) does not run. {job name: why} of the stages that
-    failed or did not run; a bug's traceback goes to the stage's log only."""
+    failed or did not run; a bug's traceback goes to the stage's log only. `line`: a quiet sweep's terminal,
+    told of each stage's end; all the stage writes goes to its log alone."""
     failed: dict[str, str] = {}
     for stage in graph:
         if stage.ok and (blocked := [name for name in stage.after if name in failed]):
             failed[stage.job_name] = f"not run: {blocked[0]} did not complete"
+            if line:
+                line.ended_job(f"stage {stage.name}", failed[stage.job_name], ok=False, run=False)
             continue
         logs.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(logs / f"{stage.job_name}.log")
+        path = logs / f"{stage.job_name}.log"
+        handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger().addHandler(handler)
+        if line:
+            line.started(f"stage {stage.name}")
         try:
-            for i, task in enumerate(stage.tasks):
-                of = f" task {i} of {len(stage.tasks)}" if len(stage.tasks) > 1 else ""
-                log.info("stage %s%s", stage.job_name, of)
-                stage.fn(task)
+            with into_log(path) if line else nullcontext():
+                for i, task in enumerate(stage.tasks):
+                    of = f" task {i} of {len(stage.tasks)}" if len(stage.tasks) > 1 else ""
+                    log.info("stage %s%s", stage.job_name, of)
+                    stage.fn(task)
         except Exception as err:  # noqa: BLE001 - reported in one line; a bug's traceback in the stage's log
             if not isinstance(err, (UserError, RunFailed)):
                 handler.handle(logging.LogRecord("hldx", logging.ERROR, __file__, 0, "%s",
                                                  (traceback.format_exc(),), None))
-            failed[stage.job_name] = f"{failure_line(err)} (log: {logs / f'{stage.job_name}.log'})"
+            failed[stage.job_name] = f"{failure_line(err)} (log: {path})"
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
+        if line:
+            line.ended_job(f"stage {stage.name}", failed.get(stage.job_name, ""), stage.job_name not in failed, run=False)
     return failed

@@ -58,6 +58,9 @@ def test_a_sweep_runs_every_job_and_names_each_failure(tiny, tmp_path):
     assert lines[-2] == "1 of 3 jobs and stages failed or did not run; the others ran:"  # tokenize and 2 jobs
     assert "lr=1e+30" in lines[-1] and ": diverged at step 2" in lines[-1]
     assert lines[-1].endswith(f"(log: {tmp_path}/sweep/0/run.log)")
+    shown = sweep.stdout.splitlines()  # the terminal: a line per job as it ends, the sweep's state
+    assert shown[-3].startswith("FAILED nll|lr=1e30  diverged at step 2") and shown[-2].startswith("done   nll|lr=4e-4")
+    assert shown[-1].startswith(f"sweep {tmp_path}/sweep: 2/3 done, 1 failed | ")
     assert {(r.data.params["lr"], r.info.status) for r in runs_of(tiny)} == {("1e+30", "FAILED"),
                                                                                ("0.0004", "FINISHED")}
 

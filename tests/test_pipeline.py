@@ -78,7 +78,7 @@ def test_one_teacher_and_one_cache_per_distinct_teacher_whatever_the_seeds(tiny,
 @pytest.mark.slow
 def test_the_stages_run_in_order_here_and_a_finished_study_does_nothing(tiny, tmp_path):
     args = [*tiny, *STUDY, f"paths.cache={tmp_path}/cache", f"hydra.sweep.dir={tmp_path}/m"]
-    done = hldx_run(args, tmp_path, timeout=900)
+    done = hldx_run(args + ["--verbose"], tmp_path, timeout=900)  # all the stages and jobs write, on the terminal
     assert done.returncode == 0, done.stdout[-3000:]
     order = [line.split("stage hldx-")[1].split("-")[0] if "stage hldx-" in line else "student"
              for line in done.stdout.splitlines() if "stage hldx-" in line or "] - nll|" in line or "] - kd|" in line]
