@@ -58,9 +58,11 @@ def check(cfg: DictConfig, launch: bool = True, ranks: int | None = None) -> Run
 
 def check_inputs(cfg: DictConfig) -> None:
     """Every path a job reads that must exist before it starts (data.path and teacher.ckpt have their own checks):
-    eval.local_dir, plan.bench, the directory of a sqlite tracking store and of cache.dir (hldx creates the store
-    and the cache, not where they live: a mistyped one would silently start a study afresh)."""
-    if cfg.eval.local_dir is not None and not Path(cfg.eval.local_dir).expanduser().is_dir():
+    eval.local_dir (where a task of eval.tasks reads it), plan.bench, the directory of a sqlite tracking store and
+    of cache.dir (hldx creates the store and the cache, not where they live: a mistyped one would silently start
+    a study afresh)."""
+    reads = cfg.eval.local_dir is not None and any(task != "val" for task in cfg.eval.tasks)  # val: the corpus's
+    if reads and not Path(cfg.eval.local_dir).expanduser().is_dir():
         raise ConfigError(f"eval.local_dir={cfg.eval.local_dir} is invalid: expected an existing directory of the "
                           f"tasks' JSONL files (python -m hldx.demotasks DIR writes the demo's), or eval.local_dir=null")
     if cfg.plan.bench:

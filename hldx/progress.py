@@ -125,7 +125,7 @@ class SweepLine:
     def _draw(self) -> None:
         if self.live:
             try:
-                width = os.get_terminal_size(self.out.fileno()).columns
+                width = os.get_terminal_size(self.out.fileno()).columns or 80  # 0: a terminal that has not said
             except OSError:
                 width = 80
             self.out.write(f"\r\033[K{self.state()[:width - 1]}")

@@ -60,14 +60,14 @@ def sweep_settings(overrides: list[str]) -> DictConfig:
     return C.compose(sources, with_hydra=True).hydra
 
 
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
+def expand_sweep(overrides: list[str], settings: DictConfig | None = None) -> list[list[str]]:
     """Hydra's own expansion of a sweep into one override list per job, as hldx's sweeper launches it: the
     grid of a sweep config (hydra.sweeper.params, e.g. from +sweep=NAME), then the command line's
-    overrides (a=1,2 b=x,y), which win for a key given in both."""
+    overrides (a=1,2 b=x,y), which win for a key given in both. `settings`: sweep_settings(overrides), if made."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    params = sweep_settings(overrides).sweeper.get("params") or {}
+    params = (settings or sweep_settings(overrides)).sweeper.get("params") or {}
     try:
         parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
     except Exception as err:  # noqa: BLE001 - an override Hydra cannot parse

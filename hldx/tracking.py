@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
+from hldx.cli import log_file
 from hldx.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,16 @@ def find_run(mlflow: MlflowClient, experiment: str, key: str):
     return runs[0] if runs else None
 
 
+def all_runs(mlflow: MlflowClient, experiment: str) -> list:
+    """Every run of the experiment (id), page after page."""
+    runs, token = [], None
+    while True:
+        page = mlflow.search_runs([experiment], max_results=1000, page_token=token)
+        runs.extend(page)
+        if not (token := page.token):
+            return runs
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():
@@ -76,13 +87,16 @@ class Tracker:
         if run_id is None:
             previous = find_run(self.mlflow, self.experiment, key)
             run_id = previous.info.run_id if previous and previous.info.status != "FINISHED" else None
+        logged = {"hldx.log": where} if (where := log_file()) else {}  # where this job's log is (hldx.status)
         if run_id is not None:
             self.run_id = run_id
             self.mlflow.update_run(run_id, status="RUNNING")
+            self.tag(**logged)
             log.info("resuming MLflow run %s", run_id)
             return
         tags = {"hldx.method": cfg.method.name, "hldx.student": cfg.student.name,
-                "hldx.hp_key": C.hp_key(cfg) if role == "student" else role, "hldx.run_key": key, "hldx.role": role}
+                "hldx.hp_key": C.hp_key(cfg) if role == "student" else role, "hldx.run_key": key, "hldx.role": role,
+                **logged}
         self.run_id = self.mlflow.create_run(self.experiment, run_name=run_name(cfg, role), tags=tags).info.run_id
         params = {"method": cfg.method.name, "student": cfg.student.name, "seed": cfg.seed,
                   **{k: v for k, v in C.hparams(cfg).items() if v is not None}}

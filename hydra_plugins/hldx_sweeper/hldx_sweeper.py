@@ -83,17 +83,19 @@ class HldxSweeper(BasicSweeper):
         names = {tuple(job): run_name(cfg) for job, cfg, _ in self.planned}
         total = len(before) + len(after) + len(students) + len(evaluate)  # jobs and stages
         line = SweepLine(total, f"sweep {sweep_dir}") if quiet else None
-        with into_log(sweep_dir / "sweep.log") if quiet else nullcontext():
-            failed = _keeping_hydra(submit.run_here, before, stage_logs, line)
-            blocked = {s.job_name: failed[w] for s in students for w in s.after if w in failed}
-            for s in students:
-                if line and s.job_name in blocked:
-                    line.ended_job(names[tuple(s.tasks[0])], f"not run: {blocked[s.job_name]}", ok=False)
-            todo = [s.tasks[0] for s in students if s.job_name not in blocked] + evaluate
-            returns = self._launch(todo, names, line)
-            failed |= _keeping_hydra(submit.run_here, after, stage_logs, line)
-        if line:
-            line.close()
+        try:
+            with into_log(sweep_dir / "sweep.log") if quiet else nullcontext():
+                failed = _keeping_hydra(submit.run_here, before, stage_logs, line)
+                blocked = {s.job_name: failed[w] for s in students for w in s.after if w in failed}
+                for s in students:
+                    if line and s.job_name in blocked:
+                        line.ended_job(names[tuple(s.tasks[0])], f"not run: {blocked[s.job_name]}", ok=False)
+                todo = [s.tasks[0] for s in students if s.job_name not in blocked] + evaluate
+                returns = self._launch(todo, names, line)
+                failed |= _keeping_hydra(submit.run_here, after, stage_logs, line)
+        finally:
+            if line:
+                line.close()
         self._end(returns, total, failed, blocked)
         return returns
 
