@@ -18,6 +18,7 @@ sweep's stages/ folder, where the sweep itself named it.
 from __future__ import annotations
 
 import pickle
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -185,7 +186,7 @@ def _slurm_cause(record: submit.Record | None, state: str) -> str:
     return WHY.get(state, state)
 
 
-def summary(jobs: list[Job], slurm: bool) -> list[str]:
+def summary(jobs: list[Job], slurm: bool, gpus: bool) -> list[str]:
     """The table (a row per stage and per method of the students), the failed jobs, the hours and the time left."""
     rows: dict[str, dict[str, int]] = {}
     for job in jobs:
@@ -201,22 +202,23 @@ def summary(jobs: list[Job], slurm: bool) -> list[str]:
     else:
         spent = f"hours: {sum(j.hours for j in jobs):.4g} spent (MLflow: the runs' time, here)"
     lines.append(f"{spent} against {planned:.4g} GPU-hours planned (python -m hldx.plan)")
-    lines.append(time_left(jobs, slurm))
+    lines.append(time_left(jobs, slurm and gpus))
     return lines
 
 
-def time_left(jobs: list[Job], slurm: bool) -> str:
+def time_left(jobs: list[Job], plan_pace: bool) -> str:
     """The time left: the planned GPU-hours of what is still to run, at the pace the finished students kept
-    (elapsed over planned; on SLURM without one finished: the plan's), shared by the jobs running now."""
+    (elapsed over planned; before one has finished, the plan's if `plan_pace`: on GPUs), shared by the jobs
+    running now."""
     left = [j for j in jobs if j.state in (RUNNING, PENDING, NOT_LAUNCHED)]
     if not left:
         return "time left: none" if not any(j.state == FAILED for j in jobs) else \
             "time left: none but for the failed jobs (python -m hldx.run -m with the same overrides reruns them)"
     done = [j for j in jobs if j.stage.name == "student" and j.state == FINISHED and j.hours > 0]
     planned = sum(j.planned_hours for j in done)
-    pace = sum(j.hours for j in done) / planned if done and planned > 0 else (1.0 if slurm else None)
+    pace = sum(j.hours for j in done) / planned if done and planned > 0 else (1.0 if plan_pace else None)
     if pace is None:
-        return "time left: not known until a student has finished here"
+        return "time left: not known until a student has finished (the plan's GPU-hours are for GPUs)"
     running = max(1, sum(j.state == RUNNING for j in jobs))
     hours = sum(j.planned_hours for j in left) * pace / running
     how = f"at the pace of {len(done)} finished student(s)" if done else "at the plan's GPU-hours"
@@ -241,13 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise study.refusal(bad, len(jobs), " in the sweep")
     slurm = settings.launcher._target_.endswith("SlurmLauncher")
+    if slurm and not all(shutil.which(command) for command in ("squeue", "sacct")):
+        raise ConfigError("hydra/launcher submits to SLURM, but squeue or sacct is not on PATH: ask where the study "
+                          "was launched (a SLURM login node)")
     graph = [s for s in stages.stages(planned, whole=True) if settings.sweeper.report or s.name != "report"]
     cfg = planned[0][1]
     assessed = Study(planned, graph, slurm).jobs()
     where = "on SLURM" if slurm else "here"
     print(f"study {cfg.tracking.experiment!r} ({cfg.tracking.uri}), {where}: {len(jobs)} jobs in the grid, "
           f"{len(planned)} distinct runs")
-    print("\n".join(summary(assessed, slurm)))
+    print("\n".join(summary(assessed, slurm, bool(settings.launcher.get("gpus_per_node")))))
     if any(j.state == FAILED for j in assessed):
         return 1
     return 0 if all(j.state == FINISHED for j in assessed) else 3

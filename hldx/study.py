@@ -80,16 +80,22 @@ def plan_jobs(jobs: list[list[str]], launch: bool = False, ranks: int | None = N
     """The distinct jobs (the first of each run_key) with their config and plan, and an error line per bad one.
     Every distinct job passes hldx.job.check (on `ranks` ranks each); `launch`: also what a job needs to run
     (its teacher checkpoint and every input path, data enough for its epochs). A job that differs from an
-    earlier one only in hyperparameters its method ignores is that job again: neither checked nor counted."""
-    planned, errors, seen, kept, compose = [], [], {}, set(), C.Composer()
+    earlier one only in hyperparameters its method ignores is that job again: neither composed, checked nor
+    counted."""
+    planned, errors, seen, kept, compose = [], [], set(), set(), C.Composer()
     shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()  # not repeated in each error line
     for job in jobs:
         try:
-            cfg = compose(job)
-            key = C.run_key(cfg)
-            if key in seen and _same_run(job, seen[key], cfg.method.name):
+            cfg, method = None, dict(o.split("=", 1) for o in job if "=" in o).get("method")
+            if method not in C.USES:  # the default method, or a bad one: its config says
+                cfg = compose(job)
+                method = cfg.method.name
+            ignored = set(C.HPARAMS) - set(C.USES[method])
+            same = frozenset(o for o in job if o.split("=", 1)[0].lstrip("+~") not in ignored)
+            if same in seen:
                 continue
-            seen.setdefault(key, job)
+            seen.add(same)
+            cfg = cfg or compose(job)
             run = J.check(cfg, launch=False, ranks=ranks)
             if launch:
                 teacher.check(cfg, launch=True)
@@ -102,12 +108,6 @@ def plan_jobs(jobs: list[list[str]], launch: bool = False, ranks: int | None = N
             kept.add(run.run_key)
             planned.append((job, cfg, run))
     return planned, errors
-
-
-def _same_run(job: list[str], other: list[str], method: str) -> bool:
-    """Whether two jobs' overrides differ only in hyperparameters `method` ignores."""
-    a, b = (dict(o.split("=", 1) for o in j if "=" in o) for j in (job, other))
-    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} <= set(C.HPARAMS) - set(C.USES[method])
 
 
 def plan_sweep(overrides: list[str]) -> tuple[list[RunPlan], list[str]]:

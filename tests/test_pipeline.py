@@ -158,6 +158,10 @@ def test_the_study_on_slurm_as_dependent_jobs(slurm_cluster, server, hldx_cache,
             f"paths.cache={tmp_path}/cache", "cache.rows_per_shard=32", "hydra/launcher=slurm_cpu",
             "hydra.launcher.timeout_min=60",
             f"hydra.sweep.dir={tmp_path}/multirun"]
+    def show(text: str) -> None:  # on the terminal (-s), not into what capsys reads of hldx.status
+        with capsys.disabled():
+            print(text)
+
     t0 = time.time()
     report = f"hldx-report-{C.digest('pipeline')}"  # the study's report stage: out of time after a minute
     slurm_cluster.run("sbatch", f"--job-name={report}", "--time=1", f"--output={tmp_path}/%j.out", "--wrap=sleep 600")
@@ -172,14 +176,14 @@ def test_the_study_on_slurm_as_dependent_jobs(slurm_cluster, server, hldx_cache,
     assert again.returncode == 0 and ": submitted as job" not in again.stdout, again.stdout  # nothing twice
     assert status.main(["-m", *args, "hydra.sweeper.report=false"]) == 1  # running, waiting, one task cancelled
     shown = capsys.readouterr().out.splitlines()
-    print("\nhldx.status while the study runs:\n" + "\n".join(shown))
+    show("\nhldx.status while the study runs:\n" + "\n".join(shown))
     counts = stage_counts(shown)
     assert sum(n[1] + n[2] for n in counts.values()) >= 1 and counts["eval"][0] == 0, shown  # running or pending
     assert f"  hldx-cache-{cache_line.split('-')[2].split(':')[0]} task 1: CANCELLED before it started (scancel)" \
         in "\n".join(shown)
     jobs = _drained(slurm_cluster, first, 7)  # the cancelled task never ran: SLURM's accounting has no record of it
-    print(f"\nthe demo study on SLURM, a cache task cancelled: {len(jobs)} jobs, {time.time() - t0:.1f} s\n"
-          + _timeline(jobs))
+    show(f"\nthe demo study on SLURM, a cache task cancelled: {len(jobs)} jobs, {time.time() - t0:.1f} s\n"
+         + _timeline(jobs))
     kd = [line.split(":")[0].removeprefix("hldx-student-") for line in submitted
           if line.startswith("hldx-student-") and line.endswith(f"afterok:{array}")]  # the students of the cache
     assert len(kd) == 2
@@ -193,7 +197,7 @@ def test_the_study_on_slurm_as_dependent_jobs(slurm_cluster, server, hldx_cache,
     t = time.monotonic()
     assert status.main(["-m", *args]) == 1
     shown = capsys.readouterr().out.splitlines()
-    print(f"hldx.status after it, {time.monotonic() - t:.1f} s:\n" + "\n".join(shown))
+    show(f"hldx.status after it, {time.monotonic() - t:.1f} s:\n" + "\n".join(shown))
     assert stage_counts(shown) == {"tokenize": [1, 0, 0, 0, 0], "teacher": [1, 0, 0, 0, 0], "cache": [1, 0, 0, 1, 0],
                                    "student kd": [0, 0, 0, 2, 0], "eval": [0, 0, 0, 2, 0], "report": [0, 0, 0, 1, 0]}
     failed = shown[shown.index("failed (6):") + 1:][:6]
@@ -215,7 +219,7 @@ def test_the_study_on_slurm_as_dependent_jobs(slurm_cluster, server, hldx_cache,
     counts = stage_counts(capsys.readouterr().out.splitlines())
     assert counts["student kd"][1] + counts["student kd"][2] == 2 and counts["report"] == [0, 0, 1, 0, 0]
     jobs = _drained(slurm_cluster, relaunch, 7)
-    print(f"the relaunch: {len(jobs)} jobs, {time.time() - t1:.1f} s\n" + _timeline(jobs))
+    show(f"the relaunch: {len(jobs)} jobs, {time.time() - t1:.1f} s\n" + _timeline(jobs))
     assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in shards.items())  # task 0's shards, untouched
     cache, students, evals = _stage(jobs, "cache"), _stage(jobs, "student"), _stage(jobs, "eval")
@@ -234,5 +238,5 @@ def test_the_study_on_slurm_as_dependent_jobs(slurm_cluster, server, hldx_cache,
     assert "every run of the sweep has finished: nothing to do" in done.stdout, done.stdout
     assert status.main(["-m", *args]) == 0
     shown = capsys.readouterr().out.splitlines()
-    print("hldx.status at the end:\n" + "\n".join(shown))
+    show("hldx.status at the end:\n" + "\n".join(shown))
     assert all(n[1:] == [0, 0, 0, 0] for n in stage_counts(shown).values()) and shown[-1] == "time left: none"

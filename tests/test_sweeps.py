@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from slurm_cluster import free_port
 
 from hldx import config as C
+from hldx import status
 from hldx.budget import flops_per_token
 from hldx.plan import main
 from hldx.study import expand_sweep, launch_plan, plan_sweep
@@ -113,11 +114,13 @@ def test_a_refused_sweep_counts_the_distinct_jobs_of_each_cause():
     assert cause.startswith("  teacher.ckpt=/no/teacher holds no checkpoint") and "(20 jobs, e.g. method=kd " in cause
 
 
-def test_missing_sbatch_is_named_at_launch(tiny, monkeypatch):
+def test_missing_sbatch_is_named_at_launch(tiny, monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(C.ConfigError, match="sbatch is not on PATH"):
         check_sweep(expand_sweep(tiny + ["method=nll"]), SLURM_LAUNCHER)
     assert check_sweep(expand_sweep(tiny + ["method=nll"])) != []  # the local launcher needs none
+    assert status.main(["-m", *tiny, "method=nll", "hydra/launcher=slurm_cpu"]) == 2  # nor does hldx.status here
+    assert "hydra/launcher submits to SLURM, but squeue or sacct is not on PATH" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("server", ["closed", "mute"])
