@@ -5,7 +5,7 @@ BIN      = $(VENV)/bin
 # Without a GPU, take the CPU build of torch (a plain `pip install torch` may pull a multi-GB CUDA build).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.5" || echo "torch==2.13.0")
 
-.PHONY: setup test-setup demo test gpu-check
+.PHONY: setup test-setup demo mini test gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,16 @@ demo: setup
 	$(DEMO) method=kd,hldc,hldf seed=1 hydra.sweep.dir=multirun/demo-1 & b=$$!; \
 	wait $$a || s=1; wait $$b || s=1; \
 	$(BIN)/python -m analysis.report --experiment demo --out reports/demo; exit $$s  # over what finished
+
+# The paper's protocol in miniature (sweeps/mini.yaml: 126 runs, two at a time), then its results page from the
+# MLflow store (docs/mini-study.md), whatever failed. The same command after an interrupt finishes only the rest.
+# MINI: more overrides of the study (a cut-down one in tests/test_mini.py); MINI_PAGE: where the page goes.
+MINI      ?=
+MINI_PAGE ?= docs/mini-study.md
+mini: setup
+	$(BIN)/python -m hldx.demotasks .hldx/demo-tasks
+	s=0; $(BIN)/python -m hldx.run -m +sweep=mini $(MINI) || s=1; \
+	$(BIN)/python -m analysis.page --experiment mini --out $(MINI_PAGE) --command "make mini" || s=1; exit $$s
 
 test: test-setup
 	$(BIN)/lint-imports
