@@ -73,43 +73,43 @@ class SweepLine:
     why it failed, its time) and one live line below them (jobs done, running and failed, the time elapsed and
     left), redrawn in place every second on a terminal; elsewhere (a pipe, a file) each job's line ends with
     where the sweep is instead. It writes to the terminal the process had when it was made, whatever `into_log`
-    does meanwhile."""
+    does meanwhile. `at_once`: jobs the launcher runs side by side."""
 
-    def __init__(self, total: int, name: str = "sweep"):
+    def __init__(self, total: int, name: str = "sweep", at_once: int = 1):
         self.out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
         self.live = self.out.isatty()
-        self.total, self.name, self.start = total, name, time.monotonic()
+        self.total, self.name, self.at_once, self.start = total, name, max(1, at_once), time.monotonic()
         self.ended: list[tuple[bool, float, bool]] = []   # (ok, seconds, a run: not a stage)
-        self.current: tuple[str, float] | None = None      # what runs, since when
+        self.running: dict[str, float] = {}                # what runs, since when
         self.lock = threading.Lock()
         self.stop = threading.Event()
         if self.live:
             threading.Thread(target=self._tick, daemon=True).start()
 
-    def started(self, what: str) -> None:
+    def started(self, *what: str) -> None:
         with self.lock:
-            self.current = (what, time.monotonic())
+            self.running |= dict.fromkeys(what, time.monotonic())
             self._draw()
 
     def ended_job(self, what: str, result: str, ok: bool = True, run: bool = True) -> None:
         """A job ended: `result` is its headline metric, or why it failed; `run`: a run, not a stage."""
         with self.lock:
-            seconds = time.monotonic() - self.current[1] if self.current else 0.0
-            self.current = None
+            since = self.running.pop(what, None)
+            seconds = time.monotonic() - since if since is not None else 0.0
             self.ended.append((ok, seconds, run))
             line = f"{'done  ' if ok else 'FAILED'} {what}{f'  {result}' if result else ''}  ({_clock(seconds)})"
             self._print(line if self.live else f"{line}  [{self.state()}]")
 
     def state(self) -> str:
-        """Jobs done and failed of all, the time elapsed and left (the runs' mean time for each job left: the
-        stages before them, a teacher's, a cache's, are not like them), and what runs."""
+        """Jobs done and failed of all, the time elapsed and left (the runs' mean time for each job left, `at_once`
+        at a time: the stages before them, a teacher's, a cache's, are not like them), and what runs."""
         done, failed = sum(ok for ok, _, _ in self.ended), sum(not ok for ok, _, _ in self.ended)
         runs = [s for _, s, run in self.ended if run]
         now, left = time.monotonic(), self.total - len(self.ended)
-        running = now - self.current[1] if self.current else 0.0
-        eta = _clock(max(0.0, sum(runs) / len(runs) * left - running)) if runs or not left else "--"
+        running = max((now - t for t in self.running.values()), default=0.0)
+        eta = _clock(max(0.0, sum(runs) / len(runs) * left / self.at_once - running)) if runs or not left else "--"
         return (f"{self.name}: {done}/{self.total} done, {failed} failed | {_clock(now - self.start)} elapsed, "
-                f"ETA {eta}" + (f" | running {self.current[0]}" if self.current else ""))
+                f"ETA {eta}" + (f" | running {', '.join(self.running)}" if self.running else ""))
 
     def close(self) -> None:
         """The live line's last state, as a line of its own."""

@@ -11,6 +11,7 @@ evaluates), then the report. Hydra imports this module when it starts (plugin di
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -82,7 +83,7 @@ class HldxSweeper(BasicSweeper):
         evaluate = [s.tasks[0] for s in graph if s.name == "eval" and not s.after]
         names = {tuple(job): run_name(cfg) for job, cfg, _ in self.planned}
         total = len(before) + len(after) + len(students) + len(evaluate)  # jobs and stages
-        line = SweepLine(total, f"sweep {sweep_dir}") if quiet else None
+        line = SweepLine(total, f"sweep {sweep_dir}", _at_once(launcher)) if quiet else None
         try:
             with into_log(sweep_dir / "sweep.log") if quiet else nullcontext():
                 failed = _keeping_hydra(submit.run_here, before, stage_logs, line)
@@ -100,19 +101,18 @@ class HldxSweeper(BasicSweeper):
         return returns
 
     def _launch(self, todo: list[list[str]], names: dict[tuple, str], line) -> list[Sequence[JobReturn]]:
-        """The students through Hydra's launcher; its basic one (one job after the other) a job at a time, so
-        that `line` hears of each job as it ends."""
+        """The students through Hydra's launcher, as many at a time as it runs side by side (the basic one: one;
+        joblib's: hydra.launcher.n_jobs), so that `line` hears of each batch's jobs as they end."""
         from hldx.cli import failure_line
 
-        one_by_one = line is not None and type(self.launcher).__name__ == "BasicLauncher"
-        batch_size = 1 if one_by_one else self.max_batch_size
+        batch_size = _at_once(self.config.hydra.launcher) if line else self.max_batch_size
         self.overrides = list(self.split_overrides_to_chunks(todo, batch_size)) if todo else []
         returns, done = [], 0
         while not self.is_done():
             batch = self.get_job_batch()
             self.validate_batch_is_legal(batch)
-            if line and one_by_one:
-                line.started(names.get(tuple(batch[0]), " ".join(batch[0])))
+            if line:
+                line.started(*(names.get(tuple(job), " ".join(job)) for job in batch))
             returns.append(self.launcher.launch(batch, initial_job_idx=done))
             done += len(batch)
             for r in returns[-1] if line else []:
@@ -151,6 +151,12 @@ class HldxSweeper(BasicSweeper):
             raise SystemExit(report("python -m hldx.run", err)) from None
         todo = [job for job, _, _ in self.planned]
         return list(self.split_overrides_to_chunks(todo, max_batch_size)) if todo else []
+
+
+def _at_once(launcher) -> int:
+    """How many jobs a local launcher runs side by side: joblib's n_jobs (-1: a CPU each), else one."""
+    n_jobs = int(launcher.get("n_jobs") or 1)
+    return (os.cpu_count() or 1) if n_jobs < 0 else n_jobs
 
 
 def _keeping_hydra(fn, *args):
