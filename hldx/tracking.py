@@ -72,6 +72,8 @@ class Tracker:
     """Logs one hldx run; `run_id` given (from a checkpoint) or found by run_key resumes that run."""
 
     def __init__(self, cfg: DictConfig, key: str, role: str = "student", run_id: str | None = None):
+        from mlflow.entities import Param
+
         self.mlflow = client(cfg)
         self.experiment = experiment_id(self.mlflow, cfg.tracking.experiment)
         if run_id is not None and not self._here(run_id):
@@ -92,8 +94,6 @@ class Tracker:
         params = {"method": cfg.method.name, "student": cfg.student.name, "seed": cfg.seed,
                   **{k: v for k, v in C.hparams(cfg).items() if v is not None}}
         params |= {f"cfg.{k}": v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
-        from mlflow.entities import Param
-
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), MAX_BATCH):
             self.mlflow.log_batch(self.run_id, params=items[i:i + MAX_BATCH])

@@ -161,7 +161,7 @@ def derive(modules: dict[str, list[str]] | None = None) -> Derivation:
 
 
 def write_pins(bundle: dict[str, str], path: Path = PINS) -> None:
-    head = ("# The GPU check's wheel bundle: what it imports that the GPU machine's image (tests/gpu-image.txt) lacks.\n"
+    head = ("# The GPU check's wheel bundle: what it imports beyond the GPU machine's image (tests/gpu-image.txt).\n"
             "# Written by tests/gpu_bundle.py (make gpu-bundle), derived from the check's imports: do not edit.\n")
     path.write_text(head + "".join(f"{name}=={version}\n" for name, version in bundle.items()))
 

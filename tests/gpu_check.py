@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,14 +40,13 @@ LIMITS = {"full": 540, "quick": 240, "cpu": 300}  # seconds: no mode's parts may
 class Part:
     name: str
     limit_s: int
-    args: tuple[str, ...]  # after the interpreter; {work} and {name} are filled in when it runs
+    args: tuple[str, ...]  # after the interpreter; {work}, {name} and {bundle} are filled in when it runs
     what: str
 
 
-def _tests(name: str, limit_s: int, select: str | None, what: str) -> Part:
-    args = ("-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-m", "gpu", GPU_TESTS,
-            "--junitxml={work}/{name}.xml") + (("-k", select) if select else ())
-    return Part(name, limit_s, args, what)
+def _tests(name: str, limit_s: int, select: str, what: str) -> Part:
+    return Part(name, limit_s, ("-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-m", "gpu", GPU_TESTS,
+                                "-k", select, "--junitxml={work}/{name}.xml"), what)
 
 
 def _bench(name: str, limit_s: int, what: str, *overrides: str) -> Part:
@@ -59,7 +59,8 @@ INSTALL = Part("install", 15, ("-m", "pip", "install", "-q", "--no-index", "--no
                                "--no-cache-dir", "--target", "{work}/site", "--find-links", "{bundle}",
                                "-r", "tests/gpu-bundle.txt"),
                "the wheel bundle, offline, into a folder of the working tree (PYTHONPATH)")
-ENV = Part("env", 20, ("tests/gpu_check.py", "env", "{work}/env.json"), "the interpreter, packages, GPU and driver; hldx imports")
+ENV = Part("env", 20, ("tests/gpu_check.py", "env", "{work}/env.json"),
+           "the interpreter, its packages, the GPU and driver; hldx's entry points and GPU tests import")
 TESTS = _tests("tests", 85, "not compiled", "the GPU tests but the compiled steps")
 BENCH_123M = _bench("bench-gemma3-123m-compile-false", 45, "NLL, KD, HLDC, HT (HLDF phase 1) of the 123M student: "
                     "tokens/s, MFU, peak memory against the plan", "student=gemma3-123m", *STUDENT,
@@ -117,10 +118,14 @@ def run_part(part: Part, py: str, work: Path, bundle: str) -> dict:
             "what": part.what, "command": " ".join([py, *args]), "log": text[-LOG_CHARS:]}
 
 
+def _failed(part: dict) -> bool:
+    return part["status"].startswith(("failed", "timed out"))
+
+
 def merge(mode: str, parts: dict[str, dict], work: Path) -> dict:
     """Every part's outcome, the GPU tests' outcomes, every bench.json whole, and the figures made of them."""
     plan = PLANS[mode]
-    merged: dict = {"mode": mode, "failed": [n for n, p in parts.items() if p["status"].startswith(("failed", "timed"))],
+    merged: dict = {"mode": mode, "failed": [n for n, p in parts.items() if _failed(p)],
                     "plan": {p.name: p.limit_s for p in plan}, "limit_s": sum(p.limit_s for p in plan),
                     "parts": {p.name: parts.get(p.name, {"status": "not reached", "limit_s": p.limit_s,
                                                          "what": p.what}) for p in plan}}
@@ -173,7 +178,10 @@ def check(mode: str, py: str, work: Path, out: Path, bundle: str) -> int:
         parts[part.name] = {"status": "running", "limit_s": part.limit_s, "what": part.what}
         write(out, merge(mode, parts, work))
         parts[part.name] = run_part(part, py, work, bundle)
-        print(f"   {parts[part.name]['status']} in {parts[part.name]['seconds']} s", flush=True)
+        done = parts[part.name]
+        print(f"   {done['status']} in {done['seconds']} s", flush=True)
+        if _failed(done):  # the end of its log here too: what the device's reply shows
+            print("\n".join("   | " + line for line in done["log"].splitlines()[-8:]), flush=True)
         write(out, merge(mode, parts, work))
     merged = merge(mode, parts, work)
     print(summary(merged))
@@ -182,9 +190,8 @@ def check(mode: str, py: str, work: Path, out: Path, bundle: str) -> int:
 
 def summary(merged: dict) -> str:
     """The short table printed last: each part, each student's tokens/s and MFU, the derived ratios."""
-    lines = [f"gpu-check {merged['mode']}: " + ", ".join(f"{n} {p['status']}" + (f" {p['seconds']} s" if "seconds"
-                                                                                  in p else "")
-                                                         for n, p in merged["parts"].items())]
+    lines = [f"gpu-check {merged['mode']}: " + ", ".join(
+        f"{n} {p['status']}" + (f" {p['seconds']} s" if "seconds" in p else "") for n, p in merged["parts"].items())]
     for name, s in merged["students"].items():
         mfu = s.get("mfu") or {}
         lines.append(f"  {name}: " + ", ".join(f"{m} {tps:,.0f} tok/s" + (f" MFU {mfu[m]:.1%}" if m in mfu else "")
@@ -231,17 +238,13 @@ def env(path: str) -> int:
         info["cuda"] |= {"device": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": p.total_memory / 2**30,
                          "multiprocessors": p.multi_processor_count}
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True) if _which("nvidia-smi") else None
+                         capture_output=True, text=True) if shutil.which("nvidia-smi") else None
     info["nvidia_smi"] = smi.stdout.strip() if smi else None
     pip = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
     info["pip_check"] = (pip.stdout + pip.stderr).strip().splitlines()
     Path(path).write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))
     return 1 if failed else 0
-
-
-def _which(program: str) -> bool:
-    return any((Path(d) / program).is_file() for d in os.environ.get("PATH", "").split(os.pathsep) if d)
 
 
 def main(argv: list[str]) -> int:
