@@ -1,15 +1,19 @@
 """MLflow: one experiment per study, one run per run_key, resumed into the same run after a restart."""
 from __future__ import annotations
 
+import functools
 import logging
+import subprocess
 import time
 import urllib.request
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
+from hldx.device import device_of, machine
 from hldx.errors import ConfigError
 
 if TYPE_CHECKING:  # MLflow is imported where a run is logged: checking, planning or benching a job needs none
@@ -60,6 +64,20 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+@functools.cache
+def commit() -> str:
+    """The git commit of hldx's source (`-dirty` with uncommitted changes), or `unknown` outside a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
 def run_name(cfg: DictConfig, role: str) -> str:
     """A student's readable name (hldx.config.run_name); the on-demand teacher's says it is the teacher, e.g.
     teacher|tiny-teacher|tokens=5e5|lr=3e-3."""
@@ -89,7 +107,8 @@ class Tracker:
             log.info("resuming MLflow run %s", run_id)
             return
         tags = {"hldx.method": cfg.method.name, "hldx.student": cfg.student.name,
-                "hldx.hp_key": C.hp_key(cfg) if role == "student" else role, "hldx.run_key": key, "hldx.role": role}
+                "hldx.hp_key": C.hp_key(cfg) if role == "student" else role, "hldx.run_key": key, "hldx.role": role,
+                "hldx.commit": commit(), "hldx.machine": machine(device_of(cfg))}
         self.run_id = self.mlflow.create_run(self.experiment, run_name=run_name(cfg, role), tags=tags).info.run_id
         params = {"method": cfg.method.name, "student": cfg.student.name, "seed": cfg.seed,
                   **{k: v for k, v in C.hparams(cfg).items() if v is not None}}

@@ -217,8 +217,13 @@ class Trainer:
                  if needed and self.reader is not None]
         loader = Loader(self.batches, self.reader, parts, range(first_step + start, first_step + plan.steps), device,
                         cfg.cache.prefetch, cfg.cache.readers)
+        held_out = first_step + plan.steps  # HLDF: the step after phase 1, on rows phase 1 never trains on
+        if phase.name == "ht" and start == 0:
+            self._log({"hidden/cosine_start": self.held_out_cosine(engine, held_out)}, first_step)
         with loader:
             stop = self._steps(index, phase, plan, engine, optimizer, loader, start, bar)
+        if phase.name == "ht":
+            self._log({"hidden/cosine_end": self.held_out_cosine(engine, held_out)}, held_out)
         # The phase's end: the student's weights, gathered on rank 0, are where the next phase (or the run) starts.
         state = engine.student_state()
 
@@ -235,6 +240,33 @@ class Trainer:
         barrier()
         if stop:
             self.preemption.stop()
+
+    def held_out_cosine(self, engine: Engine, step: int) -> float:
+        """HLDF phase 1's held-out fit: the mean cosine of the regressor's output with the teacher's hidden state
+        over the tokens of training step `step` (every rank's rows; sr2's unbiased code t~: the mean of
+        n(p).t~, unbiased for it)."""
+        parts = ["hidden"] if self.reader is not None else []
+        unit = self.reader is not None and self.reader.spec.hidden_dtype in UNIT_CODES
+        total = torch.zeros((), device=self.device)
+        with Loader(self.batches, self.reader, parts, range(step, step + 1), self.device, 1, 1) as loader, \
+                torch.no_grad():
+            batch = loader.get(step)
+            for start in range(0, len(batch), self.micro):
+                micro = batch.micro(start, self.micro)
+                if self.online is not None:
+                    micro.hidden_BxLxD = self.online(micro.tokens_BxL, False, True)[2]
+                with self.autocast or torch.autocast("cpu", enabled=False):
+                    _, predicted = engine.module(micro.tokens_BxL)
+                total += 1 - losses.hidden_loss(predicted, micro.hidden_BxLxD, "cosine", unit_target=unit)
+        total /= len(batch) // self.micro
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
+        return float(total)
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if self.log is not None:
+            self.log(metrics, step)
 
     def _start_model(self, index: int) -> nn.Module:
         """The student at the start of phase `index`, on the device: rank 0 loads it; under DDP or FSDP2 the other
@@ -265,6 +297,12 @@ class Trainer:
                 group["lr"] = lr
             step_parts = self.step(phase, engine, optimizer, loader.get(first_step + step))
             guard.watch(first_step + step + 1, step_parts)
+            if phase.name == "hldc" and step in (0, plan.steps - 1):  # the hidden path's fit, first and last step
+                emb = step_parts["loss_emb"].clone()
+                if self.world > 1:
+                    dist.all_reduce(emb)
+                    emb /= self.world
+                self._log({f"hidden/loss_emb_{'start' if step == 0 else 'end'}": float(emb)}, first_step + step + 1)
             for k, v in step_parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
@@ -289,8 +327,7 @@ class Trainer:
                 if phase.name == "ht":  # is AdamW's eps of the order of sqrt(v) (hidden.loss=mse)?
                     p10, p50 = adam_sqrt_v_percentiles(optimizer)
                     metrics |= {"train/adam_sqrt_v_p10": p10, "train/adam_sqrt_v_p50": p50}
-                if self.log is not None:
-                    self.log(metrics, first_step + step + 1)
+                self._log(metrics, first_step + step + 1)
                 bar.set_postfix(phase=phase.name, loss=f"{metrics['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
             stop = self.preemption.requested()

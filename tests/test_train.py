@@ -242,3 +242,36 @@ def test_a_log_that_is_not_a_terminal_gets_a_line_per_log_step(tiny, tmp_path):
     assert len(lines) == steps // 8 + (steps % 8 > 0) + 1  # each log step, and the last count when it closes
     assert f" 8/{steps} [" in lines[0] and "<" in lines[0] and "tok_s=" in lines[0]  # elapsed<left, tokens/s
     assert "\r" not in done.stderr
+
+
+def test_the_hidden_path_logs_its_fit_and_learns(tiny):
+    """HLDF logs phase 1's held-out fit (the cosine of the regressor's output with the teacher's state on the
+    step after phase 1, whose rows phase 1 never trains on) at its start and end; HLDC its loss_emb at the first
+    and last step. The start is checked against the cosine computed here from the initial student, regressor
+    and teacher; both paths learn."""
+    from hldx import data, order, teacher
+    from hldx.models import forward_to_layer
+
+    common = tiny + ["cache.values_dtype=float32", "cache.hidden_dtype=float32", "budget.tokens=8192", "gamma=1"]
+    _run(common + ["method=hldf", "p1=0.5"])
+    _run(common + ["method=hldc"])
+    cfg = C.compose(common + ["method=hldf", "p1=0.5"])
+    mlflow = MlflowClient(cfg.tracking.uri)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    (hldf,), (hldc,) = (mlflow.search_runs([exp], filter_string=f"tags.`hldx.method` = '{m}'") for m in ("hldf", "hldc"))
+    fit, emb = hldf.data.metrics, hldc.data.metrics
+    assert fit["hidden/cosine_end"] > fit["hidden/cosine_start"] + 0.1
+    assert emb["hidden/loss_emb_end"] < emb["hidden/loss_emb_start"]
+
+    steps = plan_run(cfg).phases[0].steps
+    rows = order.training_rows(cfg, data.prepare(cfg, "train", data.tokenizer_for(cfg)))
+    tokens_BxL, _ = order.Batches(rows, cfg.train.batch_size).batch(steps)
+    student = build_model(cfg.student, cfg.seed)
+    torch.manual_seed(cfg.seed + 1)
+    regressor = build_regressor("mlp", cfg.student.hidden_size, cfg.teacher.model.hidden_size)
+    layer = middle_layer(cfg.student.num_hidden_layers)
+    with torch.no_grad():
+        predicted = regressor(forward_to_layer(student, tokens_BxL, layer))
+        target = forward_to_layer(teacher.load_teacher(cfg), tokens_BxL, middle_layer(cfg.teacher.model.num_hidden_layers))
+    cosine = torch.nn.functional.cosine_similarity(predicted, target, dim=-1).mean()
+    assert fit["hidden/cosine_start"] == pytest.approx(float(cosine), abs=1e-5)
