@@ -21,6 +21,7 @@ METHODS = ["nll", "kd", "hldc", "hldf", "teacher"]  # "teacher": the run tagged 
 RUN_ID = "run_id"  # optional extra column: the MLflow run id, empty for CSV rows without one
 SEED = "seed"      # optional extra column: the run's initialisation seed, 0 for CSV rows without one
 EVAL_DATA = "eval_data"  # optional extra column: the tag hldx.eval_data (hub, local, demo), empty if unknown
+HIDDEN = "hidden"  # optional extra column: an HLD run's hidden path where not the paper's (pairs=..., the param)
 DEMO = "demo"      # eval_data of runs evaluated on the demo's own tasks (python -m hldx.demotasks)
 
 
@@ -45,13 +46,15 @@ def _typed(df: pd.DataFrame, where: str) -> pd.DataFrame:
         raise BadInput(f"{where}: column 'seed' holds a non-integer {df[SEED][seeds.isna()].iloc[0]!r}")
     df[SEED] = seeds.astype(int)
     df[EVAL_DATA] = df[EVAL_DATA].fillna("").astype(str) if EVAL_DATA in df else ""
+    df[HIDDEN] = df[HIDDEN].fillna("").astype(str) if HIDDEN in df else ""
     order = df["method"].map(METHODS.index)
-    df = df.assign(_order=order).sort_values(["student", "_order", *HPARAMS, SEED], kind="stable")
-    return df[COLUMNS + [SEED, RUN_ID, EVAL_DATA]].reset_index(drop=True)
+    df = df.assign(_order=order).sort_values(["student", "_order", *HPARAMS, HIDDEN, SEED], kind="stable")
+    return df[COLUMNS + [SEED, RUN_ID, EVAL_DATA, HIDDEN]].reset_index(drop=True)
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:
-    """One row per run with the columns COLUMNS (plus an optional run_id); empty cells are missing."""
+    """One row per run with the columns COLUMNS (plus the optional run_id, seed, eval_data, hidden); empty cells
+    are missing."""
     df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
@@ -73,6 +76,7 @@ def _row(run) -> dict:
         SEED: params.get("seed", 0),
         RUN_ID: run.info.run_id,
         EVAL_DATA: tags.get("hldx.eval_data", ""),
+        HIDDEN: params.get("hidden", ""),
     }
 
 
@@ -105,5 +109,5 @@ def read_mlflow(experiment: str, tracking_uri: str | None = None) -> pd.DataFram
     if not latest:
         raise BadInput(f"experiment {experiment!r} has no FINISHED runs to report on "
                          f"({len(runs)} run(s) in other states); train some with `python -m hldx.run`")
-    df = pd.DataFrame([_row(r) for r in latest.values()], columns=COLUMNS + [SEED, RUN_ID, EVAL_DATA])
+    df = pd.DataFrame([_row(r) for r in latest.values()], columns=COLUMNS + [SEED, RUN_ID, EVAL_DATA, HIDDEN])
     return _typed(df, f"experiment {experiment!r}")

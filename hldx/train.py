@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from hldx.progress import Progress
 
-from hldx import losses
+from hldx import hidden, losses
 from hldx.budget import PhasePlan, RunPlan, parallel_mode
 from hldx.checkpoint import Checkpoint, Preemption, barrier, latest, save_start, start_dir
 from hldx.order import Batches
@@ -26,9 +26,9 @@ from hldx.device import device_of, peak_flops, world
 from hldx.errors import ConfigError, RunFailed
 from hldx.loader import Loader, Micro, Step
 from hldx.methods import Phase, phases
-from hldx.models import PhaseNet, build_model, build_regressor, compile_layers, load_model, middle_layer
+from hldx.models import PhaseNet, build_model, build_regressor, compile_layers, load_model
 from hldx.parallel import Engine
-from hldx.store import UNIT_CODES, CacheReader
+from hldx.store import UNIT_CODES, CacheReader, hidden_part
 from hldx.teacher import OnlineTeacher
 
 
@@ -115,7 +115,7 @@ class Trainer:
         self.run_dir, self.tokenizer, self.log = Path(run_dir), tokenizer, log
         self.tracking_run_id = tracking_run_id
         self.device = device_of(cfg)
-        self.layer = middle_layer(cfg.student.num_hidden_layers, cfg.hidden.student_layer)
+        self.pairs, self.weights, self.teacher_layers = hidden.pairs(cfg), hidden.weights(cfg), hidden.teacher_layers(cfg)
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None  # CPU: on request
         self.rank, self.world = world()
@@ -130,25 +130,23 @@ class Trainer:
                               f"{local} (train.batch_size={cfg.train.batch_size} over {self.world} ranks)")
         self.micro = micro
 
-    def engine(self, phase: Phase, model: nn.Module, regressor: nn.Module | None) -> Engine:
-        """The phase's module on this job's ranks."""
-        return Engine(PhaseNet(model, self.layer, regressor, bottom=phase.name == "ht"), self.mode, self.device,
+    def engine(self, phase: Phase, model: nn.Module, regressors: list[nn.Module] | None) -> Engine:
+        """The phase's module on this job's ranks: with the adapters of a hidden phase, one per layer pair."""
+        taps = [s for s, _ in self.pairs] if regressors else []
+        return Engine(PhaseNet(model, taps, regressors or [], bottom=phase.name == "ht"), self.mode, self.device,
                       bf16=self.autocast is not None)
 
     def loss(self, phase: Phase, engine: Engine, micro: Micro) -> dict[str, Tensor]:
         """The phase's objective on one micro-batch, with its parts for logging."""
         cfg = self.cfg
         if self.online is not None:
-            micro.topk_idx_BxLxK, micro.topk_val_BxLxK, micro.hidden_BxLxD = self.online(
-                micro.tokens_BxL, phase.needs_teacher_logits, phase.needs_teacher_hidden)
-        tokens_BxL, idx, val, target = micro.tokens_BxL, micro.topk_idx_BxLxK, micro.topk_val_BxLxK, micro.hidden_BxLxD
+            micro.topk_idx_BxLxK, micro.topk_val_BxLxK, micro.hidden = self.online(
+                micro.tokens_BxL, phase.needs_teacher_logits, self.teacher_layers if phase.needs_teacher_hidden else ())
+        tokens_BxL, idx, val = micro.tokens_BxL, micro.topk_idx_BxLxK, micro.topk_val_BxLxK
         logits, predicted = engine.module(tokens_BxL)
-        # An unbiased code of the unit target (cache.hidden_dtype=sr2): the losses are linear in it, so loss_ht
-        # and loss_emb, and their gradients, have the float32 target's as their expectation.
-        unit = self.reader is not None and self.reader.spec.hidden_dtype in UNIT_CODES
         if phase.name == "ht":
-            ht = losses.hidden_loss(predicted, target, cfg.hidden.loss, unit_target=unit)
-            return {"loss": ht, "loss_ht": ht}
+            ht, per_pair = self.hidden_loss(predicted, micro.hidden)
+            return {"loss": ht, "loss_ht": ht} | {f"loss_ht_{name}": v for name, v in per_pair.items()}
         if phase.name == "nll":
             nll = losses.nll(logits, tokens_BxL, chunk=cfg.train.loss_chunk)
             return {"loss": nll, "loss_nll": nll}
@@ -156,9 +154,21 @@ class Trainer:
                                              chunk=cfg.train.loss_chunk)
         parts = {"loss": total, "loss_nll": nll, "loss_kd": kd}
         if phase.name == "hldc":
-            emb = losses.hidden_loss(predicted, target, cfg.hidden.loss, unit_target=unit)
-            parts |= {"loss": total + cfg.gamma * emb, "loss_emb": emb}
+            emb, per_pair = self.hidden_loss(predicted, micro.hidden)
+            parts |= {"loss": total + cfg.gamma * emb, "loss_emb": emb} | {
+                f"loss_emb_{name}": v for name, v in per_pair.items()}
         return parts
+
+    def hidden_loss(self, predicted: list[Tensor], targets: dict[int, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The hidden loss: each pair's loss between its adapter's prediction and its teacher layer's states,
+        weighted (hidden.weights) and summed; with several pairs also each pair's own, named s<student>_t<teacher>.
+        An unbiased code of the unit target (cache.hidden_dtype=sr2): the losses are linear in it, so each loss and
+        its gradient have the float32 target's as their expectation."""
+        unit = self.reader is not None and self.reader.spec.hidden_dtype in UNIT_CODES
+        each = [losses.hidden_loss(p, targets[t], self.cfg.hidden.loss, unit_target=unit)
+                for p, (_, t) in zip(predicted, self.pairs)]
+        total = sum(w * loss for w, loss in zip(self.weights, each))
+        return total, {f"s{s}_t{t}": loss for (s, t), loss in zip(self.pairs, each)} if len(each) > 1 else {}
 
     def step(self, phase: Phase, engine: Engine, optimizer: torch.optim.Optimizer, batch: Step) -> dict[str, Tensor]:
         """One optimizer step on one batch: forward and backward per micro-batch (gradients are reduced across
@@ -201,20 +211,19 @@ class Trainer:
         model = self._start_model(index).train()
         if cfg.train.compile:
             compile_layers(model)
-        regressor = None
+        regressors = None
         if phase.regressor:
             with torch.random.fork_rng(devices=[]):  # the student's own initialisation stays untouched
-                torch.manual_seed(cfg.seed + 1)
-                regressor = build_regressor(phase.regressor, cfg.student.hidden_size,
-                                            cfg.teacher.model.hidden_size,
-                                            cfg.method.get("regressor_expansion", 4)).to(device)
-        engine = self.engine(phase, model, regressor)
+                torch.manual_seed(cfg.seed + 1)  # the pairs' adapters in turn: one pair's as before pairs existed
+                regressors = [build_regressor(phase.regressor, cfg.student.hidden_size, cfg.teacher.model.hidden_size,
+                                              cfg.method.get("regressor_expansion", 4)).to(device) for _ in self.pairs]
+        engine = self.engine(phase, model, regressors)
         optimizer = _optimizer(cfg, engine.params, engine.extra, device)
         if start > 0:
             engine.load(latest(self.run_dir) / "dcp", optimizer)
         first_step = sum(p.steps for p in self.plan.phases[:index])   # data position continues across phases
-        parts = [part for part, needed in (("topk", phase.needs_teacher_logits), ("hidden", phase.needs_teacher_hidden))
-                 if needed and self.reader is not None]
+        parts = [] if self.reader is None else (["topk"] if phase.needs_teacher_logits else []) + (
+            [hidden_part(self.reader.spec, t) for t in self.teacher_layers] if phase.needs_teacher_hidden else [])
         loader = Loader(self.batches, self.reader, parts, range(first_step + start, first_step + plan.steps), device,
                         cfg.cache.prefetch, cfg.cache.readers)
         with loader:
