@@ -140,12 +140,13 @@ def forward_to_layer(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int, *
     return truncated(model, layer)(input_ids=tokens_BxL, use_cache=False, **model_kwargs).last_hidden_state
 
 
-def hidden_states(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layers: Iterable[int]) -> dict[int, Tensor]:
+def hidden_states(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layers: Iterable[int], **model_kwargs
+                  ) -> dict[int, Tensor]:
     """The hidden state after each of `layers`, computing only the embedding and the layers up to the deepest."""
     layers = set(layers)
     top = max(layers)
     with _taps(model.model, layers - {top}) as seen:
-        seen[top] = forward_to_layer(model, tokens_BxL, top)
+        seen[top] = forward_to_layer(model, tokens_BxL, top, **model_kwargs)
     return seen
 
 

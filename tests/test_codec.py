@@ -16,7 +16,7 @@ from hldx import store as cache
 from hldx.job import execute
 from hldx.plan import main as plan_main
 from hldx.store import CacheError, codec
-from cache_worker import Teacher, make_spec, row_tokens
+from cache_worker import Teacher, get, make_spec, row_tokens
 from tests.test_cache import built, flip_bit, shard_file
 
 L, D = 16, 96  # 3 blocks of 32 components; the Hadamard transform in blocks of 32
@@ -64,15 +64,15 @@ def test_a_cache_round_trips_and_rebuilds_bit_identically(tmp_path):
         assert shard_file(a, part, start, stop).read_bytes() == shard_file(b, part, start, stop).read_bytes()
     assert cache.bytes_per_token(spec)["hidden"] == D / 4 + D / 32 + 16 / L
     rows = np.arange(20)
-    _, _, got = cache.open_cache(a, spec).get(rows, topk=False, hidden=True)
-    hid = Teacher(spec)(row_tokens(spec)(rows))[2]
+    _, _, got = get(cache.open_cache(a, spec), rows, topk=False, hidden=True)
+    (hid,) = Teacher(spec)(row_tokens(spec)(rows), ("hidden",))["hidden"]
     t = torch.nn.functional.normalize(hid, dim=-1)
     codes = codec.encode(t, codec.uniforms(0, t.shape, t.device))
     assert torch.equal(got, codec.decode(*codes))
     assert not torch.equal(got, t) and float(torch.nn.functional.cosine_similarity(got, t, dim=-1).mean()) > 0.8
     flip_bit(shard_file(a, "hidden", 8, 16), 8 * L * D // 4 + 2 * L * D // 32 + 1)  # row 10's scales
     with pytest.raises(CacheError, match="scale of rows \\[10\\] fail their checksum"):
-        cache.open_cache(a, spec).get(np.arange(8, 16), topk=False, hidden=True)
+        get(cache.open_cache(a, spec), np.arange(8, 16), topk=False, hidden=True)
 
 
 def test_a_hidden_size_the_blocks_do_not_divide_is_refused():

@@ -18,7 +18,7 @@ from hldx import losses
 from hldx.methods import phases
 from hldx.budget import plan_run
 from hldx.job import execute
-from hldx.models import PhaseNet, build_model, build_regressor, middle_layer
+from hldx.models import PhaseNet, build_model, build_regressor
 from hldx.train import Checkpoint, adam_sqrt_v_percentiles, lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,16 +212,16 @@ def test_summed_hidden_loss_escapes_adams_eps_in_a_toy_phase_1():
     try:
         for kind in ("mse", "mse_sum", "cosine"):
             torch.manual_seed(0)
-            net = PhaseNet(build_model(s, 0), middle_layer(s.num_hidden_layers, None),
-                           build_regressor("mlp", s.hidden_size, d_teacher), bottom=True)
+            net = PhaseNet(build_model(s, 0), [s.num_hidden_layers // 2],
+                           [build_regressor("mlp", s.hidden_size, d_teacher)], bottom=True)
             opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
             for step in range(150):
                 batch_BxL = train_NxL[(step % 16) * 4:(step % 16 + 1) * 4]
-                losses.hidden_loss(net(batch_BxL)[1], target(batch_BxL), kind).backward()
+                losses.hidden_loss(net(batch_BxL)[1][0], target(batch_BxL), kind).backward()
                 opt.step()
                 opt.zero_grad()
             with torch.no_grad():
-                cos = torch.nn.functional.cosine_similarity(net(held_NxL)[1], target(held_NxL), dim=-1).mean()
+                cos = torch.nn.functional.cosine_similarity(net(held_NxL)[1][0], target(held_NxL), dim=-1).mean()
             result[kind] = (float(cos), *adam_sqrt_v_percentiles(opt))
     finally:
         torch.set_flush_denormal(flush)
