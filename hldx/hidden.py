@@ -83,7 +83,7 @@ def check(cfg: DictConfig) -> None:
                                                   f"given twice)")
     if h.weights is not None:
         n, w = len(pairs(cfg)), weights(cfg)
-        require(len(w) == n and abs(sum(w) - 1) <= WEIGHT_SUM_TOL, "hidden.weights", _text(w),
+        require(len(w) == n and abs(sum(w) - 1) <= WEIGHT_SUM_TOL, "hidden.weights", _text(OmegaConf.to_container(h.weights)),
                 f"one weight > 0 per pair of hidden.pairs ({n}), summing to 1")
     width_s, width_t = cfg.student.hidden_size, cfg.teacher.model.hidden_size
     require(adapter(cfg) != "identity" or width_s == width_t, "hidden.adapter", "identity",

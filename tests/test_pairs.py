@@ -4,6 +4,8 @@ keys, cache identities and numbers as they were before pairs existed."""
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -15,11 +17,12 @@ from safetensors.torch import load_file
 from hldx import config as C
 from hldx import hidden, losses, teacher
 from hldx.budget import flops_per_token, plan_run
-from hldx.job import execute
+from hldx.job import check, execute
 from hldx.loader import Micro
 from hldx.methods import phases
 from hldx.models import build_model, build_regressor, count_parameters
 from hldx.order import Rows
+from hldx.plan import main as plan_main
 from hldx.stages import stages
 from hldx.study import expand_sweep, plan_jobs
 from hldx.teacher import OnlineTeacher
@@ -158,8 +161,9 @@ def test_the_hidden_path_in_the_run_key_and_run_name():
         key("method=hldf", "hidden.adapter=linear")
     assert key("method=hldf", "method.regressor_expansion=8") != key("method=hldf")
     # NLL and KD ignore the hidden path.
-    for method in ("nll", "kd"):
+    for method in ("nll", "kd"):  # nor are they checked there
         assert key(f"method={method}", TWO, "hidden.weights=[0.3,0.7]", "hidden.adapter=mlp") == key(f"method={method}")
+        check(compose([f"method={method}", "hidden.pairs=[[9,9]]", "hidden.weights=[2]"]), launch=False)
     assert C.run_name(compose(["method=hldc", TWO, "hidden.weights=[0.3,0.7]", "hidden.adapter=mlp"])) == \
         "hldc|lr=4e-4|tau=1|alpha=0.7|gamma=0.1|pairs=[[1,2],[3,5]]|weights=[0.3,0.7]|adapter=mlp"
     assert C.run_name(compose(["method=hldf", "hidden.pairs=[[2,3]]"])) == "hldf|lr=4e-4|tau=1|alpha=0.7|p1=0.05"
@@ -269,3 +273,27 @@ def test_todays_runs_train_to_the_same_weights_bitwise(tiny, overrides, run, wei
     assert C.run_key(cfg) == run
     execute(cfg)
     assert _weights_digest(Path(cfg.paths.runs) / run) == weights
+
+
+def test_plan_prints_each_part_of_the_cache_and_how_pairs_are_counted(tmp_path, capsys):
+    """paper-123m (sr2 hidden states) with one pair and with a second, deeper one: the cache's parts (top-k, teacher
+    layers 17 and 25) with their bytes per token, the cache line in its form with B summed over the layers, and the
+    paper accounting's extension to pairs stated."""
+    out = tmp_path / "plan.json"
+    assert plan_main(["-m", "+sweep=paper-123m", "teacher.ckpt=/t", "method=hldc,hldf", "lr=4e-4", "tau=1",
+                      "alpha=0.7", "gamma=0.1", "p1=0.05", "hidden.pairs=[[9,17]],[[9,17],[13,25]]",
+                      f"plan.json={out}"]) == 0
+    text = capsys.readouterr().out
+    storage = json.loads(out.read_text())["teacher_cache"]
+    sr2 = 2560 / 4 + 2560 / 32 + 16 / 512
+    assert [(name, p["layer"], p["bytes_per_token"]) for name, p in storage["parts"].items()] == [
+        ("topk", None, 512 + 16 / 512), ("hidden", 17, sr2), ("hidden-25", 25, sr2)]
+    assert storage["hidden_bytes_per_token"] == 2 * sr2
+    assert storage["bytes"] == pytest.approx(sum(p["bytes"] for p in storage["parts"].values()), abs=4)
+    assert "teacher cache parts (bytes per token with checksums x tokens of the longest job reading it): topk " \
+           "512.031 B x " in text and "| hidden (teacher layer 17) 720.031 B x " in text
+    assert "| hidden-25 (teacher layer 25) 720.031 B x " in text
+    line = next(x for x in text.splitlines() if x.startswith("teacher cache (bfloat16 top-k, sr2 hidden states): "))
+    assert re.fullmatch(r"teacher cache \(bfloat16 top-k, sr2 hidden states\): top-k for \S+ tokens x 512.031 B \+ "
+                        r"hidden states for \S+ tokens x 1440.06 B = \S+ TB on disk", line), line
+    assert "hidden path (budget.accounting=paper, extended to layer pairs): N_reg = 2 d_S d_T per pair" in text
