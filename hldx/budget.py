@@ -264,13 +264,15 @@ def cache_storage(configs: list[DictConfig], jobs: list[RunPlan], rows: int | No
     cfg = readers[0][0]
     spec, seq = shape_spec(cfg), cfg.train.seq_len
     per_token = bytes_per_token(spec)
-    top, layers = parts.pop("topk"), sorted(parts.values())
+    top = parts.pop("topk")
+    parts = dict(sorted(parts.items(), key=lambda item: part_layer(spec, item[0])))  # the hidden ones, by layer
+    layers = list(parts.values())
     return {"rows": top, "hidden_rows": max(layers, default=0), "topk_bytes_per_token": per_token["topk"],
             "hidden_bytes_per_token": per_token["hidden"] * len(layers), "tokens": top * seq,
             "hidden_tokens": seq * sum(layers) / len(layers) if layers else 0,
             "bytes": round(seq * (top * per_token["topk"] + sum(layers) * per_token["hidden"])),
             "parts": {part: {"layer": part_layer(spec, part), "rows": n, "tokens": n * seq,
-                             "bytes_per_token": per_token[part_kind(part)], "bytes": round(seq * n * per_token[part_kind(part)])}
+                             "bytes_per_token": (b := per_token[part_kind(part)]), "bytes": round(seq * n * b)}
                       for part, n in {"topk": top, **parts}.items()}}
 
 

@@ -68,7 +68,8 @@ def check(cfg: DictConfig) -> None:
     h, d_s, d_t = cfg.hidden, cfg.student.num_hidden_layers, cfg.teacher.model.num_hidden_layers
     if h.pairs is None:
         for key, layer, depth in (("student_layer", h.student_layer, d_s), ("teacher_layer", h.teacher_layer, d_t)):
-            require(layer is None or layer <= depth, f"hidden.{key}", layer, f"null (the middle) or a layer in 1..{depth}")
+            require(layer is None or layer <= depth, f"hidden.{key}", layer,
+                    f"null (the middle) or a layer in 1..{depth}")
     else:
         given = _text(OmegaConf.to_container(h.pairs))
         if h.student_layer is not None or h.teacher_layer is not None:
@@ -83,7 +84,8 @@ def check(cfg: DictConfig) -> None:
                                                   f"given twice)")
     if h.weights is not None:
         n, w = len(pairs(cfg)), weights(cfg)
-        require(len(w) == n and abs(sum(w) - 1) <= WEIGHT_SUM_TOL, "hidden.weights", _text(OmegaConf.to_container(h.weights)),
+        require(len(w) == n and abs(sum(w) - 1) <= WEIGHT_SUM_TOL, "hidden.weights",
+                _text(OmegaConf.to_container(h.weights)),
                 f"one weight > 0 per pair of hidden.pairs ({n}), summing to 1")
     width_s, width_t = cfg.student.hidden_size, cfg.teacher.model.hidden_size
     require(adapter(cfg) != "identity" or width_s == width_t, "hidden.adapter", "identity",

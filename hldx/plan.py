@@ -54,7 +54,8 @@ def format_table(jobs: list[RunPlan], accounting: str, rates: list[dict[str, flo
 def parts_line(storage: dict) -> str:
     """The teacher cache part by part: bytes per token, the tokens of the longest job reading it, bytes on disk."""
     return "teacher cache parts (bytes per token with checksums x tokens of the longest job reading it): " + " | ".join(
-        f"{name}{'' if part['layer'] is None else ' (teacher layer %d)' % part['layer']} {part['bytes_per_token']:.6g} B"
+        f"{name}{'' if part['layer'] is None else ' (teacher layer %d)' % part['layer']} "
+        f"{part['bytes_per_token']:.6g} B"
         f" x {part['tokens']:.4g} = {part['bytes'] / 1e12:.4g} TB" for name, part in storage["parts"].items())
 
 
@@ -77,18 +78,19 @@ BIAS_WARNING = 1e-3  # a method whose real compute differs from KD's by more tha
 
 
 def bias_table(planned: list) -> str:
-    """Under budget.accounting=paper: each distinct (student, method, p1)'s real (exact) FLOPs against its KD
-    partner's at the same budget, with a warning above BIAS_WARNING."""
+    """Under budget.accounting=paper: each distinct (student, method, p1, hidden path)'s real (exact) FLOPs against
+    its KD partner's at the same budget, with a warning above BIAS_WARNING."""
     seen: dict[tuple, float] = {}
     for _, c, run in planned:
-        key = (c.student.name, c.method.name, c.p1 if c.method.name == "hldf" else None)
+        key = (c.student.name, c.method.name, c.p1 if c.method.name == "hldf" else None, hidden.variant(c))
         if key not in seen and c.method.name != "kd":
             seen[key] = accounting_bias(c, run)
     lines = ["accounting bias (budget.accounting=paper): each method's real FLOPs (the exact accounting) against "
              "KD's at the same budget"]
-    for (student, method, p1), bias in seen.items():
+    for (student, method, p1, path), bias in seen.items():
         flag = "  <- WARNING: above 0.1%" if abs(bias) > BIAS_WARNING else ""
-        lines.append(f"  {student:12} {method:5} {'' if p1 is None else f'p1={p1:g}':9} {bias:+.3%}{flag}")
+        lines.append(f"  {student:12} {method:5} {'' if p1 is None else f'p1={p1:g}':9} {bias:+.3%}{flag}"
+                     + (f"  ({path})" if path else ""))
     return "\n".join(lines)
 
 

@@ -180,7 +180,8 @@ def _teacher_stages(group: list[study.Planned], tokenized: str, data_key: str, t
         forward = flops_per_token(as_student)["data"] / 3  # the teacher's forward alone: a third of training
         storage = cache_storage([c for _, c, _ in cached], [r for _, _, r in cached],
                                 tokens // c.train.seq_len if tokens else None)  # at most the order's rows
-        out.append(Stage("cache", key, build_cache, [(share + [f"cache.task={t}"], extents) for t in range(tasks)], after,
+        out.append(Stage("cache", key, build_cache, [(share + [f"cache.task={t}"], extents) for t in range(tasks)],
+                         after,
                          gpu_hours=storage["tokens"] * forward / (c.plan.mfu * c.plan.peak_flops) / 3600,
                          disk_bytes=storage["bytes"]))
         for _, _, r in cached:

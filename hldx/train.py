@@ -115,7 +115,8 @@ class Trainer:
         self.run_dir, self.tokenizer, self.log = Path(run_dir), tokenizer, log
         self.tracking_run_id = tracking_run_id
         self.device = device_of(cfg)
-        self.pairs, self.weights, self.teacher_layers = hidden.pairs(cfg), hidden.weights(cfg), hidden.teacher_layers(cfg)
+        self.pairs, self.weights = hidden.pairs(cfg), hidden.weights(cfg)  # NLL and KD ignore them
+        self.teacher_layers = hidden.teacher_layers(cfg)
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None  # CPU: on request
         self.rank, self.world = world()

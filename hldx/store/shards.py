@@ -170,7 +170,8 @@ def check_shard(root: Path, spec: CacheSpec, part: str, r: range) -> str | None:
 
 def unfinished(root: Path, spec: CacheSpec) -> list[Path]:
     """The temporary files of writers (running, or killed: a killed build's leftovers)."""
-    return sorted(p for part in parts(root, spec) for pattern in (f"*{TMP}*", "*.tmp") for p in (root / part).glob(pattern))
+    return sorted(p for part in parts(root, spec) for pattern in (f"*{TMP}*", "*.tmp")
+                  for p in (root / part).glob(pattern))
 
 
 def writer_gone(path: Path, older_than_s: float) -> bool:

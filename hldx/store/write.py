@@ -53,7 +53,8 @@ def _teacher(spec: CacheSpec, teacher_fn: TeacherFn, tokens_NxL: torch.Tensor, p
             want = (n, spec.seq_len, spec.k)
             if got is None or [tuple(t.shape) for t in got] != [want, want]:
                 shapes = None if got is None else tuple(tuple(t.shape) for t in got)
-                raise ValueError(f"teacher_fn returned top-k ids and logits {shapes}; expected {want} (rows, seq_len, k)")
+                raise ValueError(f"teacher_fn returned top-k ids and logits {shapes}; expected {want} "
+                                 f"(rows, seq_len, k)")
             idx, val = got
             if idx.min() < 0 or idx.max() >= spec.vocab_size:
                 raise ValueError(f"teacher_fn returned top-k ids outside [0, {spec.vocab_size})")
