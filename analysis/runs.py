@@ -23,6 +23,9 @@ SEED = "seed"      # optional extra column: the run's initialisation seed, 0 for
 EVAL_DATA = "eval_data"  # optional extra column: the tag hldx.eval_data (hub, local, demo), empty if unknown
 HIDDEN = "hidden"  # optional extra column: an HLD run's hidden path where not the paper's (pairs=..., the param)
 DEMO = "demo"      # eval_data of runs evaluated on the demo's own tasks (python -m hldx.demotasks)
+# Optional extra columns: the hidden path's fit as hldx.train logs it (HLDF: phase 1's held-out cosine; HLDC:
+# loss_emb at the first and last step), NaN where a run has none.
+FIT = ["cosine_start", "cosine_end", "loss_emb_start", "loss_emb_end"]
 
 
 def _typed(df: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -47,9 +50,11 @@ def _typed(df: pd.DataFrame, where: str) -> pd.DataFrame:
     df[SEED] = seeds.astype(int)
     df[EVAL_DATA] = df[EVAL_DATA].fillna("").astype(str) if EVAL_DATA in df else ""
     df[HIDDEN] = df[HIDDEN].fillna("").astype(str) if HIDDEN in df else ""
+    for col in FIT:
+        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else float("nan")
     order = df["method"].map(METHODS.index)
     df = df.assign(_order=order).sort_values(["student", "_order", *HPARAMS, HIDDEN, SEED], kind="stable")
-    return df[COLUMNS + [SEED, RUN_ID, EVAL_DATA, HIDDEN]].reset_index(drop=True)
+    return df[COLUMNS + [SEED, RUN_ID, EVAL_DATA, HIDDEN, *FIT]].reset_index(drop=True)
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:
@@ -77,6 +82,7 @@ def _row(run) -> dict:
         RUN_ID: run.info.run_id,
         EVAL_DATA: tags.get("hldx.eval_data", ""),
         HIDDEN: params.get("hidden", ""),
+        **{f: metrics.get(f"hidden/{f}") for f in FIT},
     }
 
 
@@ -109,5 +115,5 @@ def read_mlflow(experiment: str, tracking_uri: str | None = None) -> pd.DataFram
     if not latest:
         raise BadInput(f"experiment {experiment!r} has no FINISHED runs to report on "
                          f"({len(runs)} run(s) in other states); train some with `python -m hldx.run`")
-    df = pd.DataFrame([_row(r) for r in latest.values()], columns=COLUMNS + [SEED, RUN_ID, EVAL_DATA, HIDDEN])
+    df = pd.DataFrame([_row(r) for r in latest.values()], columns=COLUMNS + [SEED, RUN_ID, EVAL_DATA, HIDDEN, *FIT])
     return _typed(df, f"experiment {experiment!r}")

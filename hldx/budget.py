@@ -211,15 +211,16 @@ def gpu_hours(run: RunPlan, tokens_per_s: dict[str, float]) -> float:
 
 def rows_read(cfg: DictConfig, plan: RunPlan) -> dict[str, int]:
     """Rows of the training order a job reads, in sequence from row 0: in all, and up to which row it reads
-    the teacher's top-k logits and hidden states (HLDF: hidden states in phase 1, top-k in phase 2)."""
-    need, end = {"all": 0, "topk": 0, "hidden": 0}, 0
-    for phase, p in zip(phases(cfg), plan.phases):
-        end += p.steps * cfg.train.batch_size
+    the teacher's top-k logits and hidden states (HLDF: hidden states in phase 1 and on the step after it,
+    the held-out rows of phase 1's fit (hldx.train); top-k in phase 2)."""
+    need, end, batch = {"all": 0, "topk": 0, "hidden": 0}, 0, cfg.train.batch_size
+    for i, (phase, p) in enumerate(zip(phases(cfg), plan.phases)):
+        end += p.steps * batch
         need["all"] = end
         if cfg.method.name in C.DISTILLED and phase.needs_teacher_logits:
             need["topk"] = end
         if cfg.method.name in C.DISTILLED and phase.needs_teacher_hidden:
-            need["hidden"] = end
+            need["hidden"] = end + (batch if i + 1 < len(plan.phases) else 0)
     return need
 
 

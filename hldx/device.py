@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import socket
 
 import torch
@@ -14,6 +15,23 @@ from hldx.errors import ConfigError
 log = logging.getLogger("hldx")
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def machine(device: torch.device) -> str:
+    """What a job ran on, in one line without the host's name: the GPU, or the CPU's model and cores; torch."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__} (CUDA {torch.version.cuda})"
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+                 platform.machine())
+    return f"cpu: {model}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
 
 
 def device_of(cfg: DictConfig) -> torch.device:

@@ -1,9 +1,12 @@
 """MLflow: one experiment per study, one run per run_key, resumed into the same run after a restart."""
 from __future__ import annotations
 
+import functools
 import logging
+import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
@@ -13,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
 from hldx import hidden
+from hldx.device import device_of, machine
 from hldx.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,20 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+@functools.cache
+def commit() -> str:
+    """The git commit of hldx's source (`-dirty` with uncommitted changes), or `unknown` outside a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
 def run_name(cfg: DictConfig, role: str) -> str:
     """A student's readable name (hldx.config.run_name); the on-demand teacher's says it is the teacher, e.g.
     teacher|tiny-teacher|tokens=5e5|lr=3e-3."""
@@ -83,7 +101,8 @@ class Tracker:
             log.info("resuming MLflow run %s", run_id)
             return
         tags = {"hldx.method": cfg.method.name, "hldx.student": cfg.student.name,
-                "hldx.hp_key": C.hp_key(cfg) if role == "student" else role, "hldx.run_key": key, "hldx.role": role}
+                "hldx.hp_key": C.hp_key(cfg) if role == "student" else role, "hldx.run_key": key, "hldx.role": role,
+                "hldx.commit": commit(), "hldx.machine": machine(device_of(cfg))}
         self.run_id = self.mlflow.create_run(self.experiment, run_name=run_name(cfg, role), tags=tags).info.run_id
         params = {"method": cfg.method.name, "student": cfg.student.name, "seed": cfg.seed,
                   **{k: v for k, v in C.hparams(cfg).items() if v is not None}}

@@ -227,8 +227,15 @@ class Trainer:
             [hidden_part(self.reader.spec, t) for t in self.teacher_layers] if phase.needs_teacher_hidden else [])
         loader = Loader(self.batches, self.reader, parts, range(first_step + start, first_step + plan.steps), device,
                         cfg.cache.prefetch, cfg.cache.readers)
+        held_out = first_step + plan.steps  # HLDF: the step after phase 1, on rows phase 1 never trains on
+        if phase.name == "ht" and start == 0:
+            self._log({f"hidden/cosine_start{k}": v for k, v in self.held_out_cosine(engine, held_out).items()},
+                      first_step)
         with loader:
             stop = self._steps(index, phase, plan, engine, optimizer, loader, start, bar)
+        if phase.name == "ht":
+            self._log({f"hidden/cosine_end{k}": v for k, v in self.held_out_cosine(engine, held_out).items()},
+                      held_out)
         # The phase's end: the student's weights, gathered on rank 0, are where the next phase (or the run) starts.
         state = engine.student_state()
 
@@ -245,6 +252,37 @@ class Trainer:
         barrier()
         if stop:
             self.preemption.stop()
+
+    def held_out_cosine(self, engine: Engine, step: int) -> dict[str, float]:
+        """HLDF phase 1's held-out fit: the mean cosine of each pair's adapter output with its teacher layer's
+        hidden states over the tokens of training step `step` (every rank's rows; sr2's unbiased code t~: the mean
+        of n(p).t~, unbiased for it); under "" the pairs' mean weighted as the loss weighs them, and with several
+        pairs each pair's under "_s<student>_t<teacher>"."""
+        parts = [] if self.reader is None else [hidden_part(self.reader.spec, t) for t in self.teacher_layers]
+        unit = self.reader is not None and self.reader.spec.hidden_dtype in UNIT_CODES
+        total_P = torch.zeros(len(self.pairs), device=self.device)
+        with Loader(self.batches, self.reader, parts, range(step, step + 1), self.device, 1, 1) as loader, \
+                torch.no_grad():
+            batch = loader.get(step)
+            for start in range(0, len(batch), self.micro):
+                micro = batch.micro(start, self.micro)
+                if self.online is not None:
+                    micro.hidden = self.online(micro.tokens_BxL, False, self.teacher_layers)[2]
+                with self.autocast or torch.autocast("cpu", enabled=False):
+                    _, predicted = engine.module(micro.tokens_BxL)
+                total_P += torch.stack([1 - losses.hidden_loss(p, micro.hidden[t], "cosine", unit_target=unit)
+                                        for p, (_, t) in zip(predicted, self.pairs)])
+        total_P /= len(batch) // self.micro
+        if self.world > 1:
+            dist.all_reduce(total_P)
+            total_P /= self.world
+        each = total_P.tolist()
+        return {"": sum(w * c for w, c in zip(self.weights, each))} | (
+            {f"_s{s}_t{t}": c for (s, t), c in zip(self.pairs, each)} if len(each) > 1 else {})
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if self.log is not None:
+            self.log(metrics, step)
 
     def _start_model(self, index: int) -> nn.Module:
         """The student at the start of phase `index`, on the device: rank 0 loads it; under DDP or FSDP2 the other
@@ -275,6 +313,15 @@ class Trainer:
                 group["lr"] = lr
             step_parts = self.step(phase, engine, optimizer, loader.get(first_step + step))
             guard.watch(first_step + step + 1, step_parts)
+            if phase.name == "hldc" and step in (0, plan.steps - 1):  # the hidden path's fit, first and last step
+                names = [k for k in sorted(step_parts) if k.startswith("loss_emb")]  # in all, and each pair's
+                emb = torch.stack([step_parts[k] for k in names])
+                if self.world > 1:
+                    dist.all_reduce(emb)
+                    emb /= self.world
+                when = "start" if step == 0 else "end"
+                self._log({f"hidden/loss_emb_{when}{k.removeprefix('loss_emb')}": v for k, v in zip(names, emb.tolist())},
+                          first_step + step + 1)
             for k, v in step_parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
@@ -299,8 +346,7 @@ class Trainer:
                 if phase.name == "ht":  # is AdamW's eps of the order of sqrt(v) (hidden.loss=mse)?
                     p10, p50 = adam_sqrt_v_percentiles(optimizer)
                     metrics |= {"train/adam_sqrt_v_p10": p10, "train/adam_sqrt_v_p50": p50}
-                if self.log is not None:
-                    self.log(metrics, first_step + step + 1)
+                self._log(metrics, first_step + step + 1)
                 bar.set_postfix(phase=phase.name, loss=f"{metrics['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
             stop = self.preemption.requested()

@@ -242,3 +242,54 @@ def test_a_log_that_is_not_a_terminal_gets_a_line_per_log_step(tiny, tmp_path):
     assert len(lines) == steps // 8 + (steps % 8 > 0) + 1  # each log step, and the last count when it closes
     assert f" 8/{steps} [" in lines[0] and "<" in lines[0] and "tok_s=" in lines[0]  # elapsed<left, tokens/s
     assert "\r" not in done.stderr
+
+
+def test_the_hidden_path_logs_its_fit_and_learns(tiny):
+    """HLDF logs phase 1's held-out fit (the cosine of the regressor's output with the teacher's state on the
+    step after phase 1, whose rows phase 1 never trains on) at its start and end; HLDC its loss_emb at the first
+    and last step. The start is checked against the cosine computed here from the initial student, regressor
+    and teacher; both paths learn."""
+    from hldx import data, order, teacher
+    from hldx.models import forward_to_layer
+
+    common = tiny + ["cache.values_dtype=float32", "cache.hidden_dtype=float32", "budget.tokens=8192", "gamma=1"]
+    _run(common + ["method=hldf", "p1=0.5"])
+    _run(common + ["method=hldc"])
+    cfg = C.compose(common + ["method=hldf", "p1=0.5"])
+    mlflow = MlflowClient(cfg.tracking.uri)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    (hldf,), (hldc,) = (mlflow.search_runs([exp], filter_string=f"tags.`hldx.method` = '{m}'") for m in ("hldf", "hldc"))
+    fit, emb = hldf.data.metrics, hldc.data.metrics
+    assert fit["hidden/cosine_end"] > fit["hidden/cosine_start"] + 0.1
+    assert emb["hidden/loss_emb_end"] < emb["hidden/loss_emb_start"]
+
+    steps = plan_run(cfg).phases[0].steps
+    rows = order.training_rows(cfg, data.prepare(cfg, "train", data.tokenizer_for(cfg)))
+    tokens_BxL, _ = order.Batches(rows, cfg.train.batch_size).batch(steps)
+    student = build_model(cfg.student, cfg.seed)
+    torch.manual_seed(cfg.seed + 1)
+    regressor = build_regressor("mlp", cfg.student.hidden_size, cfg.teacher.model.hidden_size)
+    with torch.no_grad():
+        predicted = regressor(forward_to_layer(student, tokens_BxL, cfg.student.num_hidden_layers // 2))
+        target = forward_to_layer(teacher.load_teacher(cfg), tokens_BxL, cfg.teacher.model.num_hidden_layers // 2)
+    cosine = torch.nn.functional.cosine_similarity(predicted, target, dim=-1).mean()
+    assert fit["hidden/cosine_start"] == pytest.approx(float(cosine), abs=1e-5)
+
+
+def test_the_fit_of_several_pairs_is_logged_per_pair(tiny):
+    """With pairs (1, 2) and (3, 5) weighted (0.3, 0.7): HLDF's held-out cosine and HLDC's loss_emb, in all (the
+    pairs' weighted mean, the weighted loss) and per pair, at the start and end."""
+    pairs = tiny + ["hidden.pairs=[[1,2],[3,5]]", "hidden.weights=[0.3,0.7]", "p1=0.5"]
+    _run(pairs + ["method=hldf"])
+    _run(pairs + ["method=hldc"])
+    cfg = C.compose(pairs)
+    mlflow = MlflowClient(cfg.tracking.uri)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    (hldf,), (hldc,) = (mlflow.search_runs([exp], filter_string=f"tags.`hldx.method` = '{m}'") for m in ("hldf", "hldc"))
+    for run, name in ((hldf, "hidden/cosine"), (hldc, "hidden/loss_emb")):
+        m = run.data.metrics
+        for when in ("start", "end"):
+            each = m[f"{name}_{when}_s1_t2"], m[f"{name}_{when}_s3_t5"]
+            assert m[f"{name}_{when}"] == pytest.approx(0.3 * each[0] + 0.7 * each[1], rel=1e-6), (name, when)
+        assert run.data.params["hidden"] == "pairs=[[1,2],[3,5]]|weights=[0.3,0.7]"
+    assert hldc.data.metrics["train/loss_emb_s3_t5"] > 0
