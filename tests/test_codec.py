@@ -2,6 +2,7 @@
 uniforms, unbiasedness, the round trip through a real cache, bit-identical rebuilds however the rows are
 batched, checksums over it; the losses' linear form, a run's use of it, the refusal of a size 32 does not
 divide, and the paper-123m study's cache under 150 TB."""
+import hashlib
 import json
 
 import numpy as np
@@ -38,6 +39,16 @@ def test_uniforms_are_uniform_and_a_function_of_row_position_and_dimension():
     assert ((counts - u.numel() / 16).abs() < 5 * (u.numel() / 16) ** 0.5).all()   # flat
     assert abs(float(torch.corrcoef(torch.stack([u[:, :, :-1].flatten(), u[:, :, 1:].flatten()]))[0, 1])) < 0.01
     assert torch.equal(codec.uniforms(10**9 + 3, (2, 32, 96), torch.device("cpu")), u[3:5])
+
+
+def test_each_hidden_part_draws_bits_of_its_own_and_the_first_keeps_its_bits():
+    """Stream 0 (the part `hidden`) gives the bits it gave before layer pairs existed (their digest on main); the
+    stream of another layer's part is uncorrelated with it."""
+    cpu = torch.device("cpu")
+    u = codec.uniforms(1000, (3, 5, 64), cpu)
+    assert hashlib.sha256(u.numpy().tobytes()).hexdigest()[:16] == "00be8cf87c8a6244"
+    other = codec.uniforms(1000, (3, 5, 64), cpu, stream=6)
+    assert abs(float(torch.corrcoef(torch.stack([u.flatten(), other.flatten()]))[0, 1])) < 0.05
 
 
 def test_the_code_is_unbiased_where_rounding_to_nearest_is_not():
