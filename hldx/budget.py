@@ -43,17 +43,13 @@ def _forward_matmul_flops(m: DictConfig, seq_len: int, layers: int, head: bool) 
     return 2.0 * layers * params + layers * attention + (2.0 * d * m.vocab_size if head else 0.0)
 
 
-def _regressor_params(kind: str, d_s: int, d_t: int, expansion: int) -> int:
-    """The matmul parameters of one adapter (what its forward multiplies each token by)."""
-    return {"linear": d_s * d_t, "mlp": d_s * expansion * d_s + expansion * d_s * d_t, "identity": 0}[kind]
-
-
 def adapter_params(cfg: DictConfig) -> int:
-    """The matmul parameters of the adapters of an HLD job, one per layer pair (0 for NLL and KD)."""
+    """The matmul parameters of an HLD job's adapters, one per layer pair (what each multiplies a token by; 0
+    for NLL and KD)."""
     if cfg.method.name not in hidden.HLD:
         return 0
-    one = _regressor_params(hidden.adapter(cfg), cfg.student.hidden_size, cfg.teacher.model.hidden_size,
-                            cfg.method.get("regressor_expansion", 4))
+    d_s, d_t, e = cfg.student.hidden_size, cfg.teacher.model.hidden_size, cfg.method.get("regressor_expansion", 4)
+    one = {"linear": d_s * d_t, "mlp": d_s * e * d_s + e * d_s * d_t, "identity": 0}[hidden.adapter(cfg)]
     return one * len(hidden.pairs(cfg))
 
 
