@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 from hldx.errors import ConfigError, check as require
 
 HLD = ("hldc", "hldf")
-ADAPTERS = ("linear", "mlp", "identity")
 DEFAULT_ADAPTER = {"hldc": "linear", "hldf": "mlp"}   # the paper's: W_R for HLDC, the MLP (x4) for HLDF
 WEIGHT_SUM_TOL = 1e-6
 
@@ -75,13 +74,13 @@ def check(cfg: DictConfig) -> None:
         if h.student_layer is not None or h.teacher_layer is not None:
             raise ConfigError(f"hidden.pairs={given} is invalid: give the layers either as hidden.pairs or as "
                               f"hidden.student_layer/hidden.teacher_layer (one pair), not both")
-        for s, t in pairs(cfg):
+        given_pairs = pairs(cfg)
+        for s, t in given_pairs:
             require(s <= d_s and t <= d_t, "hidden.pairs", given,
                     f"[student_layer, teacher_layer] pairs of the student's layers 0..{d_s} and the teacher's "
                     f"0..{d_t} (0: the embedding output); [{s}, {t}] is not one")
-        twice = [p for i, p in enumerate(pairs(cfg)) if p in pairs(cfg)[:i]]
-        require(not twice, "hidden.pairs", given, f"distinct pairs ({_text(list(twice[0]) if twice else [])} is "
-                                                  f"given twice)")
+        twice = next((list(p) for i, p in enumerate(given_pairs) if p in given_pairs[:i]), None)
+        require(twice is None, "hidden.pairs", given, f"distinct pairs ({_text(twice)} is given twice)")
     if h.weights is not None:
         n, w = len(pairs(cfg)), weights(cfg)
         require(len(w) == n and abs(sum(w) - 1) <= WEIGHT_SUM_TOL, "hidden.weights",
@@ -94,9 +93,10 @@ def check(cfg: DictConfig) -> None:
 
 
 def identity(cfg: DictConfig) -> dict:
-    """The hidden path's part of an HLD run's key. One pair is written as the key has always written it
-    (student_layer / teacher_layer; hidden.pairs of the middle pair as null, so both spellings of the default are
-    one run); weights and adapter only where they are not the defaults (equal, the method's)."""
+    """The hidden path's part of an HLD run's key, as runs made before pairs existed have it. One pair is written
+    as the key has always written it, student_layer / teacher_layer (given through hidden.pairs, a middle layer as
+    null: `hidden.pairs=[[D/2, D_T/2]]` is the default run); weights and adapter only where they are not the
+    defaults (equal, the method's)."""
     h = cfg.hidden
     ident = {"student_layer": h.student_layer, "teacher_layer": h.teacher_layer, "loss": h.loss}
     if h.pairs is not None:
