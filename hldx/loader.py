@@ -145,13 +145,14 @@ class Step:
         return len(self.tokens)
 
     def micro(self, start: int, size: int) -> Micro:
+        """Rows [start, start + size) of each part, decoded into the Micro's field for its kind."""
         at = slice(start, start + size)
         out = Micro(self.tokens[at].long())
         for part, arrays in self.arrays.items():
             decoded = decode(part, [t[at] for t in arrays])
-            if part in self.layers:
+            if part_kind(part) == "hidden":
                 out.hidden[self.layers[part]] = decoded
-            else:
+            elif part_kind(part) == "topk":
                 out.topk_idx_BxLxK, out.topk_val_BxLxK = decoded
         return out
 
