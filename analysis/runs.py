@@ -69,7 +69,7 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     return _typed(df, str(path))
 
 
-def _row(run) -> dict:
+def row(run) -> dict:
     """One finished MLflow run in the CSV's columns."""
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     teacher = tags.get("hldx.role") == "teacher"
@@ -115,5 +115,5 @@ def read_mlflow(experiment: str, tracking_uri: str | None = None) -> pd.DataFram
     if not latest:
         raise BadInput(f"experiment {experiment!r} has no FINISHED runs to report on "
                          f"({len(runs)} run(s) in other states); train some with `python -m hldx.run`")
-    df = pd.DataFrame([_row(r) for r in latest.values()], columns=COLUMNS + [SEED, RUN_ID, EVAL_DATA, HIDDEN, *FIT])
+    df = pd.DataFrame([row(r) for r in latest.values()], columns=COLUMNS + [SEED, RUN_ID, EVAL_DATA, HIDDEN, *FIT])
     return _typed(df, f"experiment {experiment!r}")

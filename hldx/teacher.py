@@ -51,6 +51,12 @@ def teacher_config(cfg: DictConfig) -> DictConfig:
     return tcfg
 
 
+def teacher_key(cfg: DictConfig) -> str:
+    """The teacher a distilled run reads, as the MLflow tag hldx.teacher names it: the on-demand teacher's run key
+    (its run's hldx.run_key, in whichever experiment pre-trained it), or the given teacher.ckpt."""
+    return str(Path(cfg.teacher.ckpt).expanduser()) if cfg.teacher.ckpt else C.run_key(teacher_config(cfg))
+
+
 def teacher_path(cfg: DictConfig) -> Path:
     """Where the teacher's HF checkpoint is: teacher.ckpt, or the content-addressed on-demand build."""
     if cfg.teacher.ckpt:

@@ -18,6 +18,7 @@ from hldx import config as C
 from hldx import hidden
 from hldx.device import device_of, machine
 from hldx.errors import ConfigError
+from hldx.teacher import teacher_key
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
@@ -103,6 +104,8 @@ class Tracker:
         tags = {"hldx.method": cfg.method.name, "hldx.student": cfg.student.name,
                 "hldx.hp_key": C.hp_key(cfg) if role == "student" else role, "hldx.run_key": key, "hldx.role": role,
                 "hldx.commit": commit(), "hldx.machine": machine(device_of(cfg))}
+        if role == "student" and cfg.method.name in C.DISTILLED:
+            tags["hldx.teacher"] = teacher_key(cfg)
         self.run_id = self.mlflow.create_run(self.experiment, run_name=run_name(cfg, role), tags=tags).info.run_id
         params = {"method": cfg.method.name, "student": cfg.student.name, "seed": cfg.seed,
                   **{k: v for k, v in C.hparams(cfg).items() if v is not None}}
