@@ -26,6 +26,7 @@ DEMO = "demo"      # eval_data of runs evaluated on the demo's own tasks (python
 # Optional extra columns: the hidden path's fit as hldx.train logs it (HLDF: phase 1's held-out cosine; HLDC:
 # loss_emb at the first and last step), NaN where a run has none.
 FIT = ["cosine_start", "cosine_end", "loss_emb_start", "loss_emb_end"]
+ROW = COLUMNS + [SEED, RUN_ID, EVAL_DATA, HIDDEN, *FIT]  # the columns of a run as read (row, _typed)
 
 
 def _typed(df: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -54,7 +55,7 @@ def _typed(df: pd.DataFrame, where: str) -> pd.DataFrame:
         df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else float("nan")
     order = df["method"].map(METHODS.index)
     df = df.assign(_order=order).sort_values(["student", "_order", *HPARAMS, HIDDEN, SEED], kind="stable")
-    return df[COLUMNS + [SEED, RUN_ID, EVAL_DATA, HIDDEN, *FIT]].reset_index(drop=True)
+    return df[ROW].reset_index(drop=True)
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:
@@ -115,5 +116,5 @@ def read_mlflow(experiment: str, tracking_uri: str | None = None) -> pd.DataFram
     if not latest:
         raise BadInput(f"experiment {experiment!r} has no FINISHED runs to report on "
                          f"({len(runs)} run(s) in other states); train some with `python -m hldx.run`")
-    df = pd.DataFrame([row(r) for r in latest.values()], columns=COLUMNS + [SEED, RUN_ID, EVAL_DATA, HIDDEN, *FIT])
+    df = pd.DataFrame([row(r) for r in latest.values()], columns=ROW)
     return _typed(df, f"experiment {experiment!r}")
