@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from analysis.compare import best, pointwise, summary, units
 from analysis.control import SHARE, TIMES, control, hidden_fit, kd_vs_nll
 from analysis.report import DEMO_NOTE, Parser, demo_labels, make_figures, markdown_table
-from analysis.runs import DEMO, EVAL_DATA, FIT, METRICS, ROW, read_mlflow, row
+from analysis.runs import DEMO, EVAL_DATA, METRICS, ROW, read_mlflow, row
 from hldx import cli
 
 DOWNSTREAM = METRICS[2:]  # the five error rates
