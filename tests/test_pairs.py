@@ -238,7 +238,7 @@ STAGES = [  # a study's first stages by SLURM job name (as the whole grid's: its
 ]
 
 
-def test_todays_run_keys_teacher_keys_cache_identities_and_stage_names_are_unchanged(monkeypatch):
+def test_todays_run_keys_teacher_keys_cache_identities_and_stage_names_are_unchanged(monkeypatch, tmp_path):
     # The cache's identity as hldx composes it; the teacher's and tokenizer's content digests are fixed here.
     monkeypatch.setattr(teacher, "teacher_digest", lambda path: "teacher-digest")
     monkeypatch.setattr(teacher, "tokenizer_digest", lambda tokenizer: "tokenizer-digest")
@@ -249,7 +249,7 @@ def test_todays_run_keys_teacher_keys_cache_identities_and_stage_names_are_uncha
         assert (C.run_key(teacher.teacher_config(cfg)) if teacher_key else None) == teacher_key, name
         assert (teacher.cache_spec(cfg, None, rows, plan_run(cfg)).digest if cache else None) == cache, name
     for study, names in STAGES:
-        planned, bad = plan_jobs(expand_sweep(study + ["paths.cache=/hldx-cache"]))
+        planned, bad = plan_jobs(expand_sweep(study + ["paths.cache=/hldx-cache", f"paths.runs={tmp_path}"]))
         assert not bad
         assert [s.job_name for s in stages(planned) if s.name in ("tokenize", "teacher", "cache")] == names, study
 
