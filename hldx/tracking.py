@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
+from hldx import hidden
 from hldx.device import device_of, machine
 from hldx.errors import ConfigError
 from hldx.teacher import teacher_key
@@ -108,6 +109,8 @@ class Tracker:
         self.run_id = self.mlflow.create_run(self.experiment, run_name=run_name(cfg, role), tags=tags).info.run_id
         params = {"method": cfg.method.name, "student": cfg.student.name, "seed": cfg.seed,
                   **{k: v for k, v in C.hparams(cfg).items() if v is not None}}
+        if path := hidden.variant(cfg):  # an HLD run's hidden path where it is not the paper's (the analysis' variant)
+            params["hidden"] = path
         params |= {f"cfg.{k}": v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), MAX_BATCH):
