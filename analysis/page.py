@@ -19,10 +19,28 @@ from mlflow.tracking import MlflowClient
 from analysis.compare import best, pointwise, summary, units
 from analysis.control import SHARE, TIMES, control, hidden_fit, kd_vs_nll
 from analysis.report import DEMO_NOTE, Parser, demo_labels, make_figures, markdown_table
-from analysis.runs import DEMO, EVAL_DATA, METRICS, read_mlflow
+from analysis.runs import DEMO, EVAL_DATA, METRICS, ROW, read_mlflow, row
 from hldx import cli
 
 DOWNSTREAM = METRICS[2:]  # the five error rates
+
+
+def _finished(client: MlflowClient, experiments: list[str], where: str) -> list:
+    return client.search_runs(experiments, filter_string=f"attributes.status = 'FINISHED' and {where}",
+                              max_results=5000)
+
+
+def teachers(experiment: str, tracking_uri: str | None) -> pd.DataFrame:
+    """The teachers the experiment's students read (their tag hldx.teacher), from whichever experiment of the store
+    pre-trained them (a teacher is trained once and shared, so a later study finds it built), as rows of runs."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    keys = {r.data.tags["hldx.teacher"] for r in _finished(client, [exp.experiment_id], "tags.`hldx.role` = 'student'")
+            if "hldx.teacher" in r.data.tags}
+    every = [e.experiment_id for e in client.search_experiments()]
+    found = [r for key in sorted(keys) for r in _finished(
+        client, every, f"tags.`hldx.role` = 'teacher' and tags.`hldx.run_key` = '{key}'")[:1]]
+    return pd.DataFrame([row(r) for r in found], columns=ROW)
 
 
 def provenance(experiment: str, tracking_uri: str | None) -> dict[str, str]:
@@ -30,8 +48,8 @@ def provenance(experiment: str, tracking_uri: str | None) -> dict[str, str]:
     their commits and machines (tags hldx.commit, hldx.machine)."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = [r for r in client.search_runs([exp.experiment_id], max_results=5000)
-            if r.data.tags.get("hldx.role") in ("student", "teacher") and r.info.status == "FINISHED"]
+    runs = [r for r in _finished(client, [exp.experiment_id], "tags.`hldx.role` != 'report'")
+            if r.data.tags.get("hldx.role") in ("student", "teacher")]
     start = min(r.info.start_time for r in runs) / 1000
     end = max(r.info.end_time or 0 for r in runs) / 1000
     tags = lambda name: ", ".join(sorted({r.data.tags.get(name, "not logged") for r in runs}))  # noqa: E731
@@ -134,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = read_mlflow(args.experiment, args.tracking_uri)
+    if not (runs["method"] == "teacher").any():  # pre-trained by an earlier study: found where it was logged
+        runs = pd.concat([runs, teachers(args.experiment, args.tracking_uri)], ignore_index=True)
     folder = args.out.parent / args.out.stem
     folder.mkdir(parents=True, exist_ok=True)
     demo = (runs[EVAL_DATA] == DEMO).any()

@@ -117,7 +117,8 @@ def render(source: str, runs: pd.DataFrame, best_df: pd.DataFrame, points: pd.Da
              "deviation), and the sign test and the bootstrap run over the units. Ties (equal as logged) are "
              "neither improvements nor losses; median with a 95% bootstrap interval; two-sided exact sign test "
              "over the non-tied units.",
-             "### Per variant (unit: a point, for each gamma of HLDC and each p1 of HLDF apart)",
+             "### Per variant (unit: a point, for each gamma of HLDC and each p1 of HLDF apart, and each hidden path "
+             "that is not the paper's: pairs=..., weights=..., adapter=...)",
              markdown_table(_view(summary_df, "variant")),
              "### Per point (unit: a point, its variants averaged)",
              markdown_table(_view(summary_df, "point"))]

@@ -13,8 +13,10 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
+from hldx import hidden
 from hldx.device import device_of, machine
 from hldx.errors import ConfigError
+from hldx.teacher import teacher_key
 
 if TYPE_CHECKING:  # MLflow is imported where a run is logged: checking, planning or benching a job needs none
     from mlflow.tracking import MlflowClient
@@ -109,9 +111,13 @@ class Tracker:
         tags = {"hldx.method": cfg.method.name, "hldx.student": cfg.student.name,
                 "hldx.hp_key": C.hp_key(cfg) if role == "student" else role, "hldx.run_key": key, "hldx.role": role,
                 "hldx.commit": commit(), "hldx.machine": machine(device_of(cfg))}
+        if role == "student" and cfg.method.name in C.DISTILLED:
+            tags["hldx.teacher"] = teacher_key(cfg)
         self.run_id = self.mlflow.create_run(self.experiment, run_name=run_name(cfg, role), tags=tags).info.run_id
         params = {"method": cfg.method.name, "student": cfg.student.name, "seed": cfg.seed,
                   **{k: v for k, v in C.hparams(cfg).items() if v is not None}}
+        if path := hidden.variant(cfg):  # an HLD run's hidden path where it is not the paper's (the analysis' variant)
+            params["hidden"] = path
         params |= {f"cfg.{k}": v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), MAX_BATCH):

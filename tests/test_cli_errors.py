@@ -34,6 +34,9 @@ BAD = [
     (["analysis.report", "--out"], "argument --out: expected one argument"),
     (["hldx.run", "-m", "data=c4", "data.tasks=2", "hydra/launcher=slurm_cpu", "hydra.sweeper.dry_run=true"],
      "data.tasks=2 is invalid for data.path=allenai/c4: tokenizing in parts needs local files"),
+    (["hldx.run", "method=hldc", "hidden.pairs=[[2,3],[2,3]]"],
+     "hidden.pairs=[[2,3],[2,3]] is invalid: expected distinct pairs ([2,3] is given twice)"),
+    (["hldx.plan", "-m", "method=hldf", "hidden.adapter=identity"], "hidden.adapter=identity is invalid: expected linear"),
     (["hldx.run", "eval=full", "eval.local_dir=/no/such/dir"],
      "eval=full needs every task's data, and it cannot be read for wikitext (fix: write /no/such/dir/wikitext103.jsonl)"),
 ]

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from hldx import bench as B
 from hldx import config as C
 from hldx import data, order
-from hldx.bench.steps import READS, method_phases, random_cache
+from hldx.bench.steps import method_phases, random_cache, reads
 from hldx.device import join
 from hldx.loader import Loader
 from hldx.models import build_model, forward
@@ -156,7 +156,7 @@ def test_dcp_save_and_exact_resume_with_fused_adamw_and_fsdp2(hldx_cache, tmp_pa
         return _flat(engine.params + moments)
 
     engine, optimizer = fresh(0)
-    with Loader(batches, reader, READS["kd"], range(3), trainer.device) as loader:
+    with Loader(batches, reader, reads(cfg, reader.spec)["kd"], range(3), trainer.device) as loader:
         for s in range(2):
             trainer.step(phase, engine, optimizer, loader.get(s))
         engine.save(tmp_path / "dcp", optimizer)
