@@ -5,7 +5,7 @@ BIN      = $(VENV)/bin
 # Without a GPU, take the CPU build of torch (a plain `pip install torch` may pull a multi-GB CUDA build).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.5" || echo "torch==2.13.0")
 
-.PHONY: setup test-setup demo mini test gpu-check
+.PHONY: setup test-setup demo mini test gpu-bundle gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -52,5 +52,12 @@ test: test-setup
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -ra
 
-gpu-check: setup
-	bash tests/gpu-check.sh
+# The GPU check (README: On a GPU). gpu-bundle, here: the wheels of what the check imports beyond the GPU machine's
+# image, derived from its imports (tests/gpu_bundle.py). gpu-check, there: with that machine's python3 as it is
+# (PY=... for another), the bundle installed offline; MODE=quick for a first contact.
+MODE ?= full
+gpu-bundle: setup
+	$(BIN)/python tests/gpu_bundle.py .gpu-bundle
+
+gpu-check:
+	bash tests/gpu-check.sh $(MODE)

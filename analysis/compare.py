@@ -1,6 +1,7 @@
 """The paper's two comparisons: best-vs-best (Table 1) and pointwise against KD at shared (lr, tau, alpha).
 
-Pointwise statistics count independent units only: each variant (HLDC's gamma, HLDF's p1) at a point, or a
+Pointwise statistics count independent units only: each variant (HLDC's gamma, HLDF's p1, with the hidden path
+where it is not the paper's: pairs=..., weights=..., adapter=...) at a point, or a
 point with its variants averaged; seeds are averaged within a unit first, so a replicate never counts as
 another point, and NLL is compared once per lr (against the mean of the KD runs at that lr)."""
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.runs import COLUMNS, HPARAMS, METHODS, METRICS, RUN_ID, SEED
+from analysis.runs import COLUMNS, HIDDEN, HPARAMS, METHODS, METRICS, RUN_ID, SEED
 from hldx import evaluation
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def pointwise(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (compared run, KD partner, metric); improvement = kd_score - score (> 0: better than KD).
 
     HLDC/HLDF runs pair with the KD run of the same (student, lr, tau, alpha) and seed; their `point` is that
-    (lr, tau, alpha), their `variant` the gamma or p1 that KD lacks. NLL runs pair with every KD run of the same
+    (lr, tau, alpha), their `variant` the gamma or p1 that KD lacks (and their hidden path where it is not the
+    paper's, e.g. gamma=0.1|pairs=[[1,2],[3,5]]). NLL runs pair with every KD run of the same
     (student, lr) and seed; their point is the lr alone. A run with no partner is kept with paired=False and
     empty KD columns.
     """
@@ -55,8 +57,8 @@ def pointwise(runs: pd.DataFrame) -> pd.DataFrame:
     hld = runs[runs["method"].isin(["hldc", "hldf"])].merge(kd, on=POINT + [SEED], how="left", indicator=True)
     hld["point"] = [f"lr={_text(a)}|tau={_text(b)}|alpha={_text(c)}" for a, b, c in
                     zip(hld["lr"], hld["tau"], hld["alpha"])]
-    hld["variant"] = [f"gamma={_text(g)}" if m == "hldc" else f"p1={_text(p)}" for m, g, p in
-                      zip(hld["method"], hld["gamma"], hld["p1"])]
+    hld["variant"] = [(f"gamma={_text(g)}" if m == "hldc" else f"p1={_text(p)}") + (f"|{h}" if h else "")
+                      for m, g, p, h in zip(hld["method"], hld["gamma"], hld["p1"], hld[HIDDEN])]
     nll = runs[runs["method"] == "nll"].drop(columns=["tau", "alpha"])
     nll = nll.merge(kd, on=["student", "lr", SEED], how="left", indicator=True)
     nll["point"], nll["variant"] = [f"lr={_text(a)}" for a in nll["lr"]], ""
@@ -68,7 +70,7 @@ def pointwise(runs: pd.DataFrame) -> pd.DataFrame:
         ignore_index=True)
     long["improvement"] = long["kd_score"] - long["score"]
     long["_m"], long["_k"] = long["method"].map(METHODS.index), long["metric"].map(METRICS.index)
-    long = long.sort_values(["student", "_m", *HPARAMS, SEED, "_k", "kd_run_id"], kind="stable")
+    long = long.sort_values(["student", "_m", *HPARAMS, "variant", SEED, "_k", "kd_run_id"], kind="stable")
     return long[POINTWISE].reset_index(drop=True)
 
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from analysis.compare import best, pointwise, summary, units
 from analysis.control import SHARE, TIMES, control, hidden_fit, kd_vs_nll
 from analysis.report import DEMO_NOTE, Parser, demo_labels, make_figures, markdown_table
-from analysis.runs import COLUMNS, DEMO, EVAL_DATA, FIT, METRICS, RUN_ID, SEED, read_mlflow, row
+from analysis.runs import DEMO, EVAL_DATA, METRICS, ROW, read_mlflow, row
 from hldx import cli
 
 DOWNSTREAM = METRICS[2:]  # the five error rates
@@ -40,7 +40,7 @@ def teachers(experiment: str, tracking_uri: str | None) -> pd.DataFrame:
     every = [e.experiment_id for e in client.search_experiments()]
     found = [r for key in sorted(keys) for r in _finished(
         client, every, f"tags.`hldx.role` = 'teacher' and tags.`hldx.run_key` = '{key}'")[:1]]
-    return pd.DataFrame([row(r) for r in found], columns=COLUMNS + [SEED, RUN_ID, EVAL_DATA, *FIT])
+    return pd.DataFrame([row(r) for r in found], columns=ROW)
 
 
 def provenance(experiment: str, tracking_uri: str | None) -> dict[str, str]:

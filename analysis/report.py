@@ -171,7 +171,8 @@ def _views(summary_df: pd.DataFrame) -> list[str]:
     if variant.drop(columns="variant").equals(point.drop(columns="variant")):
         return ["### Per point (unit: a point; each has one variant of each method, so the per-variant view is "
                 "the same)", markdown_table(variant)]
-    return ["### Per variant (unit: a point, for each gamma of HLDC and each p1 of HLDF apart)",
+    return ["### Per variant (unit: a point, for each gamma of HLDC and each p1 of HLDF apart, and each hidden path "
+            "that is not the paper's: pairs=..., weights=..., adapter=...)",
             markdown_table(variant), "### Per point (unit: a point, its variants averaged)", markdown_table(point)]
 
 

@@ -4,10 +4,14 @@ A.8-A.9), and GPU-hours and cache bytes for a list of jobs.
 Two accountings. `paper` is A.9 verbatim: C_data = 6N + 6 d_S V, C_KD = C_data + C_teacher,
 C_HT = 3N + 6 N_reg + C_teacher / 2, C_HLDC = C_KD + 6 N_reg, with N the backbone parameters and
 N_reg = 2 d_S d_T (the only reading that reproduces the paper's 0.442 and 1.027 for the 123M student).
+Several layer pairs (hldx.hidden) extend it the obvious way: N_reg per pair with a learned adapter (none for
+identity), and C_HT's halves become the share of the layers phase 1 runs, 3N -> 6N m_S / D_S and C_teacher / 2
+-> C_teacher m_T / D_T, m the deepest paired layers (the paper's middle pair gives back its own formula).
 `exact` counts the matrix multiplications the real modules perform (what torch's FlopCounterMode sees):
-projections, attention scores and values over the full sequence, the LM head, and the regressor that is
-actually built (linear for HLDC, the MLP for HLDF). A training step costs 3x its forward (backward = 2x).
-An online teacher's forward is counted; a cached teacher costs nothing.
+projections, attention scores and values over the full sequence, the LM head, and the adapters that are
+actually built, one per pair (linear for HLDC, the MLP for HLDF by default), with HLDF's phase 1 running the
+student (and an online teacher) up to the deepest paired layer. A training step costs 3x its forward
+(backward = 2x). An online teacher's forward is counted; a cached teacher costs nothing.
 
 GPU-hours: each phase's tokens at a stated tokens/s per GPU, measured by `python -m hldx.bench` (plan.bench=
 its bench.json) or else assumed: plan.mfu (default 40%) of plan.peak_flops (default 989e12, an H100's dense
@@ -22,9 +26,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
+from hldx import hidden
 from hldx.methods import phases
-from hldx.models import count_parameters, middle_layer
-from hldx.store import CacheSpec, bytes_per_token
+from hldx.models import count_parameters
+from hldx.store import CacheSpec, bytes_per_token, hidden_part, part_kind, part_layer
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
 
@@ -38,8 +43,14 @@ def _forward_matmul_flops(m: DictConfig, seq_len: int, layers: int, head: bool) 
     return 2.0 * layers * params + layers * attention + (2.0 * d * m.vocab_size if head else 0.0)
 
 
-def _regressor_params(kind: str, d_s: int, d_t: int, expansion: int) -> int:
-    return d_s * d_t if kind == "linear" else d_s * expansion * d_s + expansion * d_s * d_t
+def adapter_params(cfg: DictConfig) -> int:
+    """The matmul parameters of an HLD job's adapters, one per layer pair (what each multiplies a token by; 0
+    for NLL and KD)."""
+    if cfg.method.name not in hidden.HLD:
+        return 0
+    d_s, d_t, e = cfg.student.hidden_size, cfg.teacher.model.hidden_size, cfg.method.get("regressor_expansion", 4)
+    one = {"linear": d_s * d_t, "mlp": d_s * e * d_s + e * d_s * d_t, "identity": 0}[hidden.adapter(cfg)]
+    return one * len(hidden.pairs(cfg))
 
 
 def flops_per_token(cfg: DictConfig) -> dict[str, float]:
@@ -48,25 +59,24 @@ def flops_per_token(cfg: DictConfig) -> dict[str, float]:
     accounting, seq_len = cfg.budget.accounting, cfg.train.seq_len
     online = cfg.method.name in C.DISTILLED and cfg.teacher.source == "online"
     d_s, d_t = s.hidden_size, t.hidden_size
+    D, Dt = s.num_hidden_layers, t.num_hidden_layers
+    hld = cfg.method.name in hidden.HLD
+    m_s, m_t = (hidden.deepest(cfg), max(hidden.teacher_layers(cfg))) if hld else (D, Dt)
     if accounting == "paper":
         n = count_parameters(s)["backbone"]
         data = 6.0 * n + 6.0 * d_s * s.vocab_size
         teacher = 2.0 * count_parameters(t)["total"] if online else 0.0
-        n_reg = 2.0 * d_s * d_t
+        learned = len(hidden.pairs(cfg)) if hld and hidden.adapter(cfg) != "identity" else 0  # N_reg per pair
+        n_reg = 2.0 * d_s * d_t * learned
         costs = {"nll": data, "kd": data + teacher, "hldc": data + teacher + 6 * n_reg,
-                 "ht": 3.0 * n + 6 * n_reg + teacher / 2}
+                 "ht": 6.0 * n * m_s / D + 6 * n_reg + teacher * m_t / Dt}
     else:
-        D, Dt = s.num_hidden_layers, t.num_hidden_layers
-        m_s = middle_layer(D, cfg.hidden.student_layer)
-        m_t = middle_layer(Dt, cfg.hidden.teacher_layer)
         data = 3.0 * _forward_matmul_flops(s, seq_len, D, head=True)
         teacher_full = _forward_matmul_flops(t, seq_len, Dt, head=True) if online else 0.0
-        teacher_half = _forward_matmul_flops(t, seq_len, m_t, head=False) if online else 0.0
-        expansion = cfg.method.get("regressor_expansion", 4)
-        costs = {"nll": data, "kd": data + teacher_full,
-                 "hldc": data + teacher_full + 6.0 * _regressor_params("linear", d_s, d_t, expansion),
-                 "ht": 3.0 * _forward_matmul_flops(s, seq_len, m_s, head=False)
-                 + 6.0 * _regressor_params("mlp", d_s, d_t, expansion) + teacher_half}
+        teacher_bottom = _forward_matmul_flops(t, seq_len, m_t, head=False) if online else 0.0
+        adapters = 6.0 * adapter_params(cfg)
+        costs = {"nll": data, "kd": data + teacher_full, "hldc": data + teacher_full + adapters,
+                 "ht": 3.0 * _forward_matmul_flops(s, seq_len, m_s, head=False) + adapters + teacher_bottom}
     return {"data": data, **{p.name: costs[p.name] for p in phases(cfg)}}
 
 
@@ -211,31 +221,56 @@ def rows_read(cfg: DictConfig, plan: RunPlan) -> dict[str, int]:
 
 
 def cache_extents(cfg: DictConfig, plan: RunPlan, rows: int | None = None) -> tuple[int, int]:
-    """The (top-k, hidden) extents of the job's teacher cache, in rows: cache.rows and cache.hidden_rows (auto:
-    what the job reads, all: hidden states wherever there are top-k), at most the `rows` the order holds."""
+    """The (top-k, hidden) extents of the job's teacher cache, in rows (the hidden one: of each layer it reads):
+    cache.rows and cache.hidden_rows (auto: what the job reads, all: hidden states wherever there are top-k), at
+    most the `rows` the order holds."""
     need, c = rows_read(cfg, plan), cfg.cache
     top = need["topk"] if c.rows == "auto" else int(c.rows)
-    hidden = need["hidden"] if c.hidden_rows == "auto" else top if c.hidden_rows == "all" else int(c.hidden_rows)
-    return (top, hidden) if rows is None else (min(top, rows), min(hidden, rows))
+    states = need["hidden"] if c.hidden_rows == "auto" else top if c.hidden_rows == "all" else int(c.hidden_rows)
+    return (top, states) if rows is None else (min(top, rows), min(states, rows))
+
+
+def shape_spec(cfg: DictConfig) -> CacheSpec:
+    """The cache's shapes and dtypes for cfg's teacher, no identity: what its parts are called and cost per token."""
+    t = cfg.teacher.model
+    return CacheSpec("", "", "", cfg.train.seq_len, cfg.method.get("top_k", 128), t.vocab_size,
+                     t.num_hidden_layers // 2, t.hidden_size, cfg.cache.values_dtype, cfg.cache.hidden_dtype)
+
+
+def cache_parts(cfg: DictConfig, plan: RunPlan, rows: int | None = None) -> dict[str, int]:
+    """The parts of the job's teacher cache (named as hldx.store names them) and the rows [0, n) it needs of each:
+    top-k, and the hidden states after each teacher layer its pairs read."""
+    top, states = cache_extents(cfg, plan, rows)
+    layers = hidden.teacher_layers(cfg) if cfg.method.name in hidden.HLD else []
+    spec = shape_spec(cfg)
+    return {"topk": top} | {hidden_part(spec, layer): states for layer in layers}
 
 
 def cache_storage(configs: list[DictConfig], jobs: list[RunPlan], rows: int | None = None) -> dict | None:
-    """Disk the shared teacher cache needs for the sweep: the extents of its longest jobs x bytes per token
-    of each part (checksums included). `rows`: what the training order holds, when known."""
+    """Disk the shared teacher cache needs for the sweep: per part, the extent of its longest job x its bytes per
+    token (checksums included), and in all; the hidden states' bytes per token summed over the layers, their
+    tokens the layers' average. `rows`: what the training order holds, when known."""
     readers = [(cfg, job) for cfg, job in zip(configs, jobs)
                if cfg.method.name in C.DISTILLED and cfg.teacher.source == "cache"]
     if not readers:
         return None
+    parts: dict[str, int] = {}
+    for c, job in readers:
+        for part, n in cache_parts(c, job, rows).items():
+            parts[part] = max(parts.get(part, 0), n)
     cfg = readers[0][0]
-    t = cfg.teacher.model
-    per_token = bytes_per_token(CacheSpec("", "", "", cfg.train.seq_len, cfg.method.top_k, t.vocab_size, 1,
-                                          t.hidden_size, cfg.cache.values_dtype, cfg.cache.hidden_dtype))
-    extents = [cache_extents(c, job, rows) for c, job in readers]
-    top, hidden = max(e[0] for e in extents), max(e[1] for e in extents)
-    seq = cfg.train.seq_len
-    return {"rows": top, "hidden_rows": hidden, "topk_bytes_per_token": per_token["topk"],
-            "hidden_bytes_per_token": per_token["hidden"], "tokens": top * seq, "hidden_tokens": hidden * seq,
-            "bytes": round(seq * (top * per_token["topk"] + hidden * per_token["hidden"]))}
+    spec, seq = shape_spec(cfg), cfg.train.seq_len
+    per_token = bytes_per_token(spec)
+    top = parts.pop("topk")
+    parts = dict(sorted(parts.items(), key=lambda item: part_layer(spec, item[0])))  # the hidden ones, by layer
+    layers = list(parts.values())
+    return {"rows": top, "hidden_rows": max(layers, default=0), "topk_bytes_per_token": per_token["topk"],
+            "hidden_bytes_per_token": per_token["hidden"] * len(layers), "tokens": top * seq,
+            "hidden_tokens": seq * sum(layers) / len(layers) if layers else 0,
+            "bytes": round(seq * (top * per_token["topk"] + sum(layers) * per_token["hidden"])),
+            "parts": {part: {"layer": part_layer(spec, part), "rows": n, "tokens": n * seq,
+                             "bytes_per_token": (b := per_token[part_kind(part)]), "bytes": round(seq * n * b)}
+                      for part, n in {"topk": top, **parts}.items()}}
 
 
 def layer_activation_bytes(m: DictConfig, gpu: bool) -> float:
@@ -254,15 +289,20 @@ def layer_activation_bytes(m: DictConfig, gpu: bool) -> float:
 
 def _activation_bytes_per_token(cfg: DictConfig, phase: str, gpu: bool) -> float:
     """What one token's forward keeps for the backward: the decoder layers it runs (layer_activation_bytes);
-    at the head the logits and their gradient (the compute dtype); the regressor's input and output."""
+    at the head the logits and their gradient (the compute dtype); each adapter's outputs (float32: the MLP's
+    hidden layer and d_T, linear's d_T)."""
     s, t = cfg.student, cfg.teacher.model
     half = 2 if gpu else 4
     layer = layer_activation_bytes(s, gpu)
+    adapters = 0
+    if phase in ("ht", "hldc"):
+        kind = hidden.adapter(cfg)
+        width = cfg.method.get("regressor_expansion", 4) * s.hidden_size if kind == "mlp" else 0
+        adapters = len(hidden.pairs(cfg)) * 4 * (width + (t.hidden_size if kind != "identity" else 0))
     if phase == "ht":
-        width = cfg.method.get("regressor_expansion", 4) * s.hidden_size
-        return middle_layer(s.num_hidden_layers, cfg.hidden.student_layer) * layer + 4 * (width + t.hidden_size)
+        return hidden.deepest(cfg) * layer + adapters
     head = 2 * half * s.vocab_size + 4 * s.hidden_size
-    return s.num_hidden_layers * layer + head + (4 * t.hidden_size if phase == "hldc" else 0)
+    return s.num_hidden_layers * layer + head + adapters
 
 
 def _input_bytes(cfg: DictConfig, phase, rows: int, micro: int) -> float:
@@ -272,12 +312,12 @@ def _input_bytes(cfg: DictConfig, phase, rows: int, micro: int) -> float:
     t, k = cfg.teacher.model, cfg.method.get("top_k", 128)
     stored, decoded = 4.0, 8.0  # the tokens: int32 as stored, int64 on the device
     if cfg.method.name in C.DISTILLED and cfg.teacher.source == "cache":
-        per_token = bytes_per_token(CacheSpec("", "", "", cfg.train.seq_len, k, t.vocab_size, 1, t.hidden_size,
-                                              cfg.cache.values_dtype, cfg.cache.hidden_dtype))
+        per_token = bytes_per_token(shape_spec(cfg))
         if phase.needs_teacher_logits:
             stored, decoded = stored + per_token["topk"], decoded + 12 * k
         if phase.needs_teacher_hidden:
-            stored, decoded = stored + per_token["hidden"], decoded + 4 * t.hidden_size
+            layers = len(hidden.teacher_layers(cfg))
+            stored, decoded = stored + layers * per_token["hidden"], decoded + layers * 4 * t.hidden_size
     return cfg.train.seq_len * (2 * rows * stored + micro * decoded)
 
 
@@ -291,7 +331,6 @@ def memory_per_rank(cfg: DictConfig, mode: str, ranks: int, gpu: bool = True, ph
     what cannot fit before launch; the GPU bench measures the real peak beside it."""
     s, t = cfg.student, cfg.train
     n = count_parameters(s)
-    expansion = cfg.method.get("regressor_expansion", 4)
     micro = t.micro_batch_size or max(1, t.batch_size // ranks)
     shard = ranks if mode == "fsdp" else 1
     layer = (n["backbone"] - 2 * s.hidden_size) / s.num_hidden_layers  # one decoder layer's parameters
@@ -299,8 +338,7 @@ def memory_per_rank(cfg: DictConfig, mode: str, ranks: int, gpu: bool = True, ph
     for each in phases(cfg):
         if phase is not None and each.name != phase:
             continue
-        reg = _regressor_params(each.regressor, s.hidden_size, cfg.teacher.model.hidden_size, expansion) \
-            if each.regressor else 0
+        reg = adapter_params(cfg) if each.regressor else 0
         p = n["total"] + reg
         out = {"weights": 4 * p / shard, "gradients": 4 * p / shard, "adamw": 8 * p / shard,
                "activations": micro * t.seq_len * _activation_bytes_per_token(cfg, each.name, gpu),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from hldx import schema
+from hldx import hidden, schema
 from hldx.cli import explain
 from hldx.errors import ConfigError, check as require
 
@@ -118,6 +118,7 @@ def check(cfg: DictConfig) -> None:
                 f"a divisor of train.batch_size={t.batch_size}")
     require(cfg.data.vocab_size == cfg.student.vocab_size, "data.vocab_size", cfg.data.vocab_size,
             f"the student's vocabulary size {cfg.student.vocab_size}")
+    hidden.check(cfg)
 
 
 def _check_rules(root: DictConfig, node: DictConfig, prefix: str, method: str) -> None:
@@ -184,8 +185,10 @@ def identity(cfg: DictConfig) -> dict:
         ident["teacher"] = OmegaConf.to_container(cfg.teacher, resolve=True)
         if cfg.teacher.source == "cache":  # what the cache rounds the teacher's outputs to
             ident["cache"] = {k: cfg.cache[k] for k in ("values_dtype", "hidden_dtype")[:1 if method == "kd" else 2]}
-    if method in ("hldc", "hldf"):
-        ident["hidden"] = OmegaConf.to_container(cfg.hidden, resolve=True)
+    if method in hidden.HLD:
+        ident["hidden"] = hidden.identity(cfg)
+        if hidden.adapter(cfg) != "mlp":  # the mlp adapter's width, nothing to another adapter
+            ident["method"].pop("regressor_expansion", None)
     return ident
 
 
@@ -235,7 +238,9 @@ def hp_key(cfg: DictConfig) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """Readable MLflow run name, e.g. hldf|lr=4e-4|tau=1|alpha=0.7|p1=0.05 (and |seed=S for a seed other than 0)."""
+    """Readable MLflow run name, e.g. hldf|lr=4e-4|tau=1|alpha=0.7|p1=0.05 (then the hidden path where it is not
+    the paper's, e.g. |pairs=[[1,2],[3,5]], and |seed=S for a seed other than 0)."""
     hp = hparams(cfg)
+    path = [variant] if (variant := hidden.variant(cfg)) else []
     seed = [f"seed={cfg.seed}"] if cfg.seed else []
-    return "|".join([cfg.method.name] + [f"{k}={short(v)}" for k, v in hp.items() if v is not None] + seed)
+    return "|".join([cfg.method.name] + [f"{k}={short(v)}" for k, v in hp.items() if v is not None] + path + seed)

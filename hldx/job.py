@@ -6,6 +6,7 @@ or a budget too small for one step fails in seconds, before a teacher is trained
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -34,7 +35,6 @@ def check(cfg: DictConfig, launch: bool = True, ranks: int | None = None) -> Run
     teacher checkpoint, the tracking server)."""
     C.check(cfg)
     data.check(cfg)
-    models.check(cfg)
     teacher.check(cfg, launch)
     evaluation.check(cfg)
     plan = plan_run(cfg)
@@ -230,9 +230,10 @@ def run(cfg: DictConfig, evaluate: bool = True) -> dict[str, float]:
     return execute(cfg, evaluate=evaluate)
 
 
-def build_cache_share(cfg: DictConfig) -> str:
+def build_cache_share(cfg: DictConfig, extents: dict[str, int] | None = None) -> str:
     """Build this worker's share of the teacher cache of cfg's job, the shards of cache.task of cache.tasks
-    (SLURM array tasks), split again over the job's ranks; what it did, in one line."""
+    (SLURM array tasks), split again over the job's ranks; what it did, in one line. `extents`: the parts and rows
+    to build (a study's cache stage: every part its jobs read, each to its longest job's), else the job's own."""
     plan = check(cfg)
     device_of(cfg)
     ensure_teacher(cfg)
@@ -241,8 +242,10 @@ def build_cache_share(cfg: DictConfig) -> str:
     tokenizer = data.tokenizer_for(cfg)
     rows = order.training_rows(cfg, data.prepare(cfg, "train", tokenizer))
     spec = teacher.cache_spec(cfg, tokenizer, rows, plan)
+    if extents is not None:
+        spec = dataclasses.replace(spec, extents=extents)
     shards = task_shards(spec, cfg.cache.task * size + rank, cfg.cache.tasks * size)
     complete = teacher.build_cache(cfg, spec, rows, device_of(cfg), shards)
     return (f"{'complete' if complete else 'partial'} (shards {shards.start}..{shards.stop - 1} of this worker "
-            f"built): {teacher.cache_dir(cfg, spec)}, top-k for rows [0, {spec.rows}), hidden states for "
-            f"[0, {spec.hidden_rows})")
+            f"built): {teacher.cache_dir(cfg, spec)}, " + ", ".join(
+                f"{part} for rows [0, {n})" for part, n in spec.extents.items()))

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from hldx.order import Batches
-from hldx.store import CacheReader, decode_hidden, decode_topk
+from hldx.store import CacheReader, decode, part_kind, part_layer
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Micro:
     tokens_BxL: Tensor
     topk_idx_BxLxK: Tensor | None = None
     topk_val_BxLxK: Tensor | None = None     # logits minus each position's largest, float32
-    hidden_BxLxD: Tensor | None = None       # float32
+    hidden: dict[int, Tensor] = field(default_factory=dict)   # teacher layer -> its states [m, L, D] float32
 
 
 @dataclass
@@ -51,8 +51,8 @@ class Slot:
 
 
 class Loader:
-    """Steps `steps` of `batches` (this rank's rows) with the cache `parts` ("topk", "hidden") the phase
-    reads, `prefetch` steps ahead, by `readers` threads; `get(step)` in increasing order."""
+    """Steps `steps` of `batches` (this rank's rows) with the cache `parts` ("topk", a hidden part per teacher
+    layer) the phase reads, `prefetch` steps ahead, by `readers` threads; `get(step)` in increasing order."""
 
     def __init__(self, batches: Batches, reader: CacheReader | None, parts: Iterable[str], steps: range,
                  device: torch.device, prefetch: int = 2, readers: int = 2):
@@ -99,7 +99,7 @@ class Loader:
         for f in slot.pending:
             f.result()  # re-raises a reader's error (a damaged shard, ...) here
         if self.copy_stream is None:
-            return Step(slot.tokens, slot.arrays)
+            return Step(slot.tokens, slot.arrays, self.reader)
         self._copy(slot)
         tokens, arrays = slot.on_device
         slot.on_device = None
@@ -110,7 +110,7 @@ class Loader:
         after = self.slots[(step + 1) % len(self.slots)]
         if after.step == step + 1 and all(f.done() and f.exception() is None for f in after.pending):
             self._copy(after)
-        return Step(tokens, arrays)
+        return Step(tokens, arrays, self.reader)
 
     def _copy(self, slot: Slot) -> None:
         """Issue the copies of a read slot to the device on the copy stream, once; record slot.copied after."""
@@ -137,19 +137,23 @@ class Loader:
 class Step:
     """One read step, on the device: its micro-batches, decoded there."""
 
-    def __init__(self, tokens: Tensor, arrays: dict[str, list[Tensor]]):
+    def __init__(self, tokens: Tensor, arrays: dict[str, list[Tensor]], reader: CacheReader | None = None):
         self.tokens, self.arrays = tokens, arrays   # [b, L] int32; part -> its stored arrays [b, ...]
+        self.layers = {part: part_layer(reader.spec, part) for part in arrays if part_kind(part) == "hidden"}
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def micro(self, start: int, size: int) -> Micro:
+        """Rows [start, start + size) of each part, decoded into the Micro's field for its kind."""
         at = slice(start, start + size)
         out = Micro(self.tokens[at].long())
-        if "topk" in self.arrays:
-            out.topk_idx_BxLxK, out.topk_val_BxLxK = decode_topk(*(t[at] for t in self.arrays["topk"]))
-        if "hidden" in self.arrays:
-            out.hidden_BxLxD = decode_hidden(*(t[at] for t in self.arrays["hidden"]))
+        for part, arrays in self.arrays.items():
+            decoded = decode(part, [t[at] for t in arrays])
+            if part_kind(part) == "hidden":
+                out.hidden[self.layers[part]] = decoded
+            elif part_kind(part) == "topk":
+                out.topk_idx_BxLxK, out.topk_val_BxLxK = decoded
         return out
 
 

@@ -5,13 +5,15 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from hldx import hidden
+
 
 @dataclass(frozen=True)
 class Phase:
     name: str          # nll | kd | hldc | ht: the loss of the phase (and its FLOPs-per-token entry)
     fraction: float    # share of the run's FLOPs budget
     schedule: str      # cosine: warm-up then cosine decay; constant: warm-up then the peak lr
-    regressor: str | None = None   # linear (HLDC) or mlp (HLDF phase 1), dropped after the phase
+    regressor: str | None = None   # the adapter of each layer pair (hldx.hidden), dropped after the phase
 
     @property
     def needs_teacher_logits(self) -> bool:
@@ -26,7 +28,7 @@ def phases(cfg: DictConfig) -> list[Phase]:
     """The phases of cfg.method: HLDF is hint training on the fraction p1 of the budget, then KD."""
     name = cfg.method.name
     if name == "hldf":
-        return [Phase("ht", cfg.p1, "constant", "mlp"), Phase("kd", 1.0 - cfg.p1, "cosine")]
+        return [Phase("ht", cfg.p1, "constant", hidden.adapter(cfg)), Phase("kd", 1.0 - cfg.p1, "cosine")]
     if name == "hldc":
-        return [Phase("hldc", 1.0, "cosine", "linear")]
+        return [Phase("hldc", 1.0, "cosine", hidden.adapter(cfg))]
     return [Phase(name, 1.0, "cosine")]

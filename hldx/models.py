@@ -1,7 +1,8 @@
-"""Gemma3 students and teachers from config, mid-layer taps and the HLD regressors."""
+"""Gemma3 students and teachers from config, hidden-state taps and the HLD adapters (regressors)."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -10,8 +11,6 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
-
-from hldx.errors import ConfigError
 
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "sliding_window", "max_position_embeddings")
@@ -35,22 +34,6 @@ def load_model(path: str, attn_implementation: str = "sdpa") -> Gemma3ForCausalL
     """A saved checkpoint (HF format), in float32."""
     return Gemma3ForCausalLM.from_pretrained(path, attn_implementation=attn_implementation,
                                              torch_dtype=torch.float32)
-
-
-def middle_layer(num_hidden_layers: int, override: int | None = None) -> int:
-    """Index into HF hidden_states of the matched layer: D // 2 (the residual stream after layer D/2)."""
-    layer = num_hidden_layers // 2 if override is None else int(override)
-    if not 1 <= layer <= num_hidden_layers:
-        raise ValueError(f"hidden layer {layer} is outside 1..{num_hidden_layers}")
-    return layer
-
-
-def check(cfg: DictConfig) -> None:
-    """hidden.student_layer against the student's depth."""
-    depth, layer = cfg.student.num_hidden_layers, cfg.hidden.student_layer
-    if layer is not None and not 1 <= layer <= depth:
-        raise ConfigError(f"hidden.student_layer={layer} is invalid: expected null (the middle) or a layer in "
-                          f"1..{depth}")
 
 
 def count_parameters(model_cfg: DictConfig) -> dict[str, int]:
@@ -80,22 +63,25 @@ class _Branch(torch.autograd.Function):
 
 
 @contextmanager
-def _tap(model: Gemma3ForCausalLM, layer: int):
-    """Capture the output of decoder layer `layer` (1-based), i.e. HF hidden_states[layer]. The layers above
-    get it through _Branch, so its gradient is (what the layers above send) + (what the tap's user sends), in
-    that grouping whatever order autograd runs in: the same sum whether FSDP2 wraps the layers or not."""
-    seen: dict[str, Tensor] = {}
+def _taps(backbone: nn.Module, layers: Iterable[int]):
+    """Capture the hidden state after each of `layers` of a backbone (a Gemma3 model's `model`, or a truncated
+    one): the output of decoder layer l (1-based), i.e. HF hidden_states[l]; l = 0, the embedding's output. What
+    comes next gets it through _Branch, so its gradient is (what the layers above send) + (what the tap's user
+    sends), in that grouping whatever order autograd runs in: the same sum whether FSDP2 wraps the layers or not."""
+    seen: dict[int, Tensor] = {}
 
-    def hook(_module, _args, out):
-        seen["h"] = out[0] if isinstance(out, tuple) else out
-        above = _Branch.apply(seen["h"])
+    def hook(layer, _module, _args, out):
+        seen[layer] = out[0] if isinstance(out, tuple) else out
+        above = _Branch.apply(seen[layer])
         return (above, *out[1:]) if isinstance(out, tuple) else above
 
-    handle = model.model.layers[layer - 1].register_forward_hook(hook)
+    handles = [(backbone.layers[layer - 1] if layer else backbone.embed_tokens).register_forward_hook(
+        lambda *args, layer=layer: hook(layer, *args)) for layer in set(layers)]
     try:
         yield seen
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def attention_masks(config: Gemma3TextConfig, tokens_BxL: Tensor) -> dict[str, Tensor | None] | None:
@@ -120,26 +106,23 @@ def _sliding_mask(window: int, L: int, device: torch.device) -> Tensor:
                      allow_is_causal_skip=False, device=device)
 
 
-def forward(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """Logits, and the hidden state after `layer` when asked for."""
-    masks = attention_masks(model.config, tokens_BxL)
-    if layer is None:
-        return model(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).logits, None
-    with _tap(model, layer) as seen:
-        logits_BxLxV = model(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).logits
-    return logits_BxLxV, seen["h"]
+def forward(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layers: Iterable[int] = ()
+            ) -> tuple[Tensor, dict[int, Tensor]]:
+    """Logits, and the hidden state after each of `layers`."""
+    with _taps(model.model, layers) as seen:
+        logits_BxLxV = model(input_ids=tokens_BxL, attention_mask=attention_masks(model.config, tokens_BxL),
+                             use_cache=False).logits
+    return logits_BxLxV, seen
 
 
-def final_state(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int | None = None
-                ) -> tuple[Tensor, Tensor | None]:
+def final_state(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layers: Iterable[int] = ()
+                ) -> tuple[Tensor, dict[int, Tensor]]:
     """The residual stream after the last decoder layer, before the final norm (the model's dtype), and the
-    hidden state after `layer` when asked for; no norm, no head: its caller computes those as it needs."""
+    hidden state after each of `layers`; no norm, no head: its caller computes those as it needs."""
     body, masks = truncated(model, model.config.num_hidden_layers), attention_masks(model.config, tokens_BxL)
-    if layer is None:
-        return body(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).last_hidden_state, None
-    with _tap(model, layer) as seen:
+    with _taps(body, layers) as seen:
         h_BxLxD = body(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).last_hidden_state
-    return h_BxLxD, seen["h"]
+    return h_BxLxD, seen
 
 
 def truncated(model: Gemma3ForCausalLM, layer: int) -> nn.Module:
@@ -157,32 +140,52 @@ def forward_to_layer(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layer: int, *
     return truncated(model, layer)(input_ids=tokens_BxL, use_cache=False, **model_kwargs).last_hidden_state
 
 
+def hidden_states(model: Gemma3ForCausalLM, tokens_BxL: Tensor, layers: Iterable[int], **model_kwargs
+                  ) -> dict[int, Tensor]:
+    """The hidden state after each of `layers`, computing only the embedding and the layers up to the deepest."""
+    layers = set(layers)
+    top = max(layers)
+    with _taps(model.model, layers - {top}) as seen:
+        seen[top] = forward_to_layer(model, tokens_BxL, top, **model_kwargs)
+    return seen
+
+
 class PhaseNet(nn.Module):
     """What one phase trains, as one module (what DDP or FSDP2 wraps), its forward giving what the loss needs:
-    (logits, None) for NLL and KD; (logits, W_R h) for HLDC, the linear regressor on the tapped layer's
-    state h; (None, MLP(h)) for HLDF's phase 1, whose module holds only the embedding, the first layers and
-    the regressor (`bottom`). Its parameter names are the student's (`lm.` or `body.` in front) and the
-    regressor's (`regressor.`)."""
+    (logits, None) for NLL and KD; (logits, [R_i h_i]) for HLDC, each pair's adapter R_i on its student layer's
+    state h_i (`taps`: the student layer of each pair); (None, [R_i h_i]) for HLDF's phase 1, whose module holds
+    only the embedding, the layers up to the deepest tapped one and the adapters (`bottom`). Its parameter names
+    are the student's (`lm.` or `body.` in front) and the adapters' (`regressor.`: one pair's adapter under that
+    name, as before pairs existed, so older checkpoints resume; several as `regressor.<i>.`)."""
 
-    def __init__(self, lm: Gemma3ForCausalLM, layer: int, regressor: nn.Module | None = None, bottom: bool = False):
+    def __init__(self, lm: Gemma3ForCausalLM, taps: Sequence[int] = (), regressors: Sequence[nn.Module] = (),
+                 bottom: bool = False):
         super().__init__()
-        self.layer, self.config = layer, lm.config
+        self.taps, self.config = tuple(taps), lm.config
         if bottom:
-            self.body = truncated(lm, layer)
+            self.body = truncated(lm, max(self.taps))
         else:
             self.lm = lm
-        self.regressor = regressor
+        self.regressor = None if not regressors else regressors[0] if len(regressors) == 1 else \
+            nn.ModuleList(regressors)
 
-    def forward(self, tokens_BxL: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def forward(self, tokens_BxL: Tensor) -> tuple[Tensor | None, list[Tensor] | None]:
         masks = attention_masks(self.config, tokens_BxL)
         if hasattr(self, "body"):
-            hidden = self.body(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).last_hidden_state
-            return None, self.regressor(hidden)
+            top = max(self.taps)
+            with _taps(self.body, set(self.taps) - {top}) as seen:
+                seen[top] = self.body(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).last_hidden_state
+            return None, self._adapted(seen)
         if self.regressor is None:
             return self.lm(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).logits, None
-        with _tap(self.lm, self.layer) as seen:
+        with _taps(self.lm.model, self.taps) as seen:
             logits_BxLxV = self.lm(input_ids=tokens_BxL, attention_mask=masks, use_cache=False).logits
-        return logits_BxLxV, self.regressor(seen["h"])
+        return logits_BxLxV, self._adapted(seen)
+
+    def _adapted(self, seen: dict[int, Tensor]) -> list[Tensor]:
+        """Each pair's adapter on its student layer's state, in the pairs' order."""
+        adapters = self.regressor if isinstance(self.regressor, nn.ModuleList) else [self.regressor]
+        return [adapt(seen[layer]) for adapt, layer in zip(adapters, self.taps)]
 
     def layers(self) -> list[nn.Module]:
         """The decoder layers it runs (FSDP2 shards each on its own)."""
@@ -207,14 +210,10 @@ def compile_layers(model: nn.Module) -> None:
         layer.forward = torch.compile(layer.forward)
 
 
-def bottom_parameters(model: Gemma3ForCausalLM, layer: int) -> list[nn.Parameter]:
-    """What HLDF's phase 1 trains: the (tied) embedding and the first `layer` decoder layers."""
-    return list(model.model.embed_tokens.parameters()) + [
-        p for block in model.model.layers[:layer] for p in block.parameters()]
-
-
 def build_regressor(kind: str, d_student: int, d_teacher: int, expansion: int = 4) -> nn.Module:
-    """HLDC's linear W_R: d_S -> d_T, or HLDF's one-hidden-layer MLP.
+    """An adapter (hidden.adapter): `linear`, W_R: d_S -> d_T (HLDC's); `mlp`, one hidden layer (HLDF's);
+    `identity` (d_S = d_T). Initialised as PyTorch initialises nn.Linear (Kaiming-uniform weights, a = sqrt(5);
+    the MLP's biases uniform in +-1/sqrt(fan_in)): the initialisation hldx has always used.
 
     The paper's "expansion factor 4 (matching the student's feed-forward layers)" is read as a hidden width
     of 4 * d_S (Gemma3 270M's own FFN ratio is 3.2, 1B's is 6), with a GELU between the two projections.
@@ -224,4 +223,7 @@ def build_regressor(kind: str, d_student: int, d_teacher: int, expansion: int = 
     if kind == "mlp":
         return nn.Sequential(nn.Linear(d_student, expansion * d_student), nn.GELU(),
                              nn.Linear(expansion * d_student, d_teacher))
-    raise ValueError(f"unknown regressor kind {kind!r}: expected linear or mlp")
+    if kind == "identity" and d_student == d_teacher:
+        return nn.Identity()
+    raise ValueError(f"unknown adapter {kind!r} from {d_student} to {d_teacher} dimensions: expected linear, mlp "
+                     f"or (between equal widths) identity")

@@ -14,7 +14,7 @@ import json
 import sys
 
 from hldx import config as C
-from hldx import cli, data
+from hldx import cli, data, hidden
 from hldx import job as J
 from hldx.budget import (RunPlan, accounting_bias, cache_storage, gpu_hours, memory_per_rank, parallel_mode,
                          throughput)
@@ -51,22 +51,46 @@ def format_table(jobs: list[RunPlan], accounting: str, rates: list[dict[str, flo
     return "\n".join(lines)
 
 
+def parts_line(storage: dict) -> str:
+    """The teacher cache part by part: bytes per token, the tokens of the longest job reading it, bytes on disk."""
+    return "teacher cache parts (bytes per token with checksums x tokens of the longest job reading it): " + " | ".join(
+        f"{name}{'' if part['layer'] is None else ' (teacher layer %d)' % part['layer']} "
+        f"{part['bytes_per_token']:.6g} B"
+        f" x {part['tokens']:.4g} = {part['bytes'] / 1e12:.4g} TB" for name, part in storage["parts"].items())
+
+
+def hidden_note(planned: list) -> str:
+    """How the FLOPs count layer pairs and adapters, where a job's hidden path is not the paper's (or the
+    paper's accounting is in force for an HLD job)."""
+    hld = [c for _, c, _ in planned if c.method.name in hidden.HLD]
+    if not hld or (all(not hidden.variant(c) for c in hld) and hld[0].budget.accounting != "paper"):
+        return ""
+    if hld[0].budget.accounting == "paper":
+        return ("hidden path (budget.accounting=paper, extended to layer pairs): N_reg = 2 d_S d_T per pair with a "
+                "learned adapter (identity: 0); C_HLDC = C_KD + 6 N_reg each; C_HT = 6N m_S/D_S + 6 N_reg each + "
+                "C_teacher m_T/D_T, m the deepest paired layers (the middle pair: the paper's 3N and C_teacher/2)")
+    return ("hidden path (budget.accounting=exact): each pair's adapter counted as built (linear d_S d_T, mlp "
+            "e d_S (d_S + d_T), identity 0 matmul parameters, x6 per token), HLDF's phase 1 running the student (an "
+            "online teacher too) up to the deepest paired layer")
+
+
 BIAS_WARNING = 1e-3  # a method whose real compute differs from KD's by more than 0.1% is named
 
 
 def bias_table(planned: list) -> str:
-    """Under budget.accounting=paper: each distinct (student, method, p1)'s real (exact) FLOPs against its KD
-    partner's at the same budget, with a warning above BIAS_WARNING."""
+    """Under budget.accounting=paper: each distinct (student, method, p1, hidden path)'s real (exact) FLOPs against
+    its KD partner's at the same budget, with a warning above BIAS_WARNING."""
     seen: dict[tuple, float] = {}
     for _, c, run in planned:
-        key = (c.student.name, c.method.name, c.p1 if c.method.name == "hldf" else None)
+        key = (c.student.name, c.method.name, c.p1 if c.method.name == "hldf" else None, hidden.variant(c))
         if key not in seen and c.method.name != "kd":
             seen[key] = accounting_bias(c, run)
     lines = ["accounting bias (budget.accounting=paper): each method's real FLOPs (the exact accounting) against "
              "KD's at the same budget"]
-    for (student, method, p1), bias in seen.items():
+    for (student, method, p1, path), bias in seen.items():
         flag = "  <- WARNING: above 0.1%" if abs(bias) > BIAS_WARNING else ""
-        lines.append(f"  {student:12} {method:5} {'' if p1 is None else f'p1={p1:g}':9} {bias:+.3%}{flag}")
+        lines.append(f"  {student:12} {method:5} {'' if p1 is None else f'p1={p1:g}':9} {bias:+.3%}{flag}"
+                     + (f"  ({path})" if path else ""))
     return "\n".join(lines)
 
 
@@ -108,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         shown = ", ".join(names) if len(names) <= 4 else f"{', '.join(names[:3])}, ... ({len(names)} jobs)"
         print(f"{len(names)} job(s) make {n} passes over {'the' if exact else 'about'} {tokens:.4g} training tokens "
               f"({verdict} data.max_epochs={n}): {shown}")
+    if note := hidden_note(planned):
+        print(note)
     storage = cache_storage([c for _, c, _ in planned], jobs, rows)
     if storage:
+        print(parts_line(storage))
         print(f"teacher cache ({cfg.cache.values_dtype} top-k, {cfg.cache.hidden_dtype} hidden states): top-k for "
               f"{storage['tokens']:.4g} tokens x {storage['topk_bytes_per_token']:.6g} B + hidden states for "
               f"{storage['hidden_tokens']:.4g} tokens x {storage['hidden_bytes_per_token']:.6g} B = "

@@ -56,6 +56,17 @@ def pair(rule: Rule) -> Rule:
                 lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(rule.ok(x) for x in v))
 
 
+def layer_pairs() -> Rule:
+    return Rule("a non-empty list of [student_layer, teacher_layer] pairs of layers >= 0",
+                lambda v: isinstance(v, list) and len(v) > 0 and all(
+                    isinstance(p, list) and len(p) == 2 and all(integer(0).ok(x) for x in p) for p in v))
+
+
+def numbers(rule: Rule) -> Rule:
+    return Rule(f"a non-empty list of numbers, each {rule.allowed.removeprefix('a number ')}",
+                lambda v: isinstance(v, list) and len(v) > 0 and all(rule.ok(x) for x in v))
+
+
 def key(rule: Rule | None = None, *, null: bool = False, used_by: tuple[str, ...] | None = None,
         missing_ok: bool = False) -> Any:
     """A schema field: its rule (None: the type says it all), whether null is allowed, the methods that use it
@@ -66,6 +77,7 @@ def key(rule: Rule | None = None, *, null: bool = False, used_by: tuple[str, ...
 
 
 DISTILLED = ("kd", "hldc", "hldf")
+HLD_METHODS = ("hldc", "hldf")
 
 
 @dataclass
@@ -94,8 +106,8 @@ class KD(NLL):
 
 
 @dataclass
-class HLDF(KD):
-    regressor_expansion: int = key(integer(1))
+class HLD(KD):
+    regressor_expansion: int = key(integer(1))   # the mlp adapter's hidden width over d_S
 
 
 @dataclass
@@ -217,8 +229,12 @@ class Cache:
 
 @dataclass
 class Hidden:
+    """HLD's hidden path (hldx.hidden): which layers, weighed how, through which adapter, under which loss."""
+    pairs: Any = key(layer_pairs(), null=True, used_by=HLD_METHODS)
     student_layer: Optional[int] = key(integer(1), null=True)
     teacher_layer: Optional[int] = key(integer(1), null=True)
+    weights: Any = key(numbers(number(0, lo_open=True)), null=True, used_by=HLD_METHODS)
+    adapter: Optional[str] = key(one_of("linear", "mlp", "identity"), null=True, used_by=HLD_METHODS)
     loss: str = key(one_of("mse", "mse_sum", "cosine"))  # hldx.losses.hidden_loss
 
 
@@ -250,7 +266,7 @@ class Bench:
 @dataclass
 class Config:
     """The whole config (conf/config.yaml and its groups)."""
-    method: Any = MISSING        # one of NLL, KD, HLDF (each option of the group names its schema)
+    method: Any = MISSING        # one of NLL, KD, HLD (each option of the group names its schema)
     student: Model = MISSING
     teacher: Teacher = MISSING
     data: Any = MISSING          # Embedded or C4
@@ -276,7 +292,7 @@ def register() -> None:
     """Put the schema into Hydra's ConfigStore (idempotent); `hldx.config` calls it when imported."""
     store = ConfigStore.instance()
     store.store(name="hldx_schema", node=Config, provider="hldx")
-    for name, node in (("nll", NLL), ("kd", KD), ("hldc", KD), ("hldf", HLDF)):
+    for name, node in (("nll", NLL), ("kd", KD), ("hldc", HLD), ("hldf", HLD)):
         store.store(group="schema/method", name=name, node=node, provider="hldx")
     for name, node in (("embedded", Embedded), ("c4", C4)):
         store.store(group="schema/data", name=name, node=node, provider="hldx")

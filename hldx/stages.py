@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from hldx import data, job, order, study, teacher
 from hldx import config as C
-from hldx.budget import cache_extents, cache_storage, flops_per_token, gpu_hours, plan_run, throughput
+from hldx.budget import cache_parts, cache_storage, flops_per_token, gpu_hours, plan_run, throughput
 from hldx.models import count_parameters
 
 CPU_STAGES = ("tokenize", "order", "report")  # no accelerator needed
@@ -48,8 +48,10 @@ def pretrain_teacher(job_overrides: list[str]) -> str:
     return str(teacher.teacher_path(cfg))
 
 
-def build_cache(job_overrides: list[str]) -> str:
-    return job.build_cache_share(_compose(job_overrides))
+def build_cache(task: tuple[list[str], dict[str, int]]) -> str:
+    """A task of the cache stage: its share of every part the study's jobs read, each to its longest job's rows."""
+    job_overrides, extents = task
+    return job.build_cache_share(_compose(job_overrides), extents)
 
 
 class Train:
@@ -143,8 +145,8 @@ def _teacher_id(cfg) -> str:
 def _teacher_stages(group: list[study.Planned], tokenized: str, data_key: str, tokens: int | None,
                     waits: dict[str, list[str]], whole: bool) -> list[Stage]:
     """The stages of one teacher's students: its pre-training (an on-demand teacher not built yet, or `whole`) and
-    one cache per distinct cache identity, built to the longest extents its students read; `waits` gets what
-    each of the group's students waits for."""
+    one cache per distinct cache identity, built with every part its students read (top-k, each teacher layer),
+    each to the longest extent a student reads it; `waits` gets what each of the group's students waits for."""
     j, c, _ = group[0]
     out, after = [], [tokenized]
     given = OmegaConf.is_missing(c.teacher, "ckpt") or c.teacher.ckpt  # the user's teacher (to be) given
@@ -159,24 +161,28 @@ def _teacher_stages(group: list[study.Planned], tokenized: str, data_key: str, t
         if c.teacher.source != "cache":
             waits[r.run_key] = after
             continue
-        identity = [c.cache.values_dtype, c.cache.hidden_dtype, c.method.get("top_k", 128), c.hidden.teacher_layer,
-                    c.cache.rows_per_shard]
+        identity = [c.cache.values_dtype, c.cache.hidden_dtype, c.method.get("top_k", 128), c.cache.rows_per_shard]
         by_cache.setdefault(C.digest(identity), []).append((j, c, r))
     for cached in by_cache.values():
-        extents = [cache_extents(c, r) for _, c, r in cached]
-        top, hidden = max(e[0] for e in extents), max(e[1] for e in extents)
+        extents: dict[str, int] = {}
+        for _, c, r in cached:
+            for part, n in cache_parts(c, r).items():
+                extents[part] = max(extents.get(part, 0), n)
         j, c, _ = cached[0]
         tasks = int(c.cache.tasks)
         share = [o for o in j if not o.startswith(("cache.task=", "cache.tasks=", "cache.rows=", "cache.hidden_rows="))]
-        share += [f"cache.rows={top}", f"cache.hidden_rows={hidden}", f"cache.tasks={tasks}"]
-        key = C.digest([_teacher_id(c), data_key, top, hidden, c.cache.values_dtype,
-                        c.cache.hidden_dtype, c.method.get("top_k", 128), c.hidden.teacher_layer])
+        share += [f"cache.tasks={tasks}"]
+        # A stage reading the middle layer alone (every study before layer pairs) keeps its job name.
+        others = {p: n for p, n in extents.items() if p not in ("topk", "hidden")} or None
+        key = C.digest([_teacher_id(c), data_key, extents["topk"], extents.get("hidden", 0), c.cache.values_dtype,
+                        c.cache.hidden_dtype, c.method.get("top_k", 128), others])
         as_student = c.copy()
         as_student.student = c.teacher.model
         forward = flops_per_token(as_student)["data"] / 3  # the teacher's forward alone: a third of training
         storage = cache_storage([c for _, c, _ in cached], [r for _, _, r in cached],
                                 tokens // c.train.seq_len if tokens else None)  # at most the order's rows
-        out.append(Stage("cache", key, build_cache, [share + [f"cache.task={t}"] for t in range(tasks)], after,
+        out.append(Stage("cache", key, build_cache, [(share + [f"cache.task={t}"], extents) for t in range(tasks)],
+                         after,
                          gpu_hours=storage["tokens"] * forward / (c.plan.mfu * c.plan.peak_flops) / 3600,
                          disk_bytes=storage["bytes"]))
         for _, _, r in cached:

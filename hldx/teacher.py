@@ -3,9 +3,11 @@ outputs read online or from the teacher cache it builds (hldx.store)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +18,14 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerFast
 
 from hldx import config as C
-from hldx import data, schema
+from hldx import data, hidden, schema
 from hldx.data import tokenizer_digest
 from hldx.errors import ConfigError, check as require
-from hldx.models import final_state, forward_to_layer, load_model, middle_layer
+from hldx.models import final_state, hidden_states, load_model
 from hldx.budget import RunPlan, cache_extents
 from hldx.order import Rows
-from hldx.store import HIDDEN_DTYPES, VALUE_DTYPES, CacheReader, CacheSpec, build, codec, open_cache
+from hldx.store import (HIDDEN_DTYPES, VALUE_DTYPES, CacheReader, CacheSpec, build, codec, hidden_part, open_cache,
+                        part_kind, part_layer)
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +76,6 @@ def check(cfg: DictConfig, launch: bool = True) -> None:
     require(c.hidden_dtype != "sr2" or d_T % codec.BLOCK == 0, "cache.hidden_dtype", c.hidden_dtype,
             f"bfloat16, float8_e4m3 or float32 for a teacher of hidden size {d_T} (sr2: a multiple of {codec.BLOCK})")
     require(c.task < c.tasks, "cache.task", c.task, f"a worker index in [0, cache.tasks={c.tasks})")
-    if cfg.hidden.teacher_layer is not None:
-        depth = cfg.teacher.model.num_hidden_layers
-        require(cfg.hidden.teacher_layer <= depth, "hidden.teacher_layer", cfg.hidden.teacher_layer,
-                f"null (the middle) or a layer in 1..{depth}")
     if not launch:
         return
     if OmegaConf.is_missing(cfg.teacher, "ckpt"):
@@ -122,7 +121,8 @@ def load_teacher(cfg: DictConfig) -> torch.nn.Module:
 
 class OnlineTeacher:
     """Runs the teacher's forward on a batch: its top-k logits (relative to each position's largest, as the
-    cache stores them) and/or its mid-layer hidden state. On a GPU (train.precision auto or bf16) the teacher
+    cache stores them) and/or its hidden states after the layers asked for (computing no layer above the deepest
+    of them when no logits are asked for). On a GPU (train.precision auto or bf16) the teacher
     runs in bfloat16 weights and its final norm and LM head in float32, from float32 copies made first (the
     head is tied to the embedding): the top-k is taken from float32 logits, as the cache's stated precision
     assumes (bfloat16 logits near 20 are 0.06 apart). `dtype` overrides the weights' dtype."""
@@ -130,24 +130,26 @@ class OnlineTeacher:
     def __init__(self, cfg: DictConfig, model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None):
         bf16 = device.type == "cuda" and cfg.train.precision != "fp32"
         self.k = cfg.method.get("top_k", 128)
-        self.layer = middle_layer(cfg.teacher.model.num_hidden_layers, cfg.hidden.teacher_layer)
         self.norm = copy.deepcopy(model.model.norm).to(device, torch.float32)
         self.head_VxD = model.lm_head.weight.detach().to(device, torch.float32, copy=True)
         self.softcap = model.config.final_logit_softcapping
         self.model = model.to(device, dtype or (torch.bfloat16 if bf16 else torch.float32))
 
     @torch.no_grad()
-    def __call__(self, tokens_BxL: Tensor, logits: bool, hidden: bool):
+    def __call__(self, tokens_BxL: Tensor, logits: bool, layers: Iterable[int] = ()
+                 ) -> tuple[Tensor | None, Tensor | None, dict[int, Tensor]]:
+        """(top-k ids, their logits relative to the largest), both None without `logits`, and {layer: its hidden
+        states float32} for each of `layers`."""
         if not logits:
-            return None, None, forward_to_layer(self.model, tokens_BxL, self.layer).float()
-        h_BxLxD, hidden_BxLxD = final_state(self.model, tokens_BxL, self.layer if hidden else None)
+            return None, None, {layer: h.float() for layer, h in hidden_states(self.model, tokens_BxL, layers).items()}
+        h_BxLxD, states = final_state(self.model, tokens_BxL, layers)
         with torch.autocast(h_BxLxD.device.type, enabled=False):  # float32 inside a bf16-autocast training step
             logits_BxLxV = F.linear(self.norm(h_BxLxD.float()), self.head_VxD)
             if self.softcap is not None:
                 logits_BxLxV = self.softcap * torch.tanh(logits_BxLxV / self.softcap)
             topk_val_BxLxK, topk_idx_BxLxK = logits_BxLxV.topk(self.k, dim=-1)
         relative_BxLxK = topk_val_BxLxK - topk_val_BxLxK[..., :1]  # sorted: the first is the largest
-        return topk_idx_BxLxK, relative_BxLxK, None if hidden_BxLxD is None else hidden_BxLxD.float()
+        return topk_idx_BxLxK, relative_BxLxK, {layer: h.float() for layer, h in states.items()}
 
 
 def teacher_digest(path: Path) -> str:
@@ -161,16 +163,18 @@ def teacher_digest(path: Path) -> str:
 
 
 def cache_spec(cfg: DictConfig, tokenizer, rows: Rows, plan: RunPlan) -> CacheSpec:
-    """The cache of cfg's teacher on the training rows, with the extents cfg's job needs (cache.rows,
-    cache.hidden_rows: auto is what it reads); every method, hyperparameter and seed of a sweep shares it."""
-    top, hidden = cache_extents(cfg, plan, rows.count)
-    return CacheSpec(
+    """The cache of cfg's teacher on the training rows, with the parts and extents cfg's job needs (top-k to
+    cache.rows, the hidden states after each teacher layer it reads to cache.hidden_rows: auto is what it reads);
+    every method, hyperparameter, seed and layer of a sweep shares it (its part `hidden`: the teacher's middle)."""
+    spec = CacheSpec(
         teacher_digest=teacher_digest(teacher_path(cfg)), tokenizer_digest=tokenizer_digest(tokenizer),
         stream_digest=rows.digest, seq_len=cfg.train.seq_len, k=cfg.method.get("top_k", 128),
-        vocab_size=cfg.student.vocab_size,
-        hidden_layer=middle_layer(cfg.teacher.model.num_hidden_layers, cfg.hidden.teacher_layer),
+        vocab_size=cfg.student.vocab_size, hidden_layer=cfg.teacher.model.num_hidden_layers // 2,
         hidden_size=cfg.teacher.model.hidden_size, values_dtype=cfg.cache.values_dtype,
-        hidden_dtype=cfg.cache.hidden_dtype, rows_per_shard=cfg.cache.rows_per_shard, rows=top, hidden_rows=hidden)
+        hidden_dtype=cfg.cache.hidden_dtype, rows_per_shard=cfg.cache.rows_per_shard)
+    top, states = cache_extents(cfg, plan, rows.count)
+    layers = hidden.teacher_layers(cfg) if cfg.method.name in hidden.HLD else []
+    return dataclasses.replace(spec, extents={"topk": top} | {hidden_part(spec, layer): states for layer in layers})
 
 
 def cache_dir(cfg: DictConfig, spec: CacheSpec) -> Path:
@@ -185,10 +189,13 @@ def build_cache(cfg: DictConfig, spec: CacheSpec, rows: Rows, device: torch.devi
     The teacher runs as `online`, else as cfg's, loaded only if a shard is missing."""
     teachers = [online] if online is not None else []
 
-    def teacher_fn(tokens_BxL: Tensor, topk: bool, hidden: bool):
+    def teacher_fn(tokens_BxL: Tensor, parts: tuple[str, ...]) -> dict[str, tuple[Tensor, ...]]:
         if not teachers:
             teachers.append(OnlineTeacher(cfg, load_teacher(cfg), device))
-        return teachers[0](tokens_BxL.to(device), topk, hidden)  # encoded on the device (hldx.store.write)
+        layers = [part_layer(spec, part) for part in parts if part_kind(part) == "hidden"]
+        idx, val, states = teachers[0](tokens_BxL.to(device), "topk" in parts, layers)  # encoded on the device
+        return {hidden_part(spec, layer): (h,) for layer, h in states.items()} | (
+            {"topk": (idx, val)} if "topk" in parts else {})
 
     return build(spec, cache_dir(cfg, spec), teacher_fn,
                  lambda r: torch.from_numpy(rows.tokens_RxL[r].astype(np.int64)), shards,

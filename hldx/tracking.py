@@ -7,18 +7,20 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
+from hldx import hidden
 from hldx.cli import log_file
 from hldx.device import device_of, machine
 from hldx.errors import ConfigError
 from hldx.teacher import teacher_key
+
+if TYPE_CHECKING:  # MLflow is imported where a run is logged: checking, planning or benching a job needs none
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
@@ -27,6 +29,8 @@ MAX_BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 def client(cfg: DictConfig) -> MlflowClient:
     """The tracking client; a local sqlite store is first opened under a file lock beside it: jobs started
     together would otherwise race to create its tables."""
+    from mlflow.tracking import MlflowClient
+
     uri = cfg.tracking.uri
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
@@ -35,6 +39,8 @@ def client(cfg: DictConfig) -> MlflowClient:
 
 
 def experiment_id(mlflow: MlflowClient, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
     found = mlflow.get_experiment_by_name(name)
     if found:
         return found.experiment_id
@@ -97,6 +103,8 @@ class Tracker:
     """Logs one hldx run; `run_id` given (from a checkpoint) or found by run_key resumes that run."""
 
     def __init__(self, cfg: DictConfig, key: str, role: str = "student", run_id: str | None = None):
+        from mlflow.entities import Param
+
         self.mlflow = client(cfg)
         self.experiment = experiment_id(self.mlflow, cfg.tracking.experiment)
         if run_id is not None and not self._here(run_id):
@@ -121,23 +129,31 @@ class Tracker:
         self.run_id = self.mlflow.create_run(self.experiment, run_name=run_name(cfg, role), tags=tags).info.run_id
         params = {"method": cfg.method.name, "student": cfg.student.name, "seed": cfg.seed,
                   **{k: v for k, v in C.hparams(cfg).items() if v is not None}}
+        if path := hidden.variant(cfg):  # an HLD run's hidden path where it is not the paper's (the analysis' variant)
+            params["hidden"] = path
         params |= {f"cfg.{k}": v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), MAX_BATCH):
             self.mlflow.log_batch(self.run_id, params=items[i:i + MAX_BATCH])
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         self.mlflow.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def _here(self, run_id: str) -> bool:
         """Whether the run exists in this store, in this run's experiment."""
+        from mlflow.exceptions import MlflowException
+
         try:
             return self.mlflow.get_run(run_id).info.experiment_id == self.experiment
         except MlflowException:
             return False
 
     def tag(self, **tags: str) -> None:
+        from mlflow.entities import RunTag
+
         self.mlflow.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -181,6 +197,9 @@ def log_evaluation(cfg: DictConfig, run_id: str, metrics: dict[str, float], tags
                    evaluated: list[str]) -> None:
     """Log an evaluation into an existing run, at the last step its eval metrics were logged (so these become
     the latest), and drop the skip tags of the tasks now `evaluated`."""
+    from mlflow.entities import Metric, RunTag
+    from mlflow.exceptions import MlflowException
+
     mlflow = client(cfg)
     try:
         run = mlflow.get_run(run_id)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from hldx.progress import Progress
 
-from hldx import losses
+from hldx import hidden, losses
 from hldx.budget import PhasePlan, RunPlan, parallel_mode
 from hldx.checkpoint import Checkpoint, Preemption, barrier, latest, save_start, start_dir
 from hldx.order import Batches
@@ -26,9 +26,9 @@ from hldx.device import device_of, peak_flops, world
 from hldx.errors import ConfigError, RunFailed
 from hldx.loader import Loader, Micro, Step
 from hldx.methods import Phase, phases
-from hldx.models import PhaseNet, build_model, build_regressor, compile_layers, load_model, middle_layer
+from hldx.models import PhaseNet, build_model, build_regressor, compile_layers, load_model
 from hldx.parallel import Engine
-from hldx.store import UNIT_CODES, CacheReader
+from hldx.store import UNIT_CODES, CacheReader, hidden_part
 from hldx.teacher import OnlineTeacher
 
 
@@ -115,7 +115,8 @@ class Trainer:
         self.run_dir, self.tokenizer, self.log = Path(run_dir), tokenizer, log
         self.tracking_run_id = tracking_run_id
         self.device = device_of(cfg)
-        self.layer = middle_layer(cfg.student.num_hidden_layers, cfg.hidden.student_layer)
+        self.pairs, self.weights = hidden.pairs(cfg), hidden.weights(cfg)  # NLL and KD ignore them
+        self.teacher_layers = hidden.teacher_layers(cfg)
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None  # CPU: on request
         self.rank, self.world = world()
@@ -130,25 +131,23 @@ class Trainer:
                               f"{local} (train.batch_size={cfg.train.batch_size} over {self.world} ranks)")
         self.micro = micro
 
-    def engine(self, phase: Phase, model: nn.Module, regressor: nn.Module | None) -> Engine:
-        """The phase's module on this job's ranks."""
-        return Engine(PhaseNet(model, self.layer, regressor, bottom=phase.name == "ht"), self.mode, self.device,
+    def engine(self, phase: Phase, model: nn.Module, regressors: list[nn.Module] | None) -> Engine:
+        """The phase's module on this job's ranks: with the adapters of a hidden phase, one per layer pair."""
+        taps = [s for s, _ in self.pairs] if regressors else []
+        return Engine(PhaseNet(model, taps, regressors or [], bottom=phase.name == "ht"), self.mode, self.device,
                       bf16=self.autocast is not None)
 
     def loss(self, phase: Phase, engine: Engine, micro: Micro) -> dict[str, Tensor]:
         """The phase's objective on one micro-batch, with its parts for logging."""
         cfg = self.cfg
         if self.online is not None:
-            micro.topk_idx_BxLxK, micro.topk_val_BxLxK, micro.hidden_BxLxD = self.online(
-                micro.tokens_BxL, phase.needs_teacher_logits, phase.needs_teacher_hidden)
-        tokens_BxL, idx, val, target = micro.tokens_BxL, micro.topk_idx_BxLxK, micro.topk_val_BxLxK, micro.hidden_BxLxD
+            micro.topk_idx_BxLxK, micro.topk_val_BxLxK, micro.hidden = self.online(
+                micro.tokens_BxL, phase.needs_teacher_logits, self.teacher_layers if phase.needs_teacher_hidden else ())
+        tokens_BxL, idx, val = micro.tokens_BxL, micro.topk_idx_BxLxK, micro.topk_val_BxLxK
         logits, predicted = engine.module(tokens_BxL)
-        # An unbiased code of the unit target (cache.hidden_dtype=sr2): the losses are linear in it, so loss_ht
-        # and loss_emb, and their gradients, have the float32 target's as their expectation.
-        unit = self.reader is not None and self.reader.spec.hidden_dtype in UNIT_CODES
         if phase.name == "ht":
-            ht = losses.hidden_loss(predicted, target, cfg.hidden.loss, unit_target=unit)
-            return {"loss": ht, "loss_ht": ht}
+            ht, per_pair = self.hidden_loss(predicted, micro.hidden)
+            return {"loss": ht, "loss_ht": ht} | {f"loss_ht_{name}": v for name, v in per_pair.items()}
         if phase.name == "nll":
             nll = losses.nll(logits, tokens_BxL, chunk=cfg.train.loss_chunk)
             return {"loss": nll, "loss_nll": nll}
@@ -156,9 +155,21 @@ class Trainer:
                                              chunk=cfg.train.loss_chunk)
         parts = {"loss": total, "loss_nll": nll, "loss_kd": kd}
         if phase.name == "hldc":
-            emb = losses.hidden_loss(predicted, target, cfg.hidden.loss, unit_target=unit)
-            parts |= {"loss": total + cfg.gamma * emb, "loss_emb": emb}
+            emb, per_pair = self.hidden_loss(predicted, micro.hidden)
+            parts |= {"loss": total + cfg.gamma * emb, "loss_emb": emb} | {
+                f"loss_emb_{name}": v for name, v in per_pair.items()}
         return parts
+
+    def hidden_loss(self, predicted: list[Tensor], targets: dict[int, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The hidden loss: each pair's loss between its adapter's prediction and its teacher layer's states,
+        weighted (hidden.weights) and summed; with several pairs also each pair's own, named s<student>_t<teacher>.
+        An unbiased code of the unit target (cache.hidden_dtype=sr2): the losses are linear in it, so each loss and
+        its gradient have the float32 target's as their expectation."""
+        unit = self.reader is not None and self.reader.spec.hidden_dtype in UNIT_CODES
+        each = [losses.hidden_loss(p, targets[t], self.cfg.hidden.loss, unit_target=unit)
+                for p, (_, t) in zip(predicted, self.pairs)]
+        total = sum(w * loss for w, loss in zip(self.weights, each))
+        return total, {f"s{s}_t{t}": loss for (s, t), loss in zip(self.pairs, each)} if len(each) > 1 else {}
 
     def step(self, phase: Phase, engine: Engine, optimizer: torch.optim.Optimizer, batch: Step) -> dict[str, Tensor]:
         """One optimizer step on one batch: forward and backward per micro-batch (gradients are reduced across
@@ -201,29 +212,30 @@ class Trainer:
         model = self._start_model(index).train()
         if cfg.train.compile:
             compile_layers(model)
-        regressor = None
+        regressors = None
         if phase.regressor:
             with torch.random.fork_rng(devices=[]):  # the student's own initialisation stays untouched
-                torch.manual_seed(cfg.seed + 1)
-                regressor = build_regressor(phase.regressor, cfg.student.hidden_size,
-                                            cfg.teacher.model.hidden_size,
-                                            cfg.method.get("regressor_expansion", 4)).to(device)
-        engine = self.engine(phase, model, regressor)
+                torch.manual_seed(cfg.seed + 1)  # the pairs' adapters in turn: one pair's as before pairs existed
+                regressors = [build_regressor(phase.regressor, cfg.student.hidden_size, cfg.teacher.model.hidden_size,
+                                              cfg.method.get("regressor_expansion", 4)).to(device) for _ in self.pairs]
+        engine = self.engine(phase, model, regressors)
         optimizer = _optimizer(cfg, engine.params, engine.extra, device)
         if start > 0:
             engine.load(latest(self.run_dir) / "dcp", optimizer)
         first_step = sum(p.steps for p in self.plan.phases[:index])   # data position continues across phases
-        parts = [part for part, needed in (("topk", phase.needs_teacher_logits), ("hidden", phase.needs_teacher_hidden))
-                 if needed and self.reader is not None]
+        parts = [] if self.reader is None else (["topk"] if phase.needs_teacher_logits else []) + (
+            [hidden_part(self.reader.spec, t) for t in self.teacher_layers] if phase.needs_teacher_hidden else [])
         loader = Loader(self.batches, self.reader, parts, range(first_step + start, first_step + plan.steps), device,
                         cfg.cache.prefetch, cfg.cache.readers)
         held_out = first_step + plan.steps  # HLDF: the step after phase 1, on rows phase 1 never trains on
         if phase.name == "ht" and start == 0:
-            self._log({"hidden/cosine_start": self.held_out_cosine(engine, held_out)}, first_step)
+            self._log({f"hidden/cosine_start{k}": v for k, v in self.held_out_cosine(engine, held_out).items()},
+                      first_step)
         with loader:
             stop = self._steps(index, phase, plan, engine, optimizer, loader, start, bar)
         if phase.name == "ht":
-            self._log({"hidden/cosine_end": self.held_out_cosine(engine, held_out)}, held_out)
+            self._log({f"hidden/cosine_end{k}": v for k, v in self.held_out_cosine(engine, held_out).items()},
+                      held_out)
         # The phase's end: the student's weights, gathered on rank 0, are where the next phase (or the run) starts.
         state = engine.student_state()
 
@@ -241,28 +253,32 @@ class Trainer:
         if stop:
             self.preemption.stop()
 
-    def held_out_cosine(self, engine: Engine, step: int) -> float:
-        """HLDF phase 1's held-out fit: the mean cosine of the regressor's output with the teacher's hidden state
-        over the tokens of training step `step` (every rank's rows; sr2's unbiased code t~: the mean of
-        n(p).t~, unbiased for it)."""
-        parts = ["hidden"] if self.reader is not None else []
+    def held_out_cosine(self, engine: Engine, step: int) -> dict[str, float]:
+        """HLDF phase 1's held-out fit: the mean cosine of each pair's adapter output with its teacher layer's
+        hidden states over the tokens of training step `step` (every rank's rows; sr2's unbiased code t~: the mean
+        of n(p).t~, unbiased for it); under "" the pairs' mean weighted as the loss weighs them, and with several
+        pairs each pair's under "_s<student>_t<teacher>"."""
+        parts = [] if self.reader is None else [hidden_part(self.reader.spec, t) for t in self.teacher_layers]
         unit = self.reader is not None and self.reader.spec.hidden_dtype in UNIT_CODES
-        total = torch.zeros((), device=self.device)
+        total_P = torch.zeros(len(self.pairs), device=self.device)
         with Loader(self.batches, self.reader, parts, range(step, step + 1), self.device, 1, 1) as loader, \
                 torch.no_grad():
             batch = loader.get(step)
             for start in range(0, len(batch), self.micro):
                 micro = batch.micro(start, self.micro)
                 if self.online is not None:
-                    micro.hidden_BxLxD = self.online(micro.tokens_BxL, False, True)[2]
+                    micro.hidden = self.online(micro.tokens_BxL, False, self.teacher_layers)[2]
                 with self.autocast or torch.autocast("cpu", enabled=False):
                     _, predicted = engine.module(micro.tokens_BxL)
-                total += 1 - losses.hidden_loss(predicted, micro.hidden_BxLxD, "cosine", unit_target=unit)
-        total /= len(batch) // self.micro
+                total_P += torch.stack([1 - losses.hidden_loss(p, micro.hidden[t], "cosine", unit_target=unit)
+                                        for p, (_, t) in zip(predicted, self.pairs)])
+        total_P /= len(batch) // self.micro
         if self.world > 1:
-            dist.all_reduce(total)
-            total /= self.world
-        return float(total)
+            dist.all_reduce(total_P)
+            total_P /= self.world
+        each = total_P.tolist()
+        return {"": sum(w * c for w, c in zip(self.weights, each))} | (
+            {f"_s{s}_t{t}": c for (s, t), c in zip(self.pairs, each)} if len(each) > 1 else {})
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         if self.log is not None:
@@ -298,11 +314,14 @@ class Trainer:
             step_parts = self.step(phase, engine, optimizer, loader.get(first_step + step))
             guard.watch(first_step + step + 1, step_parts)
             if phase.name == "hldc" and step in (0, plan.steps - 1):  # the hidden path's fit, first and last step
-                emb = step_parts["loss_emb"].clone()
+                names = [k for k in sorted(step_parts) if k.startswith("loss_emb")]  # in all, and each pair's
+                emb = torch.stack([step_parts[k] for k in names])
                 if self.world > 1:
                     dist.all_reduce(emb)
                     emb /= self.world
-                self._log({f"hidden/loss_emb_{'start' if step == 0 else 'end'}": float(emb)}, first_step + step + 1)
+                when = "start" if step == 0 else "end"
+                self._log({f"hidden/loss_emb_{when}{k.removeprefix('loss_emb')}": v for k, v in zip(names, emb.tolist())},
+                          first_step + step + 1)
             for k, v in step_parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)

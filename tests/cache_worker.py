@@ -1,10 +1,12 @@
 """A process that grows or reads one teacher cache, for the concurrency tests (tests/test_cache_concurrency.py):
 
-    python tests/cache_worker.py grow DIR ROWS HIDDEN_ROWS [DELAY_S]   # build to these extents, slowly
-    python tests/cache_worker.py read DIR ROWS HIDDEN_ROWS STOP_FILE   # build them, then read and check them
-                                                                        # until STOP_FILE exists: prints the rows read
+    python tests/cache_worker.py grow DIR ROWS HIDDEN_ROWS [DELAY_S [LAYERS]]   # build to these extents, slowly
+    python tests/cache_worker.py read DIR ROWS HIDDEN_ROWS STOP_FILE [LAYERS]   # build them, then read and check
+                                                                        # them until STOP_FILE exists: prints the rows read
+LAYERS: the teacher layers whose hidden states the cache holds, comma-separated (default 3, the part `hidden`).
 Every row read is compared with the deterministic teacher of tests/test_cache.py; any mismatch or error exits 1.
 """
+import dataclasses
 import sys
 import threading
 import time
@@ -14,17 +16,31 @@ import numpy as np
 import torch
 
 from hldx import store
-from hldx.store import CacheSpec
+from hldx.store import CacheSpec, hidden_part
 
 L, K, D = 16, 8, 12
 
 
-def make_spec(**changes) -> CacheSpec:
+def with_extents(spec: CacheSpec, rows: int, hidden_rows: int | None = None, layers=(3,)) -> CacheSpec:
+    """spec needing top-k for rows [0, rows) and the hidden states after each of `layers` for [0, hidden_rows)
+    (default: rows)."""
+    states = rows if hidden_rows is None else hidden_rows
+    return dataclasses.replace(spec, extents={"topk": rows} | {hidden_part(spec, layer): states for layer in layers})
+
+
+def make_spec(rows: int = 37, hidden_rows: int | None = None, layers=(3,), **changes) -> CacheSpec:
     base = dict(teacher_digest="teacher-a", tokenizer_digest="tok-a", stream_digest="rows-a", seq_len=L, k=K,
                 vocab_size=5000, hidden_layer=3, hidden_size=D, values_dtype="float32", hidden_dtype="float32",
-                rows_per_shard=8, rows=37)
-    base["hidden_rows"] = changes.get("rows", base["rows"])  # all
-    return CacheSpec(**{**base, **changes})
+                rows_per_shard=8)
+    return with_extents(CacheSpec(**{**base, **changes}), rows, hidden_rows, layers)
+
+
+def get(reader: store.CacheReader, rows, topk: bool = True, hidden: bool = False, layer: int = 3) -> tuple:
+    """(top-k ids, logits, the hidden states after `layer`) of rows as the reader decodes them, None where not asked."""
+    parts = ("topk",) * topk + (hidden_part(reader.spec, layer),) * hidden
+    got = reader.get(rows, parts)
+    idx, val = got["topk"] if topk else (None, None)
+    return idx, val, got[parts[-1]] if hidden else None
 
 
 def row_tokens(spec: CacheSpec):
@@ -43,7 +59,7 @@ class Teacher:
         self.calls = self.rows = 0
         self.lock = threading.Lock()
 
-    def __call__(self, tokens_NxL: torch.Tensor, topk: bool = True, hidden: bool = True):
+    def __call__(self, tokens_NxL: torch.Tensor, parts: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, ...]]:
         with self.lock:
             if self.fail_after is not None and self.calls >= self.fail_after:
                 raise KeyboardInterrupt("killed")
@@ -53,13 +69,19 @@ class Teacher:
         pos = torch.arange(s.seq_len)[:, None]
         idx = (tokens_NxL[..., None] * 31 + pos + torch.arange(s.k) * 577) % s.vocab_size
         val = torch.sin(idx.float() * 0.37 + pos) * 20 + 1 / 3
-        hid = torch.cos(tokens_NxL[..., None].float() * 0.1 + torch.arange(s.hidden_size) * 0.7) * 50
-        return idx, val, hid if self.hidden else None
+        out = {"topk": (idx, val)} if "topk" in parts else {}
+        for part in parts if self.hidden else ():
+            if (layer := store.part_layer(s, part)) is not None:  # each layer's states its own
+                out[part] = (torch.cos(tokens_NxL[..., None].float() * 0.1 + torch.arange(s.hidden_size) * 0.7
+                                       + (layer - 3)) * 50,)
+        return out
 
 
-def online(spec: CacheSpec, rows) -> tuple:
-    """What the cache must return for rows: the ids, the logits minus each position's largest, the states."""
-    idx, val, hid = Teacher(spec)(row_tokens(spec)(np.asarray(rows)))
+def online(spec: CacheSpec, rows, layer: int = 3) -> tuple:
+    """What the cache must return for rows: the ids, the logits minus each position's largest, the states
+    after `layer`."""
+    out = Teacher(spec)(row_tokens(spec)(np.asarray(rows)), ("topk", hidden_part(spec, layer)))
+    (idx, val), (hid,) = out["topk"], out[hidden_part(spec, layer)]
     return idx, val - val.amax(-1, keepdim=True), hid
 
 
@@ -70,29 +92,31 @@ class SlowTeacher(Teacher):
         super().__init__(spec)
         self.delay_s = delay_s
 
-    def __call__(self, tokens_NxL, topk=True, hidden=True):
+    def __call__(self, tokens_NxL, parts):
         time.sleep(self.delay_s)
-        return super().__call__(tokens_NxL, topk, hidden)
+        return super().__call__(tokens_NxL, parts)
 
 
-def main(mode: str, out: str, rows: str, hidden_rows: str, arg: str = "0.01") -> int:
-    spec = make_spec(rows=int(rows), hidden_rows=int(hidden_rows))
+def main(mode: str, out: str, rows: str, hidden_rows: str, arg: str = "0.01", layers: str = "3") -> int:
+    spec = make_spec(rows=int(rows), hidden_rows=int(hidden_rows), layers=[int(x) for x in layers.split(",")])
     delay = float(arg) if mode == "grow" else 0.002
     print("building", flush=True)
     assert store.build(spec, out, SlowTeacher(spec, delay), row_tokens(spec), batch_rows=2, progress=False)
     if mode == "grow":
         return 0
     reader, rng, read, stop = store.open_cache(out, spec), np.random.default_rng(int(rows)), 0, Path(arg)
-    want_idx, want_val, want_hid = online(spec, range(spec.rows))
+    top, states = spec.extent("topk"), int(hidden_rows)
+    want = {layer: online(spec, range(top), layer) for layer in map(int, layers.split(","))}
     while not stop.exists():
-        a = int(rng.integers(0, spec.rows))
-        b = int(rng.integers(a + 1, spec.rows + 1))
-        idx, val, _ = reader.get(np.arange(a, b))
+        a = int(rng.integers(0, top))
+        b = int(rng.integers(a + 1, top + 1))
+        idx, val, _ = get(reader, np.arange(a, b))
+        want_idx, want_val, _ = next(iter(want.values()))  # the top-k, whatever the layer
         assert torch.equal(idx, want_idx[a:b]) and torch.equal(val, want_val[a:b]), f"rows [{a}, {b}) differ"
-        if spec.hidden_rows:
-            h = min(b, spec.hidden_rows)
-            _, _, hid = reader.get(np.arange(min(a, h - 1), h), topk=False, hidden=True)
-            assert torch.equal(hid, want_hid[min(a, h - 1):h]), f"hidden rows [{a}, {h}) differ"
+        for layer, (_, _, want_hid) in want.items() if states else ():
+            h = min(b, states)
+            _, _, hid = get(reader, np.arange(min(a, h - 1), h), topk=False, hidden=True, layer=layer)
+            assert torch.equal(hid, want_hid[min(a, h - 1):h]), f"hidden rows [{a}, {h}) of layer {layer} differ"
         read += b - a
     print(read, flush=True)
     return 0

@@ -24,16 +24,18 @@ TABLE4 = Path(__file__).parent / "fixtures" / "paper_table4_735m.csv"  # its Tab
 def log_run(client: MlflowClient, exp_id: str, method: str, lr: float, tau: float | None = None,
             alpha: float | None = None, gamma: float | None = None, p1: float | None = None,
             student: str = "tiny", metrics: dict[str, float] | None = None, status: str = "FINISHED",
-            role: str = "student") -> str:
+            role: str = "student", seed: int = 0, hidden: str | None = None) -> str:
     """A run with hldx's MLflow names (DESIGN.md §3): params, hldx.* tags, eval/* metrics."""
     hp = {"lr": lr, "tau": tau, "alpha": alpha, "gamma": gamma, "p1": p1}
     used = {k: v for k, v in hp.items() if v is not None}
     hp_key = "|".join(f"{k}={used[k]:g}" for k in ("lr", "tau", "alpha") if k in used)
-    name = "|".join([method] + [f"{k}={v:g}" for k, v in used.items()])
+    name = "|".join([method] + [f"{k}={v:g}" for k, v in used.items()] + ([hidden] if hidden else []) +
+                    ([f"seed={seed}"] if seed else []))
     tags = {"hldx.method": method, "hldx.student": student, "hldx.hp_key": hp_key,
             "hldx.run_key": f"{student}|{name}", "hldx.role": role}
     run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
-    params = [Param(k, str(v)) for k, v in {"method": method, "student": student, "seed": 0, **used}.items()]
+    params = [Param(k, str(v)) for k, v in {"method": method, "student": student, "seed": seed, **used}.items()]
+    params += [Param("hidden", hidden)] if hidden else []
     client.log_batch(run_id, params=params,
                      metrics=[Metric(f"eval/{k}", v, 0, 0) for k, v in (metrics or {}).items()])
     client.set_terminated(run_id, status=status)
@@ -235,6 +237,25 @@ def test_seeds_pair_with_the_kd_run_of_their_seed_and_are_averaged(tmp_path):
     assert (line.verdict, line.n, line.beyond_seeds) == ("better", 1, True)  # 0.075 beyond a spread of 0.035
     assert report.answer(headline(points, n_boot=200))[0].endswith(
         "(one point: no interval) over 1 point; beyond the seed spread (0.035)")
+
+
+def test_hidden_paths_are_variants_beside_gamma_and_p1(mlflow_exp):
+    """HLD runs with layer pairs (the param `hidden`, logged where the hidden path is not the paper's) are variants
+    of their own beside gamma= / p1=, each compared with the KD run of its point and seed; runs logged without the
+    param (every run before pairs existed) keep their variant."""
+    client, exp = mlflow_exp
+    for seed, shift in ((0, 0.0), (1, 0.2)):
+        for method, hp, hidden, val in (("kd", {}, None, 3.0), ("hldc", {"gamma": 0.1}, None, 2.95),
+                                        ("hldc", {"gamma": 0.1}, "pairs=[[1,2],[3,5]]", 3.1),
+                                        ("hldf", {"p1": 0.05}, "pairs=[[3,5]]", 2.9)):
+            log_run(client, exp, method, 4e-4, 1.0, 0.7, **hp, metrics=scores(val + shift), seed=seed, hidden=hidden)
+    points = pointwise(read_mlflow("study", client.tracking_uri))
+    val = points[points["metric"] == "val_logppl"]
+    assert val.groupby("variant")["improvement"].mean().round(6).to_dict() == {
+        "gamma=0.1": 0.05, "gamma=0.1|pairs=[[1,2],[3,5]]": -0.1, "p1=0.05|pairs=[[3,5]]": 0.1}
+    assert val["paired"].all()
+    stats = summary(points, n_boot=200).set_index(["view", "method", "variant", "metric"])
+    assert stats.loc[("point", "hldc", "", "val_logppl"), "median_improvement"] == pytest.approx(-0.025)
 
 
 def test_ties_counted_from_the_printed_table():

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hldx import store as cache
 from hldx.cache import main as cache_main
 from hldx.store import CacheError, CacheSpec
-from cache_worker import Teacher, make_spec, online, row_tokens
+from cache_worker import Teacher, get, make_spec, online, row_tokens, with_extents
 
 ROOT = Path(__file__).resolve().parents[1]
 L, K, D = 16, 8, 12  # as cache_worker's
@@ -45,7 +45,7 @@ def test_float32_round_trip_is_exact_and_the_format_is_as_documented(tmp_path, v
     out = built(tmp_path, spec)
     reader = cache.open_cache(out, spec)
     rows = np.array([36, 0, 9, 9, 17, 8, 23])  # unsorted, repeated, across all shards
-    idx, val, hid = reader.get(rows, hidden=True)
+    idx, val, hid = get(reader, rows, hidden=True)
     want_idx, want_val, want_hid = online(spec, rows)
     assert idx.dtype == torch.long and val.dtype == hid.dtype == torch.float32
     assert torch.equal(idx, want_idx) and torch.equal(val, want_val) and torch.equal(hid, want_hid)
@@ -57,7 +57,7 @@ def test_float32_round_trip_is_exact_and_the_format_is_as_documented(tmp_path, v
     assert bpt == {"topk": K * (index_bytes + 4) + 16 / L, "hidden": D * 4 + 8 / L}
     for part in ("topk", "hidden"):
         on_disk = sum(p.stat().st_size for p in (out / part).glob("*.bin"))
-        assert on_disk == spec.rows * L * bpt[part]
+        assert on_disk == spec.extent("topk") * L * bpt[part]
 
     # Read shard [8, 16) by hand, from the layout in hldx.store's docstring.
     w_idx, w_val, w_hid = online(spec, range(8, 16))
@@ -79,8 +79,8 @@ def test_float32_round_trip_is_exact_and_the_format_is_as_documented(tmp_path, v
 def test_bfloat16_rounds_to_nearest_within_two_to_the_minus_eight(tmp_path):
     spec = make_spec(values_dtype="bfloat16", hidden_dtype="bfloat16", vocab_size=4096)
     out = built(tmp_path, spec)
-    rows = np.arange(spec.rows)
-    idx, val, hid = cache.open_cache(out, spec).get(rows, hidden=True)
+    rows = np.arange(spec.extent("topk"))
+    idx, val, hid = get(cache.open_cache(out, spec), rows, hidden=True)
     want_idx, want_val, want_hid = online(spec, rows)
     assert torch.equal(idx, want_idx)
     for got, want in ((val, want_val), (hid, want_hid)):
@@ -93,8 +93,8 @@ def test_bfloat16_rounds_to_nearest_within_two_to_the_minus_eight(tmp_path):
 def test_float8_hidden_states_keep_a_per_token_scale(tmp_path):
     spec = make_spec(hidden_dtype="float8_e4m3", hidden_size=64)
     out = built(tmp_path, spec)
-    rows = np.arange(spec.rows)
-    _, _, hid = cache.open_cache(out, spec).get(rows, topk=False, hidden=True)
+    rows = np.arange(spec.extent("topk"))
+    _, _, hid = get(cache.open_cache(out, spec), rows, topk=False, hidden=True)
     want = online(spec, rows)[2]
     # Scaled so the largest component sits at e4m3's top: each component within half a step (2^-4 relative)
     # of the largest one's scale, and the direction within a fraction of a percent.
@@ -139,7 +139,7 @@ def test_killed_build_resumes_from_its_last_complete_shard(tmp_path):
 def test_a_cache_grows_in_place_for_a_job_that_reads_further(tmp_path):
     small = make_spec(rows=13, hidden_rows=5)
     out = built(tmp_path, small)
-    big = dataclasses.replace(small, rows=20, hidden_rows=11)
+    big = make_spec(rows=20, hidden_rows=11)
     grower = Teacher(big)
     assert cache.build(big, out, grower, row_tokens(big), batch_rows=8, progress=False)
     # Only the missing rows, as new shards beside the old ones (never rewritten): top-k [13,16) and [16,20),
@@ -154,9 +154,9 @@ def test_a_cache_grows_in_place_for_a_job_that_reads_further(tmp_path):
     assert cache.verify(out, progress=False) == []
     reader = cache.open_cache(out, big)
     rows = np.arange(20)
-    assert torch.equal(reader.get(rows)[1], online(big, rows)[1])
-    assert torch.equal(reader.get(np.arange(11), topk=False, hidden=True)[2], online(big, range(11))[2])
-    assert cache.open_cache(out, small).spec.rows == 20  # a smaller job opens it too, and sees what is there
+    assert torch.equal(get(reader, rows)[1], online(big, rows)[1])
+    assert torch.equal(get(reader, np.arange(11), topk=False, hidden=True)[2], online(big, range(11))[2])
+    assert cache.open_cache(out, small).spec.extent("topk") == 20  # a smaller job opens it too, and sees what is there
 
 
 def test_a_format_2_cache_is_read_grown_and_collected(tmp_path):
@@ -169,16 +169,16 @@ def test_a_format_2_cache_is_read_grown_and_collected(tmp_path):
     for path in out.glob("*/*.bin"):
         a, b = map(int, path.stem.split("-"))
         path.with_suffix(".json").write_text(f'{{"start_row": {a}, "end_row": {b}, "bytes": {path.stat().st_size}}}')
-    big = dataclasses.replace(small, rows=16, hidden_rows=16)
+    big = make_spec(rows=16, hidden_rows=16)
     full = built(tmp_path, big, "full")
     for part in ("topk", "hidden"):  # as format 2 grew it: [8,16) written beside [8,13)
         (out / part / "0000000008-0000000016.bin").write_bytes((full / part / "0000000008-0000000016.bin").read_bytes())
     reader = cache.open_cache(out, big)
-    assert reader.spec.rows == 16 and [s for _, s in reader.cover["topk"]] == [range(0, 8), range(8, 16)]
+    assert reader.spec.extent("topk") == 16 and [s for _, s in reader.cover["topk"]] == [range(0, 8), range(8, 16)]
     assert cache_main(["gc", f"dir={out}"]) == 0
     assert sorted(p.name for p in (out / "topk").iterdir()) == [
         "0000000000-0000000008.bin", "0000000000-0000000008.json", "0000000008-0000000016.bin"]
-    assert torch.equal(reader.get(np.arange(16))[1], online(big, range(16))[1])
+    assert torch.equal(get(reader, np.arange(16))[1], online(big, range(16))[1])
     assert cache.verify(out, progress=False) == []
 
 
@@ -196,10 +196,10 @@ def test_workers_split_by_shards_build_each_shard_once(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert sum(t.rows for t in teachers) == spec.rows  # no shard computed twice
+    assert sum(t.rows for t in teachers) == spec.extent("topk")  # no shard computed twice
     assert any(results.values()) and cache.verify(out, progress=False) == []
-    rows = np.arange(spec.rows)
-    assert torch.equal(cache.open_cache(out, spec).get(rows)[1], online(spec, rows)[1])
+    rows = np.arange(spec.extent("topk"))
+    assert torch.equal(get(cache.open_cache(out, spec), rows)[1], online(spec, rows)[1])
     with pytest.raises(ValueError, match="cache.task=3"):
         cache.task_shards(spec, 3, 3)
 
@@ -219,12 +219,12 @@ def test_a_flipped_bit_in_any_part_is_caught_and_named(tmp_path, part, offset, n
     reader = cache.open_cache(out, spec)  # sizes are fine: opens
     rows = np.arange(8, 16)
     with pytest.raises(CacheError, match=f"{name} fail their checksum in {part}/0000000008-0000000016.bin"):
-        reader.get(rows, topk=part == "topk", hidden=part == "hidden")
+        get(reader, rows, topk=part == "topk", hidden=part == "hidden")
     (problem,) = cache.verify(out, progress=False)
     assert problem.startswith(f"{part}/0000000008-0000000016.bin: ") and "fail their checksum" in problem
     # The other part, and the other shards, are still served exactly.
     other = "hidden" if part == "topk" else "topk"
-    assert reader.get(np.arange(0, 20), topk=other == "topk", hidden=other == "hidden") is not None
+    assert get(reader, np.arange(0, 20), topk=other == "topk", hidden=other == "hidden") is not None
     cli = subprocess.run([sys.executable, "-m", "hldx.cache", "verify", f"dir={out}"], capture_output=True, text=True)
     assert cli.returncode == 1 and f"{part}/0000000008-0000000016.bin" in cli.stdout
 
@@ -252,9 +252,9 @@ def test_a_cache_for_something_else_is_refused_naming_the_difference(tmp_path):
         with pytest.raises(CacheError, match=f"{field}: cache has"):
             cache.open_cache(out, dataclasses.replace(spec, **{field: value}))
     with pytest.raises(CacheError, match="holds rows \\[0, 10\\) but the run needs \\[0, 12\\): 32 tokens missing"):
-        cache.open_cache(out, dataclasses.replace(spec, rows=12))
-    kd = dataclasses.replace(spec, hidden_rows=0, rows=8)  # a KD run needs no hidden states
-    assert cache.open_cache(out, kd).get(np.array([1]))[2] is None
+        cache.open_cache(out, with_extents(spec, rows=12))
+    kd = with_extents(spec, 8, layers=())  # a KD run needs no hidden states
+    assert get(cache.open_cache(out, kd), np.array([1]))[2] is None
     with pytest.raises(CacheError, match="rows_per_shard: cache has 8, expected 4"):
         cache.build(dataclasses.replace(spec, rows_per_shard=4), out, Teacher(spec), row_tokens(spec))
     with pytest.raises(CacheError, match="no teacher cache here"):
@@ -269,17 +269,17 @@ def test_hidden_states_for_a_prefix_of_rows(tmp_path):
         "0000000000-0000000008.bin", "0000000008-0000000011.bin"]
     reader = cache.open_cache(out, spec)
     rows = np.array([10, 0, 8])
-    assert torch.equal(reader.get(rows, hidden=True)[2], online(spec, rows)[2])
-    with pytest.raises(CacheError, match=r"hidden states for rows \[0, 11\): rows \[11, 12\) were asked for \(16 "):
-        reader.get(np.array([3, 11, 19]), hidden=True)
-    with pytest.raises(CacheError, match=r"hidden states for rows \[0, 11\) but the run needs \[0, 20\): 144 tokens"):
-        cache.open_cache(out, dataclasses.replace(spec, hidden_rows=20))
+    assert torch.equal(get(reader, rows, hidden=True)[2], online(spec, rows)[2])
+    with pytest.raises(CacheError, match=r"states after layer 3 for rows \[0, 11\): rows \[11, 12\) were asked for \(16 "):
+        get(reader, np.array([3, 11, 19]), hidden=True)
+    with pytest.raises(CacheError, match=r"states after layer 3 for rows \[0, 11\) but the run needs \[0, 20\): 144 tokens"):
+        cache.open_cache(out, with_extents(spec, 20, 20))
     # A KD-only cache: the teacher need not return hidden states.
     kd = make_spec(rows=9, hidden_rows=0)
     out = tmp_path / "kd"
     assert cache.build(kd, out, Teacher(kd, hidden=False), row_tokens(kd), progress=False)
     assert not list((out / "hidden").glob("*.bin"))
-    assert cache.open_cache(out, kd).get(np.array([8]))[2] is None
+    assert get(cache.open_cache(out, kd), np.array([8]))[2] is None
 
 
 def test_bad_input_names_the_key(tmp_path):
@@ -290,7 +290,7 @@ def test_bad_input_names_the_key(tmp_path):
     with pytest.raises(ValueError, match="method.top_k"):
         make_spec(k=6000)
     spec = make_spec()
-    with pytest.raises(ValueError, match=r"teacher_fn returned hidden states None; expected \(3, 16, 12\)"):
+    with pytest.raises(ValueError, match=r"teacher_fn returned hidden states after layer 3 None; expected \(\(3, 16, 12\),\)"):
         cache.build(spec, tmp_path, Teacher(spec, hidden=False), row_tokens(spec), batch_rows=3, progress=False)
 
 
@@ -303,7 +303,7 @@ def test_config_group_composes(tmp_path, monkeypatch):
     c = cfg.cache
     assert (c.task, c.tasks, c.rows, c.hidden_rows, c.dir) == (0, 1, "auto", "auto", None)
     spec = make_spec(rows_per_shard=c.rows_per_shard, values_dtype=c.values_dtype, hidden_dtype=c.hidden_dtype)
-    assert spec.digest == dataclasses.replace(spec, rows=3, hidden_rows=0).digest  # extents are not identity
+    assert spec.digest == with_extents(spec, 3, 0, layers=(3, 5)).digest  # extents and layers are not identity
     assert spec.digest != dataclasses.replace(spec, hidden_dtype="float8_e4m3").digest
 
 
@@ -326,24 +326,24 @@ def test_throughput_with_the_tiny_teacher(tmp_path, one_thread):
     teacher = Gemma3ForCausalLM(Gemma3TextConfig(**c)).eval()
     layer = teacher.config.num_hidden_layers // 2
 
-    def teacher_fn(tokens, topk, hidden):
+    def teacher_fn(tokens, parts=("topk", "hidden")):
         out = teacher(tokens, output_hidden_states=True)
         val, idx = out.logits.topk(128, dim=-1)
-        return idx, val, out.hidden_states[layer]
+        return {"topk": (idx, val), "hidden": (out.hidden_states[layer],)}
 
     seq, n_rows = 128, 16
     stream = torch.randint(0, teacher.config.vocab_size, (n_rows, seq))
     spec = CacheSpec("t", "tok", "s", seq, 128, teacher.config.vocab_size, layer, teacher.config.hidden_size,
-                     values_dtype="bfloat16", hidden_dtype="bfloat16", rows_per_shard=8, rows=n_rows,
-                     hidden_rows=n_rows)
+                     values_dtype="bfloat16", hidden_dtype="bfloat16", rows_per_shard=8,
+                     extents={"topk": n_rows, "hidden": n_rows})
     start = time.perf_counter()
     assert cache.build(spec, tmp_path / "c", teacher_fn, lambda r: stream[torch.as_tensor(r)], batch_rows=8,
                        progress=False)
     build_tps = n_rows * seq / (time.perf_counter() - start)
     reader = cache.open_cache(tmp_path / "c", spec)
     with torch.inference_mode():  # the cache holds what the teacher gives for the same batch
-        idx, val, hid = teacher_fn(stream[8:16], True, True)
-    c_idx, c_val, c_hid = reader.get(np.arange(8, 16), hidden=True)
+        (idx, val), (hid,) = teacher_fn(stream[8:16]).values()
+    c_idx, c_val, c_hid = get(reader, np.arange(8, 16), hidden=True)
     rel = val - val[..., :1]
     assert torch.equal(c_idx, idx)
     assert ((c_val - rel).abs() <= rel.abs() * 2.0**-8).all() and ((c_hid - hid).abs() <= hid.abs() * 2.0**-8).all()

@@ -1,5 +1,6 @@
 """The teacher cache under concurrency, with real processes: growers to different extents and readers that
 check every row they read, at once, while builders are SIGKILLed at random points (tests/cache_worker.py)."""
+import hashlib
 import os
 import random
 import signal
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from hldx import store
-from cache_worker import make_spec, online
+from cache_worker import Teacher, get, make_spec, online, row_tokens
 
 WORKER = [sys.executable, str(Path(__file__).parent / "cache_worker.py")]
 
@@ -29,10 +30,10 @@ def check_every_row(out: Path) -> int:
     rows, hidden = reader.extent("topk"), reader.extent("hidden")
     want_idx, want_val, want_hid = online(spec, range(max(rows, 1)))
     if rows:
-        idx, val, _ = reader.get(np.arange(rows))
+        idx, val, _ = get(reader, np.arange(rows))
         assert torch.equal(idx, want_idx[:rows]) and torch.equal(val, want_val[:rows])
     if hidden:
-        assert torch.equal(reader.get(np.arange(hidden), topk=False, hidden=True)[2], want_hid[:hidden])
+        assert torch.equal(get(reader, np.arange(hidden), topk=False, hidden=True)[2], want_hid[:hidden])
     return rows
 
 
@@ -74,3 +75,50 @@ def test_growers_readers_and_killed_builders_at_once(tmp_path):
     print(f"\n{len(readers)} readers read {sum(reads)} rows ({reads}) while {len(growers)} growers and "
           f"{kills} SIGKILLed builders ran; served extents after each kill: {seen}; leftovers removed: "
           f"{len(leftovers)}")
+
+
+def _fingerprints(out: Path, parts: tuple[str, ...]) -> dict[str, tuple[int, int, str]]:
+    """Each shard file of `parts`: its inode, mtime (ns) and content digest."""
+    return {str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for part in parts for p in sorted((out / part).glob("*.bin"))}
+
+
+@pytest.mark.slow
+def test_a_layer_added_to_a_cache_leaves_the_shards_it_had_untouched(tmp_path):
+    """A cache of top-k and teacher layer 3 (the part `hidden`) grows a part for layer 5 while readers check every
+    row of layer 3 and top-k they read, growers add layer 5 to different extents and builders of it are SIGKILLed
+    at random points, all at once: every shard the cache had keeps its inode, bytes and mtime; layer 5's rows are
+    the teacher's; what the kills left, verify names and gc removes, sparing the first layer's shards."""
+    out, stop = tmp_path / "cache", tmp_path / "stop"
+    first = make_spec(rows=45)
+    assert store.build(first, out, Teacher(first), row_tokens(first), batch_rows=4, progress=False)
+    before = _fingerprints(out, ("topk", "hidden"))
+    assert len(before) == 2 * 6
+    readers = [start("read", out, 45, 45, stop, "3") for _ in range(2)]
+    growers = [start("grow", out, 45, rows, 0.01, layers) for rows, layers in ((20, "3,5"), (45, "5"))]
+    rng, kills = random.Random(1), 0
+    for _ in range(3):
+        victim = start("grow", out, 45, 45, 0.05, "5")
+        assert victim.stdout.readline() == "building\n"
+        time.sleep(rng.uniform(0.0, 0.8))
+        if victim.poll() is None:
+            os.kill(victim.pid, signal.SIGKILL)
+            kills += 1
+        victim.wait()
+    for p in growers:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    stop.touch()
+    reads = []
+    for p in readers:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+        reads.append(int(p.stdout.read().split()[-1]))
+    assert kills >= 2 and min(reads) > 100
+    assert _fingerprints(out, ("topk", "hidden")) == before  # not one shard of them written, replaced or touched
+    both = make_spec(rows=45, layers=(3, 5))
+    reader = store.open_cache(out, both)
+    assert torch.equal(get(reader, np.arange(45), hidden=True, layer=5)[2], online(both, range(45), layer=5)[2])
+    assert all("unfinished write" in p for p in store.verify(out, progress=False))
+    store.gc(out)
+    assert store.verify(out, progress=False) == [] and _fingerprints(out, ("topk", "hidden")) == before
+    print(f"\n{len(readers)} readers read {sum(reads)} rows of top-k and layer 3 while {len(growers)} growers and "
+          f"{kills} SIGKILLed builders added layer 5")

@@ -36,6 +36,9 @@ BAD = [
     (["analysis.report", "--out"], "argument --out: expected one argument"),
     (["hldx.run", "-m", "data=c4", "data.tasks=2", "hydra/launcher=slurm_cpu", "hydra.sweeper.dry_run=true"],
      "data.tasks=2 is invalid for data.path=allenai/c4: tokenizing in parts needs local files"),
+    (["hldx.run", "method=hldc", "hidden.pairs=[[2,3],[2,3]]"],
+     "hidden.pairs=[[2,3],[2,3]] is invalid: expected distinct pairs ([2,3] is given twice)"),
+    (["hldx.plan", "-m", "method=hldf", "hidden.adapter=identity"], "hidden.adapter=identity is invalid: expected linear"),
     (["hldx.run", "eval.local_dir=/no/such/dir"],  # eval=quick used to train, then skip every task
      "eval.local_dir=/no/such/dir is invalid: expected an existing directory of the tasks' JSONL files"),
     (["hldx.evaluate", "ckpt=/no/such/ckpt", "eval.local_dir=/no/such/dir"],

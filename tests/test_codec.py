@@ -2,6 +2,7 @@
 uniforms, unbiasedness, the round trip through a real cache, bit-identical rebuilds however the rows are
 batched, checksums over it; the losses' linear form, a run's use of it, the refusal of a size 32 does not
 divide, and the paper-123m study's cache under 150 TB."""
+import hashlib
 import json
 
 import numpy as np
@@ -16,7 +17,7 @@ from hldx import store as cache
 from hldx.job import execute
 from hldx.plan import main as plan_main
 from hldx.store import CacheError, codec
-from cache_worker import Teacher, make_spec, row_tokens
+from cache_worker import Teacher, get, make_spec, row_tokens
 from tests.test_cache import built, flip_bit, shard_file
 
 L, D = 16, 96  # 3 blocks of 32 components; the Hadamard transform in blocks of 32
@@ -38,6 +39,16 @@ def test_uniforms_are_uniform_and_a_function_of_row_position_and_dimension():
     assert ((counts - u.numel() / 16).abs() < 5 * (u.numel() / 16) ** 0.5).all()   # flat
     assert abs(float(torch.corrcoef(torch.stack([u[:, :, :-1].flatten(), u[:, :, 1:].flatten()]))[0, 1])) < 0.01
     assert torch.equal(codec.uniforms(10**9 + 3, (2, 32, 96), torch.device("cpu")), u[3:5])
+
+
+def test_each_hidden_part_draws_bits_of_its_own_and_the_first_keeps_its_bits():
+    """Stream 0 (the part `hidden`) gives the bits it gave before layer pairs existed (their digest on main); the
+    stream of another layer's part is uncorrelated with it."""
+    cpu = torch.device("cpu")
+    u = codec.uniforms(1000, (3, 5, 64), cpu)
+    assert hashlib.sha256(u.numpy().tobytes()).hexdigest()[:16] == "00be8cf87c8a6244"
+    other = codec.uniforms(1000, (3, 5, 64), cpu, stream=6)
+    assert abs(float(torch.corrcoef(torch.stack([u.flatten(), other.flatten()]))[0, 1])) < 0.05
 
 
 def test_the_code_is_unbiased_where_rounding_to_nearest_is_not():
@@ -64,15 +75,15 @@ def test_a_cache_round_trips_and_rebuilds_bit_identically(tmp_path):
         assert shard_file(a, part, start, stop).read_bytes() == shard_file(b, part, start, stop).read_bytes()
     assert cache.bytes_per_token(spec)["hidden"] == D / 4 + D / 32 + 16 / L
     rows = np.arange(20)
-    _, _, got = cache.open_cache(a, spec).get(rows, topk=False, hidden=True)
-    hid = Teacher(spec)(row_tokens(spec)(rows))[2]
+    _, _, got = get(cache.open_cache(a, spec), rows, topk=False, hidden=True)
+    (hid,) = Teacher(spec)(row_tokens(spec)(rows), ("hidden",))["hidden"]
     t = torch.nn.functional.normalize(hid, dim=-1)
     codes = codec.encode(t, codec.uniforms(0, t.shape, t.device))
     assert torch.equal(got, codec.decode(*codes))
     assert not torch.equal(got, t) and float(torch.nn.functional.cosine_similarity(got, t, dim=-1).mean()) > 0.8
     flip_bit(shard_file(a, "hidden", 8, 16), 8 * L * D // 4 + 2 * L * D // 32 + 1)  # row 10's scales
     with pytest.raises(CacheError, match="scale of rows \\[10\\] fail their checksum"):
-        cache.open_cache(a, spec).get(np.arange(8, 16), topk=False, hidden=True)
+        get(cache.open_cache(a, spec), np.arange(8, 16), topk=False, hidden=True)
 
 
 def test_a_hidden_size_the_blocks_do_not_divide_is_refused():

@@ -43,6 +43,28 @@ ROOT = Path(__file__).resolve().parent.parent
     (["cache.values_dtype=int4"], r"cache.values_dtype=int4 is invalid: expected one of bfloat16, float16, float32"),
     (["cache.hidden_rows=some"], r"cache.hidden_rows=some is invalid: expected auto or all or a row count >= 0"),
     (["method=hldc", "hidden.student_layer=9"], r"hidden.student_layer=9 is invalid: expected null .* 1..4"),
+    (["method=hldc", "hidden.teacher_layer=7"], r"hidden.teacher_layer=7 is invalid: expected null .* 1..6"),
+    # Layer pairs, their weights and adapters (hldx.hidden): a layer the student or the teacher lacks, a pair given
+    # twice, weights that do not match the pairs, identity between different widths.
+    (["method=hldc", "hidden.pairs=[[9,3]]"], r"hidden.pairs=\[\[9,3\]\] is invalid: expected \[student_layer, "
+     r"teacher_layer\] pairs of the student's layers 0..4 and the teacher's 0..6 \(0: the embedding output\); "
+     r"\[9, 3\] is not one"),
+    (["method=hldf", "hidden.pairs=[[1,2],[2,7]]"], r"hidden.pairs=\[\[1,2\],\[2,7\]\] is invalid: .*\[2, 7\] is not one"),
+    (["method=hldc", "hidden.pairs=[[1,2],[1,2]]"], r"hidden.pairs=\[\[1,2\],\[1,2\]\] is invalid: expected distinct "
+     r"pairs \(\[1,2\] is given twice\)"),
+    (["method=hldc", "hidden.pairs=[2,3]"], r"hidden.pairs=\[2, 3\] is invalid: expected a non-empty list of "
+     r"\[student_layer, teacher_layer\] pairs of layers >= 0 or null"),
+    (["method=hldc", "hidden.pairs=[[1,2]]", "hidden.student_layer=1"], r"hidden.pairs=\[\[1,2\]\] is invalid: give "
+     r"the layers either as hidden.pairs or as hidden.student_layer/hidden.teacher_layer \(one pair\), not both"),
+    (["method=hldc", "hidden.pairs=[[1,2],[3,5]]", "hidden.weights=[1]"], r"hidden.weights=\[1\] is invalid: "
+     r"expected one weight > 0 per pair of hidden.pairs \(2\), summing to 1"),
+    (["method=hldf", "hidden.pairs=[[1,2],[3,5]]", "hidden.weights=[0.5,0.6]"], r"hidden.weights=\[0.5,0.6\] is invalid"),
+    (["method=hldc", "hidden.weights=[-1]"], r"hidden.weights=\[-1\] is invalid: expected a non-empty list of "
+     r"numbers, each > 0 or null"),
+    (["method=hldf", "hidden.adapter=identity"], r"hidden.adapter=identity is invalid: expected linear or mlp: "
+     r"identity needs the student's width to be the teacher's \(student.hidden_size=64, teacher.model.hidden_size=128\)"),
+    (["method=hldc", "hidden.adapter=conv"], r"hidden.adapter=conv is invalid: expected one of linear, mlp, identity "
+     r"or null"),
     (["teacher.build.tokens=100"], r"the on-demand teacher \(teacher.build.tokens=100.*too small for one"),
 ])
 def test_bad_values_are_refused_before_training(overrides, message):

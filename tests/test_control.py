@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from analysis.control import control, hidden_fit, kd_vs_nll
-from analysis.runs import COLUMNS, read_csv
+from analysis.runs import COLUMNS, HIDDEN, read_csv
 
 TABLE3 = Path(__file__).parent / "fixtures" / "paper_table3_123m.csv"
 
@@ -29,7 +29,7 @@ def test_the_papers_123m_kd_beats_nll_at_5_of_12_points_so_its_control_fails_thi
 
 def _runs(rows: list[tuple]) -> pd.DataFrame:
     cols = ["method", "lr", "tau", "alpha", "seed", "val_logppl"]
-    df = pd.DataFrame(rows, columns=cols).assign(student="tiny")
+    df = pd.DataFrame(rows, columns=cols).assign(student="tiny", **{HIDDEN: ""})
     for c in COLUMNS:
         if c not in df:
             df[c] = float("nan")
@@ -60,11 +60,14 @@ def test_the_spread_is_the_largest_seed_range_of_nll_kd_and_their_difference():
 
 def test_hidden_fit_counts_the_runs_whose_hidden_path_learned():
     runs = _runs([("hldf", 1e-3, 1.0, 0.9, 0, 6.0), ("hldf", 1e-3, 1.0, 0.9, 1, 6.0),
-                  ("hldc", 1e-3, 1.0, 0.9, 0, 6.0)])
-    runs["p1"], runs["gamma"] = [0.1, 0.1, None], [None, None, 0.5]
-    runs["cosine_start"], runs["cosine_end"] = [0.1, 0.2, None], [0.6, 0.1, None]
-    runs["loss_emb_start"], runs["loss_emb_end"] = [None, None, 0.02], [None, None, 0.01]
+                  ("hldc", 1e-3, 1.0, 0.9, 0, 6.0), ("hldf", 1e-3, 1.0, 0.9, 0, 6.0)])
+    runs["p1"], runs["gamma"] = [0.1, 0.1, None, 0.1], [None, None, 0.5, None]
+    runs[HIDDEN] = ["", "", "", "pairs=[[1,2],[3,5]]"]  # another hidden path: a variant of its own
+    runs["cosine_start"], runs["cosine_end"] = [0.1, 0.2, None, 0.3], [0.6, 0.1, None, 0.7]
+    runs["loss_emb_start"], runs["loss_emb_end"] = [None, None, 0.02, None], [None, None, 0.01, None]
     fit = hidden_fit(runs).set_index("method")
-    assert fit.loc["hldf", ["variant", "runs", "learned"]].tolist() == ["p1=0.1", 2, 1]
+    assert fit.loc["hldf", ["variant", "runs", "learned"]].values.tolist() == [
+        ["p1=0.1", 2, 1], ["p1=0.1|pairs=[[1,2],[3,5]]", 1, 1]]
+    fit = fit[~fit["variant"].str.contains("pairs")]
     assert fit.loc["hldf", "start"] == pytest.approx(0.15) and fit.loc["hldf", "end"] == pytest.approx(0.35)
     assert fit.loc["hldc", ["variant", "measure", "learned"]].tolist() == ["gamma=0.5", "loss_emb", 1]

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from hldx import bench as B
 from hldx import config as C
 from hldx import data, order
-from hldx.bench.steps import READS, method_phases, random_cache
+from hldx.bench.steps import method_phases, random_cache, reads
 from hldx.device import join
 from hldx.loader import Loader
 from hldx.models import build_model, forward
@@ -23,7 +23,7 @@ from test_gpu_path import LOSS_RTOL, TINY, UPDATE_RTOL, _flat, _one_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])  # tests/gpu_check.py selects by id
 @pytest.mark.parametrize("method", ["nll", "kd", "hldc", "ht"])
 def test_bf16_gpu_step_matches_fp32_cpu_step(hldx_cache, tmp_path, method, compile):
     cfg = C.compose(TINY)
@@ -156,7 +156,7 @@ def test_dcp_save_and_exact_resume_with_fused_adamw_and_fsdp2(hldx_cache, tmp_pa
         return _flat(engine.params + moments)
 
     engine, optimizer = fresh(0)
-    with Loader(batches, reader, READS["kd"], range(3), trainer.device) as loader:
+    with Loader(batches, reader, reads(cfg, reader.spec)["kd"], range(3), trainer.device) as loader:
         for s in range(2):
             trainer.step(phase, engine, optimizer, loader.get(s))
         engine.save(tmp_path / "dcp", optimizer)

@@ -23,7 +23,7 @@ from hldx import data, losses, order
 from hldx.budget import layer_activation_bytes
 from hldx.device import device_of
 from hldx.errors import ConfigError
-from hldx.bench.steps import READS, method_phases, random_cache
+from hldx.bench.steps import method_phases, random_cache, reads
 from hldx.loader import Loader
 from hldx.models import attention_masks, build_model, build_regressor, compile_layers, forward
 from hldx.store import CacheSpec, decode_topk, encode_topk
@@ -68,13 +68,13 @@ def _one_step(method: str, device: str, compile: bool, reader, batches, tokenize
         compile_layers(model)
     kind = {"hldc": "linear", "ht": "mlp"}.get(method)
     torch.manual_seed(1)
-    regressor = build_regressor(kind, cfg.student.hidden_size, cfg.teacher.model.hidden_size).to(dev) if kind \
+    regressors = [build_regressor(kind, cfg.student.hidden_size, cfg.teacher.model.hidden_size).to(dev)] if kind \
         else None
     phase = method_phases(cfg)[method]
-    engine = trainer.engine(phase, model, regressor)
+    engine = trainer.engine(phase, model, regressors)
     params = engine.params + engine.extra
     before = _flat(params)
-    with Loader(batches, reader, READS[method], range(2), dev) as loader:
+    with Loader(batches, reader, reads(cfg, reader.spec)[method], range(2), dev) as loader:
         sums = trainer.step(phase, engine, torch.optim.SGD(params, lr=1.0), loader.get(0))
         sums.pop("grad_norm")
         if dev.type == "cuda" and parallel == "none":  # the hot loop reads nothing back: a second step, syncs refused
@@ -186,7 +186,7 @@ def test_teacher_in_bf16_weights_keeps_the_cache_precision():
     online = OnlineTeacher(cfg, model, torch.device("cpu"), dtype=torch.bfloat16)
     seen = {}  # the last layer's output as the teacher computes it (bfloat16)
     model.model.layers[-1].register_forward_hook(lambda m, a, out: seen.setdefault("h", out))
-    idx, rel, _ = online(tokens_BxL, logits=True, hidden=False)
+    idx, rel, _ = online(tokens_BxL, logits=True)
     with torch.no_grad():
         bf16_logits = model(input_ids=tokens_BxL).logits.float()
         h = (seen["h"][0] if isinstance(seen["h"], tuple) else seen["h"]).float()

@@ -10,15 +10,16 @@ from hldx import order
 from hldx import store as cache
 from hldx.loader import Loader, _runs
 from hldx.store import CacheError
-from test_cache import Teacher, flip_bit, make_spec, online, row_tokens, shard_file
+from test_cache import Teacher, flip_bit, get, make_spec, online, row_tokens, shard_file
 
 ROWS, B = 37, 6
 
 
 @pytest.fixture
 def setup(tmp_path):
-    """Training rows whose tokens are those of the cache tests' row function, and a cache of all of them."""
-    spec = make_spec(rows=ROWS, hidden_dtype="float8_e4m3")
+    """Training rows whose tokens are those of the cache tests' row function, and a cache of all of them (top-k,
+    the hidden states after teacher layers 3 and 5)."""
+    spec = make_spec(rows=ROWS, hidden_dtype="float8_e4m3", layers=(3, 5))
     tokens = row_tokens(spec)(np.arange(ROWS)).numpy().astype(np.uint16)
     path = tmp_path / "rows.bin"
     tokens.tofile(path)
@@ -39,7 +40,7 @@ def test_every_step_holds_its_rows_across_epochs(setup, readers, prefetch):
     rows, reader, spec = setup
     batches = order.Batches(rows, B)
     steps = range(0, 3 * ROWS // B + 1)  # three epochs: steps 6, 12 and 18 span an epoch's end
-    with Loader(batches, reader, ("topk", "hidden"), steps, torch.device("cpu"), prefetch, readers) as loader:
+    with Loader(batches, reader, ("topk", "hidden", "hidden-5"), steps, torch.device("cpu"), prefetch, readers) as loader:
         for step in steps:
             got = loader.get(step)
             assert len(got) == B
@@ -49,9 +50,11 @@ def test_every_step_holds_its_rows_across_epochs(setup, readers, prefetch):
             assert tokens.dtype == torch.int64 and torch.equal(tokens, want_tokens)
             assert torch.equal(torch.cat([m.topk_idx_BxLxK for m in micro]), want_idx)
             assert torch.equal(torch.cat([m.topk_val_BxLxK for m in micro]), want_val)
-            hidden = torch.cat([m.hidden_BxLxD for m in micro])
-            assert hidden.dtype == torch.float32
-            assert torch.equal(hidden, reader.get(positions, topk=False, hidden=True)[2])
+            for layer in (3, 5):  # each teacher layer's states, by layer
+                hidden = torch.cat([m.hidden[layer] for m in micro])
+                assert hidden.dtype == torch.float32
+                assert torch.equal(hidden, get(reader, positions, topk=False, hidden=True, layer=layer)[2])
+            assert not torch.equal(micro[0].hidden[3], micro[0].hidden[5])
 
 
 def test_a_loader_started_mid_run_reads_what_an_uninterrupted_one_does(setup):

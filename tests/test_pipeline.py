@@ -70,7 +70,8 @@ def test_one_teacher_and_one_cache_per_distinct_teacher_whatever_the_seeds(tiny,
         (wait,) = s.after
         tokens = next(o for o in s.tasks[0] if o.startswith("teacher.build.tokens="))
         cache = cache_of[wait.removeprefix("hldx-cache-")]
-        assert tokens in cache.tasks[0]  # its own teacher's cache
+        overrides, extents = cache.tasks[0]
+        assert tokens in overrides and set(extents) == {"topk", "hidden"}  # its own teacher's cache, every part
     by_seed = {}
     for s in students:
         by_seed.setdefault(tuple(o for o in s.tasks[0] if not o.startswith("seed=")), set()).add(s.after[0])

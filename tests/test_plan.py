@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Gemma3ForCausalLM
 
 from hldx import config as C
-from hldx.models import build_model, build_regressor, count_parameters, forward_to_layer, gemma3_config
+from hldx.models import (build_model, build_regressor, count_parameters, forward_to_layer, gemma3_config,
+                         hidden_states)
 from hldx.budget import accounting_bias, flops_per_token, memory_per_rank, plan_run
 from hldx.plan import main
 from hldx.study import expand_sweep, plan_sweep
@@ -93,6 +94,29 @@ def test_hint_phase_runs_no_upper_layer_and_no_lm_head():
     assert counted == pytest.approx(flops_per_token(cfg)["ht"], rel=0.02)
     # The LM head alone (3 * 2 * d_S * V per token) would add 12% of C_data: it is not there.
     assert counted < 0.5 * flops_per_token(cfg)["data"]
+
+
+def test_exact_accounting_of_several_pairs_matches_flop_counter():
+    """Pairs (1, 2) and (3, 5) of the tiny student: HLDC counts both adapters; HLDF's phase 1 the student up to
+    layer 3 (no further layer, no head) and both adapters."""
+    compose = C.Composer()
+    for adapter in ("linear", "mlp"):
+        base = ["train.seq_len=128", "teacher.source=cache", "hidden.pairs=[[1,2],[3,5]]", f"hidden.adapter={adapter}"]
+        cfg = compose(base + ["method=hldc"])
+        s, d_t = cfg.student, cfg.teacher.model.hidden_size
+        with torch.device("meta"):
+            adapters = [build_regressor(adapter, s.hidden_size, d_t) for _ in range(2)]
+
+        def hldc(m, x):
+            out = m(input_ids=x, attention_mask=_mask(x), output_hidden_states=True)
+            return out.logits.sum() + adapters[0](out.hidden_states[1]).sum() + adapters[1](out.hidden_states[3]).sum()
+
+        def ht(m, x):
+            h = hidden_states(m, x, [1, 3], attention_mask=_mask(x))
+            return adapters[0](h[1]).sum() + adapters[1](h[3]).sum()
+
+        assert _counted(s, 128, hldc) == pytest.approx(flops_per_token(cfg)["hldc"], rel=0.02)
+        assert _counted(s, 128, ht) == pytest.approx(flops_per_token(compose(base + ["method=hldf"]))["ht"], rel=0.02)
 
 
 def test_six_n_formula_holds_for_short_sequences():

@@ -9,7 +9,7 @@ import torch
 from hldx import config as C
 from hldx import data, losses
 from hldx.job import ensure_teacher, execute
-from hldx.models import PhaseNet, build_model, build_regressor, forward, middle_layer
+from hldx.models import PhaseNet, build_model, build_regressor, forward
 from hldx.store import CacheSpec, bytes_per_token, codec, decode_hidden, decode_topk, encode_hidden, encode_topk
 from hldx.teacher import load_teacher
 
@@ -83,8 +83,9 @@ def teacher_on(tiny_teacher, split: str, rows: int) -> tuple[torch.Tensor, torch
     cfg, teacher, tokenizer = tiny_teacher
     tokens = torch.from_numpy(data.prepare(cfg, split, tokenizer).tokens[:rows * 64].astype("int64")).view(rows, 64)
     with torch.no_grad():
-        logits, hidden = forward(teacher, tokens, cfg.teacher.model.num_hidden_layers // 2)
-    return tokens, logits.float(), hidden.float()
+        middle = cfg.teacher.model.num_hidden_layers // 2
+        logits, hidden = forward(teacher, tokens, [middle])
+    return tokens, logits.float(), hidden[middle].float()
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +248,8 @@ def phase1(cfg, tokens_NxL, hidden_NxLxD, dtype: str, seed: int, held_NxL, held_
     variance over 16 batches (both as 1/batch: their ratio is the same at the paper's 262,144 tokens), with the
     batch's mean cosine."""
     s, target_NxLxD, unit = cfg.student, stored_unit(hidden_NxLxD, dtype), dtype == "sr2"
-    net = PhaseNet(build_model(s, seed), middle_layer(s.num_hidden_layers, None),
-                   build_regressor("mlp", s.hidden_size, target_NxLxD.shape[-1]), bottom=True)
+    net = PhaseNet(build_model(s, seed), [s.num_hidden_layers // 2],
+                   [build_regressor("mlp", s.hidden_size, target_NxLxD.shape[-1])], bottom=True)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     ratios, steps = [], len(tokens_NxL) // 4
     for step in range(steps + 1):
@@ -256,11 +257,11 @@ def phase1(cfg, tokens_NxL, hidden_NxLxD, dtype: str, seed: int, held_NxL, held_
             ratios.append(code_variance_ratio(net, tokens_NxL, hidden_NxLxD))
         if step < steps:
             batch = slice(4 * step, 4 * step + 4)
-            losses.hidden_loss(net(tokens_NxL[batch])[1], target_NxLxD[batch], unit_target=unit).backward()
+            losses.hidden_loss(net(tokens_NxL[batch])[1][0], target_NxLxD[batch], unit_target=unit).backward()
             opt.step()
             opt.zero_grad()
     with torch.no_grad():
-        held = torch.nn.functional.cosine_similarity(net(held_NxL)[1], held_NxLxD, dim=-1).mean()
+        held = torch.nn.functional.cosine_similarity(net(held_NxL)[1][0], held_NxLxD, dim=-1).mean()
     return float(held), ratios
 
 
@@ -268,7 +269,7 @@ def code_variance_ratio(net, tokens_NxL, hidden_NxLxD) -> tuple[float, float]:
     """E||G(t~) - G(t)||^2 over 16 sr2 codes of batch 0 / the variance of G(t) over 16 batches of 4 rows."""
     def grad(tokens, target):
         net.zero_grad()
-        losses.hidden_loss(net(tokens)[1], target, unit_target=True).backward()
+        losses.hidden_loss(net(tokens)[1][0], target, unit_target=True).backward()
         return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
 
     t = torch.nn.functional.normalize(hidden_NxLxD, dim=-1, eps=1e-6)
@@ -277,6 +278,6 @@ def code_variance_ratio(net, tokens_NxL, hidden_NxLxD) -> tuple[float, float]:
     codes = torch.stack([grad(tokens_NxL[:4], stored_unit(hidden_NxLxD[:4], "sr2", 10**6 * (k + 1)))
                          for k in range(16)])
     with torch.no_grad():
-        cos = torch.nn.functional.cosine_similarity(net(tokens_NxL[:4])[1], t[:4], dim=-1).mean()
+        cos = torch.nn.functional.cosine_similarity(net(tokens_NxL[:4])[1][0], t[:4], dim=-1).mean()
     net.zero_grad()
     return float(((codes - exact) ** 2).sum(1).mean() / batches.var(0).sum()), float(cos)

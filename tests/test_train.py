@@ -18,7 +18,7 @@ from hldx import losses
 from hldx.methods import phases
 from hldx.budget import plan_run
 from hldx.job import execute
-from hldx.models import PhaseNet, build_model, build_regressor, middle_layer
+from hldx.models import PhaseNet, build_model, build_regressor
 from hldx.train import Checkpoint, adam_sqrt_v_percentiles, lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,16 +212,16 @@ def test_summed_hidden_loss_escapes_adams_eps_in_a_toy_phase_1():
     try:
         for kind in ("mse", "mse_sum", "cosine"):
             torch.manual_seed(0)
-            net = PhaseNet(build_model(s, 0), middle_layer(s.num_hidden_layers, None),
-                           build_regressor("mlp", s.hidden_size, d_teacher), bottom=True)
+            net = PhaseNet(build_model(s, 0), [s.num_hidden_layers // 2],
+                           [build_regressor("mlp", s.hidden_size, d_teacher)], bottom=True)
             opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
             for step in range(150):
                 batch_BxL = train_NxL[(step % 16) * 4:(step % 16 + 1) * 4]
-                losses.hidden_loss(net(batch_BxL)[1], target(batch_BxL), kind).backward()
+                losses.hidden_loss(net(batch_BxL)[1][0], target(batch_BxL), kind).backward()
                 opt.step()
                 opt.zero_grad()
             with torch.no_grad():
-                cos = torch.nn.functional.cosine_similarity(net(held_NxL)[1], target(held_NxL), dim=-1).mean()
+                cos = torch.nn.functional.cosine_similarity(net(held_NxL)[1][0], target(held_NxL), dim=-1).mean()
             result[kind] = (float(cos), *adam_sqrt_v_percentiles(opt))
     finally:
         torch.set_flush_denormal(flush)
@@ -269,9 +269,27 @@ def test_the_hidden_path_logs_its_fit_and_learns(tiny):
     student = build_model(cfg.student, cfg.seed)
     torch.manual_seed(cfg.seed + 1)
     regressor = build_regressor("mlp", cfg.student.hidden_size, cfg.teacher.model.hidden_size)
-    layer = middle_layer(cfg.student.num_hidden_layers)
     with torch.no_grad():
-        predicted = regressor(forward_to_layer(student, tokens_BxL, layer))
-        target = forward_to_layer(teacher.load_teacher(cfg), tokens_BxL, middle_layer(cfg.teacher.model.num_hidden_layers))
+        predicted = regressor(forward_to_layer(student, tokens_BxL, cfg.student.num_hidden_layers // 2))
+        target = forward_to_layer(teacher.load_teacher(cfg), tokens_BxL, cfg.teacher.model.num_hidden_layers // 2)
     cosine = torch.nn.functional.cosine_similarity(predicted, target, dim=-1).mean()
     assert fit["hidden/cosine_start"] == pytest.approx(float(cosine), abs=1e-5)
+
+
+def test_the_fit_of_several_pairs_is_logged_per_pair(tiny):
+    """With pairs (1, 2) and (3, 5) weighted (0.3, 0.7): HLDF's held-out cosine and HLDC's loss_emb, in all (the
+    pairs' weighted mean, the weighted loss) and per pair, at the start and end."""
+    pairs = tiny + ["hidden.pairs=[[1,2],[3,5]]", "hidden.weights=[0.3,0.7]", "p1=0.5"]
+    _run(pairs + ["method=hldf"])
+    _run(pairs + ["method=hldc"])
+    cfg = C.compose(pairs)
+    mlflow = MlflowClient(cfg.tracking.uri)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    (hldf,), (hldc,) = (mlflow.search_runs([exp], filter_string=f"tags.`hldx.method` = '{m}'") for m in ("hldf", "hldc"))
+    for run, name in ((hldf, "hidden/cosine"), (hldc, "hidden/loss_emb")):
+        m = run.data.metrics
+        for when in ("start", "end"):
+            each = m[f"{name}_{when}_s1_t2"], m[f"{name}_{when}_s3_t5"]
+            assert m[f"{name}_{when}"] == pytest.approx(0.3 * each[0] + 0.7 * each[1], rel=1e-6), (name, when)
+        assert run.data.params["hidden"] == "pairs=[[1,2],[3,5]]|weights=[0.3,0.7]"
+    assert hldc.data.metrics["train/loss_emb_s3_t5"] > 0

@@ -3,6 +3,7 @@ shape) run as hldx.teacher.OnlineTeacher on cache.batch_rows rows at a time, fir
 inside the whole build (hldx.teacher.build_cache: forward, top-k, encoding, hashing, writing)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -10,10 +11,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from hldx import order
+from hldx import hidden, order
 from hldx.device import device_of
-from hldx.models import build_model, middle_layer
-from hldx.store import CacheSpec
+from hldx.models import build_model
+from hldx.store import CacheSpec, hidden_part
 from hldx.teacher import OnlineTeacher, batch_rows, build_cache
 
 
@@ -31,18 +32,20 @@ def build_bench(cfg: DictConfig, rows: order.Rows, tokenizer_digest: str, tmp: P
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    teacher(tokens_NxL[:n].to(device), True, True)  # warm-up
+    layers = hidden.teacher_layers(cfg)
+    teacher(tokens_NxL[:n].to(device), True, layers)  # warm-up
     sync()
     start = time.perf_counter()
     for a in range(0, count, n):
-        teacher(tokens_NxL[a:a + n].to(device), True, True)
+        teacher(tokens_NxL[a:a + n].to(device), True, layers)
     sync()
     forward_s = time.perf_counter() - start
     spec = CacheSpec(teacher_digest="bench", tokenizer_digest=tokenizer_digest, stream_digest=rows.digest, seq_len=L,
                      k=cfg.method.get("top_k", 128), vocab_size=cfg.student.vocab_size,
-                     hidden_layer=middle_layer(t.num_hidden_layers, cfg.hidden.teacher_layer), hidden_size=t.hidden_size,
+                     hidden_layer=t.num_hidden_layers // 2, hidden_size=t.hidden_size,
                      values_dtype=cfg.cache.values_dtype, hidden_dtype=cfg.cache.hidden_dtype,
-                     rows_per_shard=cfg.cache.rows_per_shard, rows=count, hidden_rows=count)
+                     rows_per_shard=cfg.cache.rows_per_shard)
+    spec = dataclasses.replace(spec, extents={"topk": count} | {hidden_part(spec, layer): count for layer in layers})
     built = OmegaConf.merge(cfg, {"cache": {"dir": str(tmp / "build")}})
     start = time.perf_counter()
     build_cache(built, spec, order.Rows(rows.tokens_RxL[:count], rows.digest, rows.path), device, online=teacher)

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hldx import order
-from hldx.bench.steps import READS, method_flops, random_cache
+from hldx.bench.steps import method_flops, random_cache, reads
 from hldx.device import device_of
 from hldx.loader import Loader
 
@@ -41,7 +41,8 @@ def loader_bench(cfg: DictConfig, rows: order.Rows, tokenizer_digest: str, tmp: 
     # [r * n, (r + 1) * n): every row once, the positions past the rows wrapping to row 0 again.
     device = device_of(cfg)
     micro = t.micro_batch_size or t.batch_size
-    loaders = {name: Loader(batches, readers[h], READS[m], range(rounds * n), device, cfg.cache.prefetch, k)
+    loaders = {name: Loader(batches, readers[h], reads(cfg, readers[h].spec)[m], range(rounds * n), device,
+                           cfg.cache.prefetch, k)
                for name, (m, h, k) in runs.items()}
     names, seconds = list(runs), {name: [] for name in runs}
     try:

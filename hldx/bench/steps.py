@@ -2,6 +2,7 @@
 fed by the trainer's loader from a teacher cache of random values, and a bare PyTorch loop."""
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from collections.abc import Callable
@@ -14,16 +15,21 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from hldx.progress import Progress
 
-from hldx import order
+from hldx import hidden, order
 from hldx.budget import flops_per_token
 from hldx.loader import Loader
 from hldx.methods import Phase, phases
-from hldx.models import build_model, build_regressor, compile_layers, middle_layer
-from hldx.store import CacheReader, CacheSpec, build, open_cache
+from hldx.models import build_model, build_regressor, compile_layers
+from hldx.store import CacheReader, CacheSpec, build, hidden_part, open_cache
 from hldx.train import Trainer, _optimizer
 
 STEPS = ("nll", "kd", "hldc", "ht", "bare")   # the trainer's steps (HT: HLDF's phase 1) and the bare loop
-READS = {"nll": (), "kd": ("topk",), "hldc": ("topk", "hidden"), "ht": ("hidden",)}  # what each reads
+
+
+def reads(cfg: DictConfig, spec: CacheSpec) -> dict[str, tuple[str, ...]]:
+    """The cache parts each step reads: top-k, and the hidden states after each teacher layer the pairs read."""
+    layers = tuple(hidden_part(spec, t) for t in hidden.teacher_layers(cfg))
+    return {"nll": (), "kd": ("topk",), "hldc": ("topk", *layers), "ht": layers}
 
 
 def method_config(cfg: DictConfig, method: str) -> DictConfig:
@@ -46,22 +52,24 @@ def method_flops(cfg: DictConfig) -> dict[str, float]:
 def random_cache(cfg: DictConfig, rows: order.Rows, root: Path, tokenizer_digest: str,
                  hidden_dtype: str | None = None) -> CacheReader:
     """A teacher cache of all training rows holding random top-k logits (distinct ids, sorted values) and
-    random hidden states, in the configured teacher's shapes and dtypes (hidden_dtype: another one)."""
+    random hidden states of each teacher layer the pairs read, in the configured teacher's shapes and dtypes
+    (hidden_dtype: another one)."""
     t, L = cfg.teacher.model, cfg.train.seq_len
     spec = CacheSpec(teacher_digest="random", tokenizer_digest=tokenizer_digest, stream_digest=rows.digest,
                      seq_len=L, k=cfg.method.get("top_k", 128), vocab_size=cfg.student.vocab_size,
-                     hidden_layer=middle_layer(t.num_hidden_layers, cfg.hidden.teacher_layer),
-                     hidden_size=t.hidden_size, values_dtype=cfg.cache.values_dtype,
-                     hidden_dtype=hidden_dtype or cfg.cache.hidden_dtype, rows_per_shard=cfg.cache.rows_per_shard,
-                     rows=rows.count, hidden_rows=rows.count)
+                     hidden_layer=t.num_hidden_layers // 2, hidden_size=t.hidden_size,
+                     values_dtype=cfg.cache.values_dtype, hidden_dtype=hidden_dtype or cfg.cache.hidden_dtype,
+                     rows_per_shard=cfg.cache.rows_per_shard)
+    spec = dataclasses.replace(spec, extents={part: rows.count for part in reads(cfg, spec)["hldc"]})
     g = torch.Generator().manual_seed(cfg.seed)
 
-    def teacher_fn(tokens_NxL: torch.Tensor, topk: bool, hidden: bool):
+    def teacher_fn(tokens_NxL: torch.Tensor, parts: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, ...]]:
         n, V, K = len(tokens_NxL), spec.vocab_size, spec.k
         base = torch.randint(0, V, (n, L, 1), generator=g)
         idx = (base + torch.arange(K) * (V // K)) % V  # distinct ids per position
         val = (10 * torch.rand(n, L, K, generator=g)).sort(-1, descending=True).values
-        return idx, val, torch.randn(n, L, t.hidden_size, generator=g)
+        return {part: (idx, val) if part == "topk" else (torch.randn(n, L, t.hidden_size, generator=g),)
+                for part in parts}
 
     build(spec, root, teacher_fn, lambda r: torch.from_numpy(rows.tokens_RxL[r].astype(np.int64)),
           batch_rows=8, progress=False)
@@ -137,12 +145,13 @@ def train_steps(cfg: DictConfig, chosen: list[str], rows: order.Rows, reader: Ca
     if t.compile:
         compile_layers(model)
     d_s, d_t = cfg.student.hidden_size, cfg.teacher.model.hidden_size
-    regressors = {"hldc": build_regressor("linear", d_s, d_t).to(device),
-                  "ht": build_regressor("mlp", d_s, d_t, cfg.method.get("regressor_expansion", 4)).to(device)}
     step_phases = method_phases(cfg)
+    regressors = {m: [build_regressor(step_phases[m].regressor, d_s, d_t, cfg.method.get("regressor_expansion", 4))
+                      .to(device) for _ in hidden.pairs(cfg)] for m in ("hldc", "ht")}
     steps = [m for m in chosen if m != "bare"]
     engines = {m: trainer.engine(step_phases[m], model, regressors.get(m)) for m in steps}
-    loaders = {m: Loader(batches, reader, READS[m], range(rounds), device, cfg.cache.prefetch, cfg.cache.readers)
+    parts = reads(cfg, reader.spec) if reader is not None else {m: () for m in steps}
+    loaders = {m: Loader(batches, reader, parts[m], range(rounds), device, cfg.cache.prefetch, cfg.cache.readers)
                for m in steps}
     # One AdamW for every trainer step: a step updates only what got gradients, so its cost is that of the
     # phase's own optimizer, and the bench holds one optimizer state (as a run does) instead of four.

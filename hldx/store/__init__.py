@@ -1,16 +1,20 @@
 """The teacher-cache byte format: write, read, verify. It knows nothing of models, Hydra or the teacher: a
-cache is filled by any function from token rows to top-k logits and hidden states.
+cache is filled by any function from token rows to the outputs of its parts.
 
-A *row* r is row r of the training order (hldx.order.Rows): a run reads rows in sequence, so the rows of its
-first n steps are a prefix, and a cache holds exactly a prefix of rows per part: top-k logits for rows
-[0, spec.rows), hidden states for rows [0, spec.hidden_rows). A cache directory is named by its spec's
-identity (teacher, tokenizer, training order, seq_len, k, hidden layer, dtypes, rows_per_shard), not by its
-extents: a job that reads further grows it in place.
+A *part* is one kind of teacher output (spec.KINDS): the top-k logits, or the hidden states after one teacher
+layer (one part per layer a study reads). A *row* r is row r of the training order (hldx.order.Rows): a run reads
+rows in sequence, so the rows of its first n steps are a prefix, and a cache holds exactly a prefix of rows per
+part: rows [0, spec.extents[part]). A cache directory is named by its spec's identity (teacher, tokenizer,
+training order, seq_len, k, the layer of the part `hidden`, d_T, dtypes, rows_per_shard), not by its extents nor
+by the layers it holds: a job that reads further, or another layer, grows it in place, writing only the shards
+its parts lack (those of the other parts are never opened for writing).
 
 A cache directory holds
     spec.json                      {"format": FORMAT, the identity}; a build refuses a directory of another
     topk/<start>-<end>.bin         rows [start, end) of the top-k part, inside one block of rows_per_shard rows
-    hidden/<start>-<end>.bin       the same for the hidden part
+    hidden/<start>-<end>.bin       the same for the hidden states after layer spec.hidden_layer (the teacher's
+                                   middle: the part every cache has had, and the layer the paper reads)
+    hidden-<l>/<start>-<end>.bin   the same for the hidden states after teacher layer l (0: the embedding)
     locks/                         the builders' file locks (empty files)
 Shards are immutable (hldx.store.shards): written under a name of their writer's own, flushed, then published
 by a link that never replaces a file. A grown extent adds shards: [1024, 1168) once, [1168, 2048) later; a
@@ -43,12 +47,14 @@ shard, and that the shards of each part chain from row 0. A build trusts a publi
 right; a killed build leaves at most a temporary file, which `python -m hldx.cache gc` (or the next build on
 the same host) removes.
 """
-from hldx.store.read import Batch, CacheReader, open_cache, verify
+from hldx.store.read import CacheReader, open_cache, verify
 from hldx.store.shards import FORMAT, gc
-from hldx.store.spec import (HIDDEN_DTYPES, PARTS, UNIT_CODES, VALUE_DTYPES, CacheError, CacheSpec, bytes_per_token,
-                             decode_hidden, decode_topk, encode_hidden, encode_topk, shard_ranges)
+from hldx.store.spec import (HIDDEN_DTYPES, KINDS, UNIT_CODES, VALUE_DTYPES, CacheError, CacheSpec, bytes_per_token,
+                             decode, decode_hidden, decode_topk, encode_hidden, encode_topk, hidden_part, part_kind,
+                             part_layer, shard_ranges)
 from hldx.store.write import RowTokensFn, TeacherFn, build, built_extent, task_shards
 
-__all__ = ["Batch", "CacheError", "CacheReader", "CacheSpec", "FORMAT", "HIDDEN_DTYPES", "PARTS", "RowTokensFn",
-           "TeacherFn", "UNIT_CODES", "VALUE_DTYPES", "build", "built_extent", "bytes_per_token", "decode_hidden", "decode_topk",
-           "encode_hidden", "encode_topk", "gc", "open_cache", "shard_ranges", "task_shards", "verify"]
+__all__ = ["CacheError", "CacheReader", "CacheSpec", "FORMAT", "HIDDEN_DTYPES", "KINDS", "RowTokensFn", "TeacherFn",
+           "UNIT_CODES", "VALUE_DTYPES", "build", "built_extent", "bytes_per_token", "decode", "decode_hidden",
+           "decode_topk", "encode_hidden", "encode_topk", "gc", "hidden_part", "open_cache", "part_kind", "part_layer",
+           "shard_ranges", "task_shards", "verify"]

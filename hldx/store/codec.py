@@ -38,12 +38,13 @@ def _mix(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def uniforms(first_row: int, shape_NxLxD: tuple[int, int, int], device: torch.device) -> Tensor:
-    """u [N, L, D] float32 in [0, 1) on a 2^-24 grid, a function of (row first_row + n, position l, dim d)."""
+def uniforms(first_row: int, shape_NxLxD: tuple[int, int, int], device: torch.device, stream: int = 0) -> Tensor:
+    """u [N, L, D] float32 in [0, 1) on a 2^-24 grid, a function of (row first_row + n, position l, dim d) and of
+    `stream` (another stream: the dimensions of another block of D, so independent bits; stream 0 as ever)."""
     N, L, D = shape_NxLxD
     g_NxL = (first_row + torch.arange(N, device=device)[:, None]) * L + torch.arange(L, device=device)
     key_NxL = _mix(_mix(g_NxL & _M32) ^ (g_NxL >> 32))
-    dim_D = _mix(torch.arange(D, device=device) + 0x2545F491)
+    dim_D = _mix((torch.arange(D, device=device) + stream * D + 0x2545F491) & _M32)
     return (_mix(key_NxL[..., None] ^ dim_D) >> 8).float() * 2.0**-24
 
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from hldx.store.spec import PARTS, CacheError, CacheSpec, shard_bytes
+from hldx.store.spec import CacheError, CacheSpec, is_part, shard_bytes
 
 FORMAT = "hldx-teacher-cache/3"   # 3: shards at any row, published by link; no per-shard record
 READABLE = ("hldx-teacher-cache/2", FORMAT)  # 2: shards aligned to rows_per_shard, each with a .json record
@@ -99,8 +99,9 @@ def diff(have: CacheSpec, want: CacheSpec) -> list[str]:
 
 
 def claim(root: Path, spec: CacheSpec) -> None:
-    """Make `root` a cache of `spec`'s identity (its spec.json, published once), or check that it is one."""
-    for sub in PARTS:
+    """Make `root` a cache of `spec`'s identity (its spec.json, published once), or check that it is one; with a
+    directory for each part of the spec's."""
+    for sub in spec.extents:
         (root / sub).mkdir(parents=True, exist_ok=True)
     path = root / "spec.json"
     if not path.exists():
@@ -117,6 +118,14 @@ def claim(root: Path, spec: CacheSpec) -> None:
 
 
 # ---- finding the shards -----------------------------------------------------------------------------------
+
+def parts(root: Path, spec: CacheSpec) -> list[str]:
+    """The parts a cache directory holds (its part directories), in name order."""
+    try:
+        return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and is_part(spec, entry.name))
+    except FileNotFoundError:
+        return []
+
 
 def published(root: Path, part: str) -> list[range]:
     """The rows of every shard published in a part, from their names (one directory listing), in order."""
@@ -159,9 +168,10 @@ def check_shard(root: Path, spec: CacheSpec, part: str, r: range) -> str | None:
     return None if size == want else f"{name}.bin: {size} bytes instead of {want} (truncated or overwritten)"
 
 
-def unfinished(root: Path) -> list[Path]:
+def unfinished(root: Path, spec: CacheSpec) -> list[Path]:
     """The temporary files of writers (running, or killed: a killed build's leftovers)."""
-    return sorted(p for part in PARTS for pattern in (f"*{TMP}*", "*.tmp") for p in (root / part).glob(pattern))
+    return sorted(p for part in parts(root, spec) for pattern in (f"*{TMP}*", "*.tmp")
+                  for p in (root / part).glob(pattern))
 
 
 def writer_gone(path: Path, older_than_s: float) -> bool:
@@ -195,15 +205,14 @@ def gc(root: Path, older_than_s: float = 24 * 3600) -> list[str]:
     """Remove what no run reads: shards made redundant (by racing builders, or a format-2 cache grown in
     place) and unfinished writes whose writer is gone. A reader that had resolved a removed shard resolves
     its rows again. What was removed, relative to `root`."""
-    load_spec(root)
-    removed = []
-    for part in PARTS:
+    spec, removed = load_spec(root), []
+    for part in parts(root, spec):
         for r in redundant(root, part):
             path = root / f"{shard_name(part, r)}.bin"
             path.unlink(missing_ok=True)
             path.with_suffix(".json").unlink(missing_ok=True)  # a format-2 record
             removed.append(f"{shard_name(part, r)}.bin")
-    for path in unfinished(root):
+    for path in unfinished(root, spec):
         if writer_gone(path, older_than_s):
             path.unlink(missing_ok=True)
             removed.append(str(path.relative_to(root)))

@@ -17,7 +17,11 @@ HIDDEN_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float8_e
                  "sr2": torch.uint8}
 UNIT_CODES = ("sr2",)  # hidden dtypes holding an unbiased code of each token's unit vector (hldx.store.codec)
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-PARTS = ("topk", "hidden")
+# What a part of a cache holds: the teacher's top-k logits, or its hidden states after one layer. A part is a
+# directory of shards named by its kind (`topk`; `hidden-<layer>`, `hidden` for the spec's hidden_layer). A new
+# kind of part is a name here, its arrays in `fields`, its codec in `encode` / `decode`, its outputs' check in
+# hldx.store.write.
+KINDS = ("topk", "hidden")
 
 
 class CacheError(UserError, RuntimeError):
@@ -26,9 +30,11 @@ class CacheError(UserError, RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
-    """A cache of a teacher's outputs on the rows of a training order: top-k ids and logits for rows
-    [0, rows), the hidden state after teacher layer `hidden_layer` for rows [0, hidden_rows). Every field but
-    the two extents is the cache's identity (its directory); a cache grows to larger extents in place."""
+    """A cache of a teacher's outputs on the rows of a training order, in parts (KINDS): top-k ids and logits,
+    the hidden state after each teacher layer a study reads; `extents` says for which rows [0, n) of each part a
+    job needs it. Every field but the extents is the cache's identity (its directory), which names no layer but
+    `hidden_layer`, the layer of the part called `hidden` (the teacher's middle: the part every cache has had):
+    a cache holds any layers, and grows in place to larger extents and to further layers."""
 
     teacher_digest: str
     tokenizer_digest: str
@@ -41,8 +47,7 @@ class CacheSpec:
     values_dtype: str = "bfloat16"
     hidden_dtype: str = "bfloat16"
     rows_per_shard: int = 1024
-    rows: int = 0             # extent of the top-k part
-    hidden_rows: int = 0      # extent of the hidden part
+    extents: dict[str, int] = dataclasses.field(default_factory=dict)   # part -> rows [0, n): not the identity
 
     def __post_init__(self) -> None:
         for key in ("seq_len", "k", "vocab_size", "hidden_layer", "hidden_size", "rows_per_shard"):
@@ -57,11 +62,14 @@ class CacheSpec:
         if self.hidden_dtype == "sr2" and self.hidden_size % codec.BLOCK:
             raise ValueError(f"cache.hidden_dtype=sr2 needs a hidden size divisible by {codec.BLOCK}, "
                              f"got {self.hidden_size}")
-        if self.rows < 0 or self.hidden_rows < 0:
-            raise ValueError(f"CacheSpec extents must be >= 0, got rows={self.rows}, hidden_rows={self.hidden_rows}")
+        for part, n in self.extents.items():
+            if not is_part(self, part):
+                raise ValueError(f"CacheSpec.extents: no part is called {part!r} (topk, hidden, hidden-<layer>)")
+            if not isinstance(n, int) or n < 0:
+                raise ValueError(f"CacheSpec.extents[{part!r}] must be a row count >= 0, got {n!r}")
 
     def identity(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("rows", "hidden_rows")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "extents"}
 
     @property
     def digest(self) -> str:
@@ -69,7 +77,31 @@ class CacheSpec:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
     def extent(self, part: str) -> int:
-        return self.rows if part == "topk" else self.hidden_rows
+        return self.extents.get(part, 0)
+
+
+def hidden_part(spec: CacheSpec, layer: int) -> str:
+    """The part holding the hidden states after teacher layer `layer` (HF hidden_states index): `hidden` for
+    spec.hidden_layer, `hidden-<layer>` for any other."""
+    return "hidden" if layer == spec.hidden_layer else f"hidden-{layer}"
+
+
+def part_kind(part: str) -> str:
+    return part.partition("-")[0]
+
+
+def part_layer(spec: CacheSpec, part: str) -> int | None:
+    """The teacher layer of a hidden part (None for another kind)."""
+    kind, _, layer = part.partition("-")
+    return None if kind != "hidden" else int(layer) if layer else spec.hidden_layer
+
+
+def is_part(spec: CacheSpec, name: str) -> bool:
+    """Whether `name` (a directory of a cache) is one of its parts."""
+    kind, _, layer = name.partition("-")
+    if kind != "hidden":  # a part of another kind is named by its kind alone
+        return name in KINDS
+    return not layer or layer.isdigit() and name == hidden_part(spec, int(layer))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +122,7 @@ def fields(spec: CacheSpec, part: str) -> list[Field]:
     """The arrays of a part, in file order. A shard file of n rows holds each array for all n rows in turn,
     then n x len(fields) uint64 checksums: xxh3_64 of each row of each array."""
     L = spec.seq_len
-    if part == "topk":
+    if part_kind(part) == "topk":
         ids = torch.int16 if spec.vocab_size <= 65536 else torch.int32  # uint16 bits | int32
         return [Field("ids", ids, (L, spec.k)), Field("values", VALUE_DTYPES[spec.values_dtype], (L, spec.k))]
     D = spec.hidden_size
@@ -101,8 +133,9 @@ def fields(spec: CacheSpec, part: str) -> list[Field]:
 
 
 def bytes_per_token(spec: CacheSpec) -> dict[str, float]:
-    """Bytes on disk per token of each part, checksums included (8 bytes per row and array)."""
-    return {part: sum(f.row_bytes + 8 for f in fields(spec, part)) / spec.seq_len for part in PARTS}
+    """Bytes on disk per token of a part of each kind (every hidden layer's alike), checksums included (8 bytes
+    per row and array)."""
+    return {kind: sum(f.row_bytes + 8 for f in fields(spec, kind)) / spec.seq_len for kind in KINDS}
 
 
 def shard_ranges(spec: CacheSpec, part: str, extent: int | None = None) -> list[range]:
@@ -140,6 +173,21 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
 
 # ---- codecs: what is stored for the teacher's outputs, and back -----------------------------------------------
 
+def encode(spec: CacheSpec, part: str, outputs: tuple[torch.Tensor, ...], first_row: int) -> list[torch.Tensor]:
+    """A part's arrays for rows [first_row, first_row + N) from the teacher's outputs for it: top-k (ids [N, L, K],
+    logits [N, L, K]); hidden (states [N, L, D],), sr2's random bits a stream of their own per layer (the part
+    `hidden` keeps the stream it has always had)."""
+    if part_kind(part) == "topk":
+        return encode_topk(spec, *outputs)
+    stream = 0 if part == "hidden" else part_layer(spec, part) + 1
+    return encode_hidden(spec, *outputs, first_row, stream)
+
+
+def decode(part: str, arrays: list[torch.Tensor]):
+    """A part's stored arrays (on any device), decoded: top-k (ids long, logits float32); hidden states float32."""
+    return decode_topk(*arrays) if part_kind(part) == "topk" else decode_hidden(*arrays)
+
+
 def encode_topk(spec: CacheSpec, idx_NxLxK: torch.Tensor, val_NxLxK: torch.Tensor) -> list[torch.Tensor]:
     """Top-k ids, and logits relative to each position's largest (so the values that matter most keep the
     finest steps of a narrow dtype; KD's softmax over the k does not change)."""
@@ -158,15 +206,15 @@ def decode_topk(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, 
     return idx, values.float()
 
 
-def encode_hidden(spec: CacheSpec, hid_NxLxD: torch.Tensor, first_row: int) -> list[torch.Tensor]:
+def encode_hidden(spec: CacheSpec, hid_NxLxD: torch.Tensor, first_row: int, stream: int = 0) -> list[torch.Tensor]:
     """Hidden states of rows [first_row, first_row + N) in the storage dtype; float8_e4m3: each token scaled so
     its largest component uses the format's range, the scale kept beside it in bfloat16; sr2: each token's
-    unit vector in hldx.store.codec's unbiased 2-bit code, its random bits a function of the row."""
+    unit vector in hldx.store.codec's unbiased 2-bit code, its random bits a function of the row (and `stream`)."""
     x = hid_NxLxD.float()
     if spec.hidden_dtype == "sr2":
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float64).float()  # any device's
         t = x / norm.clamp_min(1e-6)                               # as hldx.losses.hidden_loss normalises
-        return list(codec.encode(t, codec.uniforms(first_row, t.shape, t.device)))
+        return list(codec.encode(t, codec.uniforms(first_row, t.shape, t.device, stream)))
     if spec.hidden_dtype != "float8_e4m3":
         return [x.to(HIDDEN_DTYPES[spec.hidden_dtype]).contiguous()]
     scale = (x.abs().amax(-1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny).to(torch.bfloat16)

@@ -17,12 +17,13 @@ from hldx.progress import Progress
 
 from hldx.store.shards import (check_shard, claim, open_tmp, publish, published, reach, shard_name, unfinished,
                                writer_gone)
-from hldx.store.spec import (PARTS, CacheSpec, as_bytes, encode_hidden, encode_topk, fields, offsets, row_digests,
+from hldx.store.spec import (CacheSpec, as_bytes, encode, fields, offsets, part_kind, part_layer, row_digests,
                              shard_ranges)
 
-# teacher_fn(tokens [n, L] long, topk, hidden) -> (top-k ids [n, L, K], top-k logits [n, L, K], hidden [n, L, D])
-# on any device; a part not asked for may be None. row_tokens_fn(rows [n] int64) -> tokens [n, L].
-TeacherFn = Callable[[torch.Tensor, bool, bool], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
+# teacher_fn(tokens [n, L] long, parts) -> {part: its outputs} for each part asked for, on any device: top-k (ids
+# [n, L, K], logits [n, L, K]); a hidden part (the states after its layer [n, L, D],). row_tokens_fn(rows [n]
+# int64) -> tokens [n, L].
+TeacherFn = Callable[[torch.Tensor, tuple[str, ...]], dict[str, tuple[torch.Tensor, ...]]]
 RowTokensFn = Callable[[np.ndarray], torch.Tensor]
 log = logging.getLogger(__name__)
 
@@ -36,31 +37,37 @@ def task_shards(spec: CacheSpec, task: int, tasks: int) -> range:
     """Shard indices that worker `task` of `tasks` builds (cache.task, cache.tasks): a block of whole shards."""
     if not 0 <= task < tasks:
         raise ValueError(f"cache.task={task} must lie in [0, cache.tasks={tasks})")
-    n = max(len(shard_ranges(spec, p)) for p in PARTS)
+    n = max((len(shard_ranges(spec, p)) for p in spec.extents), default=0)
     return range(n * task // tasks, n * (task + 1) // tasks)
 
 
-def _teacher(spec: CacheSpec, teacher_fn: TeacherFn, tokens_NxL: torch.Tensor, topk: bool, hidden: bool):
+def _teacher(spec: CacheSpec, teacher_fn: TeacherFn, tokens_NxL: torch.Tensor, parts: tuple[str, ...]
+             ) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The teacher's outputs for `parts`, each checked against what its kind stores."""
     with torch.inference_mode():
-        idx, val, hid = teacher_fn(tokens_NxL, topk, hidden)
+        out = teacher_fn(tokens_NxL, parts)
     n = len(tokens_NxL)
-    if topk:
-        want = (n, spec.seq_len, spec.k)
-        if idx is None or val is None or tuple(idx.shape) != want or tuple(val.shape) != want:
-            got = None if idx is None or val is None else (tuple(idx.shape), tuple(val.shape))
-            raise ValueError(f"teacher_fn returned top-k ids and logits {got}; expected {want} (rows, seq_len, k)")
-        if idx.min() < 0 or idx.max() >= spec.vocab_size:
-            raise ValueError(f"teacher_fn returned top-k ids outside [0, {spec.vocab_size})")
-        if not torch.isfinite(val).all():
-            raise ValueError("teacher_fn returned non-finite top-k logits")
-    if hidden:
-        want = (n, spec.seq_len, spec.hidden_size)
-        if hid is None or tuple(hid.shape) != want:
-            raise ValueError(f"teacher_fn returned hidden states {None if hid is None else tuple(hid.shape)}; "
-                             f"expected {want} (rows, seq_len, d_T)")
-        if not torch.isfinite(hid).all():
-            raise ValueError("teacher_fn returned non-finite hidden states")
-    return idx, val, hid
+    for part in parts:
+        got = out.get(part)
+        if part_kind(part) == "topk":
+            want = (n, spec.seq_len, spec.k)
+            if got is None or [tuple(t.shape) for t in got] != [want, want]:
+                shapes = None if got is None else tuple(tuple(t.shape) for t in got)
+                raise ValueError(f"teacher_fn returned top-k ids and logits {shapes}; expected {want} "
+                                 f"(rows, seq_len, k)")
+            idx, val = got
+            if idx.min() < 0 or idx.max() >= spec.vocab_size:
+                raise ValueError(f"teacher_fn returned top-k ids outside [0, {spec.vocab_size})")
+            if not torch.isfinite(val).all():
+                raise ValueError("teacher_fn returned non-finite top-k logits")
+        else:
+            want, what = (n, spec.seq_len, spec.hidden_size), f"hidden states after layer {part_layer(spec, part)}"
+            if got is None or [tuple(t.shape) for t in got] != [want]:
+                shapes = None if got is None else tuple(tuple(t.shape) for t in got)
+                raise ValueError(f"teacher_fn returned {what} {shapes}; expected ({want},) (rows, seq_len, d_T)")
+            if not torch.isfinite(got[0]).all():
+                raise ValueError(f"teacher_fn returned non-finite {what}")
+    return out
 
 
 class _Shard:
@@ -115,11 +122,10 @@ def _write_shards(root: Path, spec: CacheSpec, todo: dict[str, range], teacher_f
                     raise ValueError(f"row_tokens_fn returned {tokens_NxL.dtype} {tuple(tokens_NxL.shape)}; "
                                      f"expected integer token ids of shape ({len(rows)}, {spec.seq_len})")
                 want = {part: r for part, r in todo.items() if r.start <= rows[-1] and rows[0] < r.stop}
-                idx, val, hid = _teacher(spec, teacher_fn, tokens_NxL.long(), "topk" in want, "hidden" in want)
+                outputs = _teacher(spec, teacher_fn, tokens_NxL.long(), tuple(want))
                 for part, r in want.items():
                     lo, hi = max(r.start, a) - a, min(r.stop, a + len(rows)) - a
-                    arrays = encode_topk(spec, idx[lo:hi], val[lo:hi]) if part == "topk" else \
-                        encode_hidden(spec, hid[lo:hi], a + lo)
+                    arrays = encode(spec, part, tuple(t[lo:hi] for t in outputs[part]), a + lo)
                     pending.append(writer.submit(shards[part].write, a + lo, [t.cpu() for t in arrays]))
                 bar.update(len(rows) * spec.seq_len)
                 while len(pending) > 2 * len(todo):  # bounded: the teacher runs at most a batch ahead
@@ -155,7 +161,8 @@ def _lock(path: Path) -> Iterator[None]:
 def build(spec: CacheSpec, out_dir: str | os.PathLike, teacher_fn: TeacherFn, row_tokens_fn: RowTokensFn,
           shards: range | None = None, *, batch_rows: int = 8, progress: bool = True) -> bool:
     """Build what the spec's extents need of blocks `shards` (indices of rows_per_shard rows; default all) and
-    the cache lacks; return whether both extents are complete. Missing rows of a block are written as one new
+    the cache lacks; return whether every part's extent is complete. A part it does not name (another layer's)
+    is neither read nor written: adding a layer to a cache leaves the others' shards as they are. Missing rows of a block are written as one new
     shard beside those that exist (which are never changed); a killed build leaves only a temporary file and
     resumes at the first missing row. Workers may build overlapping blocks at once: each block is built under
     a lock of its own, so each is normally computed once."""
@@ -164,16 +171,16 @@ def build(spec: CacheSpec, out_dir: str | os.PathLike, teacher_fn: TeacherFn, ro
     root = Path(out_dir)
     claim(root, spec)
     (root / "locks").mkdir(exist_ok=True)
-    for path in unfinished(root):  # the leftovers of this host's killed builds
+    for path in unfinished(root, spec):  # the leftovers of this host's killed builds
         if writer_gone(path, older_than_s=float("inf")):
             path.unlink(missing_ok=True)
-    layout = {part: shard_ranges(spec, part) for part in PARTS}
-    indices = range(max(map(len, layout.values()))) if shards is None else shards
-    sound = {p: [r for r in published(root, p) if check_shard(root, spec, p, r) is None] for p in PARTS}
+    layout = {part: shard_ranges(spec, part) for part in spec.extents}
+    indices = range(max(map(len, layout.values()), default=0)) if shards is None else shards
+    sound = {p: [r for r in published(root, p) if check_shard(root, spec, p, r) is None] for p in layout}
 
     def missing(i: int) -> dict[str, range]:
         need = {}
-        for p in PARTS:
+        for p in layout:
             if i < len(layout[p]):
                 block = layout[p][i]
                 have = reach(sound[p], block.start)[0]
@@ -191,4 +198,4 @@ def build(spec: CacheSpec, out_dir: str | os.PathLike, teacher_fn: TeacherFn, ro
                 need = {p: r for p, r in need.items() if check_shard(root, spec, p, r) is not None}
                 if need:
                     _write_shards(root, spec, need, teacher_fn, row_tokens_fn, batch_rows, bar)
-    return all(built_extent(root, spec, p) >= spec.extent(p) for p in PARTS)  # other workers' shards included
+    return all(built_extent(root, spec, p) >= spec.extent(p) for p in layout)  # other workers' shards included
