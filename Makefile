@@ -23,14 +23,16 @@ test-setup: setup
 # on a busy machine): its evaluation tasks; the teacher, pre-trained once, and its cache beside the NLL
 # students (they need no teacher); the distilled students of the two seeds side by side (each sweep's own
 # teacher and cache stages find them built); the report, over what finished whatever failed (the exit status
-# says whether anything did). One process, one job at a time: python -m hldx.run -m +sweep=demo.
+# says whether anything did). One process, one job at a time: python -m hldx.run -m +sweep=demo. Each sweep
+# shows a line per job and its live line (--verbose: all its jobs write); the cache build's output goes to a log.
 DEMO = $(BIN)/python -m hldx.run -m +sweep=demo hydra.sweeper.report=false
 demo: setup
-	$(BIN)/python -m hldx.demotasks .hldx/demo-tasks
-	export OMP_NUM_THREADS=1; s=0; \
-	$(BIN)/python -m hldx.cache build +sweep=demo method=hldc & a=$$!; \
+	@$(BIN)/python -m hldx.demotasks .hldx/demo-tasks
+	@export OMP_NUM_THREADS=1; s=0; \
+	$(BIN)/python -m hldx.cache build +sweep=demo method=hldc > .hldx/demo-cache.log 2>&1 & a=$$!; \
 	$(DEMO) method=nll hydra.sweep.dir=multirun/demo-nll & b=$$!; \
-	wait $$a || s=1; wait $$b || s=1; \
+	wait $$a && echo "the demo's teacher and its cache: built (log: .hldx/demo-cache.log)" || { s=1; \
+	echo "the demo's teacher or its cache failed: .hldx/demo-cache.log says why"; }; wait $$b || s=1; \
 	$(DEMO) method=kd,hldc,hldf seed=0 hydra.sweep.dir=multirun/demo-0 & a=$$!; \
 	$(DEMO) method=kd,hldc,hldf seed=1 hydra.sweep.dir=multirun/demo-1 & b=$$!; \
 	wait $$a || s=1; wait $$b || s=1; \

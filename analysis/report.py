@@ -18,7 +18,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from analysis import figures
-from analysis.compare import best, pointwise, summary
+from analysis.compare import FAMILIES, best, headline, pointwise, summary
 from analysis.runs import DEMO, EVAL_DATA, HPARAMS, METRICS, RUN_ID, read_csv, read_mlflow
 from hldx import cli
 from hldx.errors import BadInput
@@ -38,6 +38,26 @@ def _cell(v) -> str:
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.4g}"
     return str(v)
+
+
+def answer(lines: pd.DataFrame, demo: bool = False) -> list[str]:
+    """The headline (analysis.compare.headline) in words: a line per compared method and metric family."""
+    families = {"val": "val_logppl", "downstream": f"downstream (mean error of {len(FAMILIES['downstream'])} "
+                f"{'demo ' if demo else ''}tasks)"}
+    out = []
+    for row in lines.itertuples():
+        interval = f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}]" if row.n > 1 else "(one point: no interval)"
+        spread = "one seed: its spread unknown" if row.seeds < 2 else \
+            f"{'beyond' if row.beyond_seeds else 'within'} the seed spread ({row.seed_sd:.2g})"
+        out.append(f"{row.student} {row.method.upper()} vs KD, {families[row.family]}: {row.verdict}, median "
+                   f"{row.median_improvement:+.4f} {interval} over {row.n} point{'s' if row.n > 1 else ''}; {spread}")
+    return out
+
+
+ANSWER = ("Each method against KD at shared (lr, tau, alpha), improvement = KD's score - its own (> 0: better), "
+          "seeds and variants averaged within a point: the median over the points, its 95% bootstrap interval "
+          "(better or worse: the interval excludes 0), against the seed spread (the between-seed standard "
+          "deviation of a point's improvement).")
 
 
 def markdown_table(df: pd.DataFrame, bold: pd.DataFrame | None = None) -> str:
@@ -95,10 +115,12 @@ def make_figures(points: pd.DataFrame, out: Path, labels: dict[str, str] | None 
 
 
 def render(source: str, runs: pd.DataFrame, best_df: pd.DataFrame, points: pd.DataFrame,
-           summary_df: pd.DataFrame, figs: list[tuple[str, Path]], select_on: str, absent: list[str]) -> str:
-    """report.md: tables and figures in reading order."""
+           summary_df: pd.DataFrame, figs: list[tuple[str, Path]], select_on: str, absent: list[str],
+           said: list[str]) -> str:
+    """report.md: the answer (`said`), then tables and figures in reading order."""
     counts = ", ".join(f"{m}: {n}" for m, n in runs.groupby("method", sort=False).size().items())
-    parts = [f"# Report: {source}", f"{len(runs)} finished runs ({counts}).",
+    parts = [f"# Report: {source}", f"{len(runs)} finished runs ({counts}).", "## The answer", ANSWER,
+             "\n".join(f"- {line}" for line in said) or "No method could be compared with KD.",
              "All metrics are lower-is-better; improvement = KD's score - the method's score (> 0: better "
              "than KD)."]
     if absent:
@@ -117,11 +139,7 @@ def render(source: str, runs: pd.DataFrame, best_df: pd.DataFrame, points: pd.Da
              "deviation), and the sign test and the bootstrap run over the units. Ties (equal as logged) are "
              "neither improvements nor losses; median with a 95% bootstrap interval; two-sided exact sign test "
              "over the non-tied units.",
-             "### Per variant (unit: a point, for each gamma of HLDC and each p1 of HLDF apart, and each hidden path "
-             "that is not the paper's: pairs=..., weights=..., adapter=...)",
-             markdown_table(_view(summary_df, "variant")),
-             "### Per point (unit: a point, its variants averaged)",
-             markdown_table(_view(summary_df, "point"))]
+             *_views(summary_df)]
     parts += [f"![{caption}]({path.name})\n\n*{caption}*" for caption, path in figs]
     if not figs:
         parts.append("No paired points: no figures (a compared run needs a KD run at its point).")
@@ -144,6 +162,18 @@ def _absent(metrics: list[str]) -> str:
 
 def _view(summary_df: pd.DataFrame, view: str) -> pd.DataFrame:
     return summary_df[summary_df["view"] == view].drop(columns="view").reset_index(drop=True)
+
+
+def _views(summary_df: pd.DataFrame) -> list[str]:
+    """The pointwise views' headings and tables; the per-variant one alone where every point has a single
+    variant of each method (the per-point view then repeats it line for line)."""
+    variant, point = _view(summary_df, "variant"), _view(summary_df, "point")
+    if variant.drop(columns="variant").equals(point.drop(columns="variant")):
+        return ["### Per point (unit: a point; each has one variant of each method, so the per-variant view is "
+                "the same)", markdown_table(variant)]
+    return ["### Per variant (unit: a point, for each gamma of HLDC and each p1 of HLDF apart, and each hidden path "
+            "that is not the paper's: pairs=..., weights=..., adapter=...)",
+            markdown_table(variant), "### Per point (unit: a point, its variants averaged)", markdown_table(point)]
 
 
 def log_report(out: Path, experiment: str, tracking_uri: str | None, note: str,
@@ -226,21 +256,21 @@ def main(argv: list[str] | None = None) -> int:
         best_df = best_df[best_df["method"] != "random"].reset_index(drop=True)  # no chance rate left to show
     points = points[~points["metric"].isin(absent)].reset_index(drop=True)
     summary_df = summary(points, seed=args.seed)
+    demo = (runs[EVAL_DATA] == DEMO).any()
+    said = answer(headline(points, seed=args.seed), demo)
     best_df.to_csv(args.out / "best.csv", index=False)
     points.to_csv(args.out / "pointwise.csv", index=False)
     summary_df.to_csv(args.out / "summary.csv", index=False)
-    demo = (runs[EVAL_DATA] == DEMO).any()
     labels = demo_labels(METRICS) if demo else {}  # shown: tables, figures; the CSVs keep the metric names
     shown_best, shown_summary = best_df.rename(columns=labels), summary_df.replace({"metric": labels})
     figs = make_figures(points, args.out, labels)
     source = f"experiment {args.experiment}" if args.experiment else f"{args.runs_csv}"
     (args.out / "report.md").write_text(render(source, runs, shown_best, points, shown_summary, figs,
-                                               args.select_on, absent))
+                                               args.select_on, absent, said))
+    print(f"The answer ({len(runs)} finished runs; improvement over KD, > 0: better):")
+    print("\n".join(f"  {line}" for line in said) or "  no method could be compared with KD")
     if absent:
         print(_absent(absent))
-
-    print(f"\nBest vs best ({len(runs)} finished runs)\n\n{markdown_table(shown_best)}\n")
-    print(f"Pointwise against KD\n\n{markdown_table(shown_summary)}\n")
     if demo:
         print(DEMO_NOTE)
     unpaired = len(points.loc[~points["paired"], ["student", "method", *HPARAMS, RUN_ID]].drop_duplicates())
@@ -251,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     if figs:
         print(f"Figures: {', '.join(str(path) for _, path in figs)}")
     if args.experiment and not args.no_log:
-        note = (f"{DEMO_NOTE}\n\n" if demo else "") + \
-            f"Best vs best\n\n{markdown_table(shown_best)}\n\nPointwise against KD\n\n{markdown_table(shown_summary)}"
+        note = (f"{DEMO_NOTE}\n\n" if demo else "") + "The answer\n\n" + "\n".join(f"- {line}" for line in said) + \
+            f"\n\nBest vs best\n\n{markdown_table(shown_best)}\n\nPointwise against KD\n\n{markdown_table(shown_summary)}"
         shown = [m for m in METRICS if m not in absent]
         exp_id, run_id = log_report(args.out, args.experiment, args.tracking_uri, note, shown)
         written = log_vs_kd(points, args.tracking_uri)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
 from hldx import hidden
+from hldx.cli import log_file
 from hldx.device import device_of, machine
 from hldx.errors import ConfigError
 from hldx.teacher import teacher_key
@@ -54,6 +55,16 @@ def find_run(mlflow: MlflowClient, experiment: str, key: str):
     runs = mlflow.search_runs([experiment], filter_string=f"tags.`hldx.run_key` = '{key}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+def all_runs(mlflow: MlflowClient, experiment: str) -> list:
+    """Every run of the experiment (id), page after page."""
+    runs, token = [], None
+    while True:
+        page = mlflow.search_runs([experiment], max_results=1000, page_token=token)
+        runs.extend(page)
+        if not (token := page.token):
+            return runs
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -103,14 +114,16 @@ class Tracker:
         if run_id is None:
             previous = find_run(self.mlflow, self.experiment, key)
             run_id = previous.info.run_id if previous and previous.info.status != "FINISHED" else None
+        logged = {"hldx.log": where} if (where := log_file()) else {}  # where this job's log is (hldx.status)
         if run_id is not None:
             self.run_id = run_id
             self.mlflow.update_run(run_id, status="RUNNING")
+            self.tag(**logged)
             log.info("resuming MLflow run %s", run_id)
             return
         tags = {"hldx.method": cfg.method.name, "hldx.student": cfg.student.name,
                 "hldx.hp_key": C.hp_key(cfg) if role == "student" else role, "hldx.run_key": key, "hldx.role": role,
-                "hldx.commit": commit(), "hldx.machine": machine(device_of(cfg))}
+                "hldx.commit": commit(), "hldx.machine": machine(device_of(cfg)), **logged}
         if role == "student" and cfg.method.name in C.DISTILLED:
             tags["hldx.teacher"] = teacher_key(cfg)
         self.run_id = self.mlflow.create_run(self.experiment, run_name=run_name(cfg, role), tags=tags).info.run_id
