@@ -2,12 +2,9 @@
 written to a folder and logged back to MLflow as the artifacts of a summary run (tag hldx.role=report)."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -17,58 +14,13 @@ import pandas as pd
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from analysis import figures
-from analysis.compare import FAMILIES, best, headline, pointwise, summary
+from analysis.compare import best, headline, pointwise, summary
+from analysis.render import ANSWER, DEMO_NOTE, answer, demo_labels, make_figures, markdown_table
 from analysis.runs import DEMO, EVAL_DATA, HPARAMS, METRICS, RUN_ID, read_csv, read_mlflow
 from hldx import cli
 from hldx.errors import BadInput
 
-DOWNSTREAM = METRICS[1:]  # all but val_logppl
-DEMO_NOTE = ("The columns marked (demo) are the demo's own tasks (python -m hldx.demotasks: items built from the "
-             "embedded corpus's held-out split in each benchmark's file format), not the benchmarks of those names.")
 VIEW = "hldx-pointwise"  # the MLflow UI's shared view of the runs table (experiment tag mlflow.sharedViewState.VIEW)
-
-
-def demo_labels(metrics: list[str]) -> dict[str, str]:
-    """Each benchmark-named metric as the report shows it for runs evaluated on the demo's own tasks."""
-    return {m: f"{m} (demo)" for m in metrics if m in DOWNSTREAM}
-
-
-def _cell(v) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
-
-
-def answer(lines: pd.DataFrame, demo: bool = False) -> list[str]:
-    """The headline (analysis.compare.headline) in words: a line per compared method and metric family."""
-    families = {"val": "val_logppl", "downstream": f"downstream (mean error of {len(FAMILIES['downstream'])} "
-                f"{'demo ' if demo else ''}tasks)"}
-    out = []
-    for row in lines.itertuples():
-        interval = f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}]" if row.n > 1 else "(one point: no interval)"
-        spread = "one seed: its spread unknown" if row.seeds < 2 else \
-            f"{'beyond' if row.beyond_seeds else 'within'} the seed spread ({row.seed_sd:.2g})"
-        out.append(f"{row.student} {row.method.upper()} vs KD, {families[row.family]}: {row.verdict}, median "
-                   f"{row.median_improvement:+.4f} {interval} over {row.n} point{'s' if row.n > 1 else ''}; {spread}")
-    return out
-
-
-ANSWER = ("Each method against KD at shared (lr, tau, alpha), improvement = KD's score - its own (> 0: better), "
-          "seeds and variants averaged within a point: the median over the points, its 95% bootstrap interval "
-          "(better or worse: the interval excludes 0), against the seed spread (the between-seed standard "
-          "deviation of a point's improvement).")
-
-
-def markdown_table(df: pd.DataFrame, bold: pd.DataFrame | None = None) -> str:
-    """A GitHub-flavoured markdown table; cells where `bold` is True are bold."""
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    for i, row in df.iterrows():
-        cells = [_cell(v) for v in row]
-        if bold is not None:
-            cells = [f"**{c}**" if bold.at[i, col] else c for c, col in zip(cells, df.columns)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _best_per_student(table: pd.DataFrame) -> pd.DataFrame:
@@ -79,39 +31,6 @@ def _best_per_student(table: pd.DataFrame) -> pd.DataFrame:
         low = table[students].groupby("student")[m].transform("min")
         bold.loc[low.index, m] = table.loc[low.index, m] == low
     return bold
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "student"
-
-
-def make_figures(points: pd.DataFrame, out: Path, labels: dict[str, str] | None = None) -> list[tuple[str, Path]]:
-    """The paper's figure kinds as PNGs in `out`, as (caption, path) in reading order; `labels`: the metrics'
-    shown names."""
-    labels = labels or {}
-    made, points = [], points.assign(metric=points["metric"].replace(labels))
-    downstream = [labels.get(m, m) for m in DOWNSTREAM]
-    if points["improvement"].notna().any():
-        val = points[points["metric"] == "val_logppl"]
-        if val.loc[val["method"] != "nll", "improvement"].notna().any():  # the histograms show HLDC and HLDF
-            made.append(("Fig. 1 kind: val log-ppl improvement over KD, per student",
-                         figures.histograms(val, "student", "Val log-ppl: improvement over KD",
-                                            out / "fig1_val_logppl_hist.png")))
-        for student, group in points[points["metric"].isin(downstream)].groupby("student", sort=False):
-            if group.loc[group["method"] != "nll", "improvement"].notna().any():
-                made.append((f"Figs. 2/4 kind: downstream improvement over KD, {student}",
-                             figures.histograms(group, "metric", f"{student}: improvement over KD",
-                                                out / f"fig2_downstream_hist_{_slug(student)}.png")))
-        if val["improvement"].notna().any():
-            made.append(("Fig. 5 kind: val log-ppl, KD (x) vs compared method (y), per student",
-                         figures.scatters(val, "student", "Val log-ppl at shared hyperparameters",
-                                          out / "fig5_val_logppl_scatter.png")))
-        for student, group in points[points["metric"].isin(downstream)].groupby("student", sort=False):
-            if group["improvement"].notna().any():
-                made.append((f"Figs. 6/7 kind: downstream, KD (x) vs compared method (y), {student}",
-                             figures.scatters(group, "metric", f"{student}: scores at shared hyperparameters",
-                                              out / f"fig6_downstream_scatter_{_slug(student)}.png")))
-    return made
 
 
 def render(source: str, runs: pd.DataFrame, best_df: pd.DataFrame, points: pd.DataFrame,
@@ -220,16 +139,9 @@ def _mlflow_command() -> str:
     return os.path.relpath(beside) if beside.is_file() else "mlflow"
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, with a bad argument reported as one line (and exit status 2) like every hldx command."""
-
-    def error(self, message: str):
-        raise BadInput(f"{message} (see --help)")
-
-
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="python -m analysis.report", description=__doc__)
+    parser = cli.Parser(prog="python -m analysis.report", description=__doc__)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--experiment", help="MLflow experiment of the study")
     src.add_argument("--runs-csv", type=Path, help="CSV of runs in analysis.runs.COLUMNS instead of MLflow")

@@ -6,6 +6,7 @@ key, what was given and what is allowed. Anything else is a bug and keeps its tr
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import logging
@@ -16,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from hldx.errors import RunFailed, UserError
+from hldx.errors import BadInput, RunFailed, UserError
 from hldx.progress import into_log
 
 EXIT_USER_ERROR = 2
@@ -241,3 +242,10 @@ def _prog(module: str = "__main__") -> str:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     return f"python -m {spec.name}" if spec is not None and spec.name else os.path.basename(sys.argv[0])
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as one line (and exit status 2) like every hldx command."""
+
+    def error(self, message: str):
+        raise BadInput(f"{message} (see --help)")
