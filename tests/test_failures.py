@@ -168,7 +168,7 @@ def test_two_sweeps_grow_one_cache_to_different_extents_at_once(tiny, tmp_path):
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, out[-4000:]
-        assert len(re.findall(r"\] - (kd|hldf)\|\S+ finished: val_logppl=", out)) == 2, out[-4000:]
+        assert len(re.findall(r"^done\s+(kd|hldf)\|\S+\s+val_logppl=", out, re.M)) == 2, out[-4000:]
 
 
 def test_a_run_whose_tracking_store_was_replaced_logs_into_a_new_run(tiny, tmp_path):
