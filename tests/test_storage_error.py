@@ -10,7 +10,7 @@ from hldx import config as C
 from hldx import data, losses
 from hldx.job import ensure_teacher, execute
 from hldx.models import PhaseNet, build_model, build_regressor, forward
-from hldx.store import CacheSpec, bytes_per_token, codec, decode_hidden, decode_topk, encode_hidden, encode_topk
+from hldx.store import CacheSpec, bytes_per_token, codec, decode_hidden, decode_logits, encode_hidden, encode_topk
 from hldx.teacher import load_teacher
 
 
@@ -21,7 +21,7 @@ def spec(hidden_size: int, values="bfloat16", hidden="bfloat16", k=128, vocab=32
 def stored_topk(idx, val, dtype: str, relative: bool):
     """What a run reads back: relative to the max (format 2), or the raw logits rounded (format 1)."""
     if relative:
-        return decode_topk(*encode_topk(spec(1, dtype, k=idx.shape[-1]), idx, val))
+        return decode_logits(*encode_topk(spec(1, dtype, k=idx.shape[-1]), idx, val))
     return idx, val.to(getattr(torch, dtype)).float()
 
 
