@@ -11,7 +11,8 @@ at tau = 2, for 0.8x at tau = 0.5).
 Draws: stratified inverse-CDF sampling. The vocabulary is ordered by r, largest first (a stable sort), its
 cumulative q is the CDF, and draw k < n takes u_k = (k + U_k) / n, U_k uniform, and the id whose CDF interval
 I_i holds u_k. Then Pr(id_k = i) = n |I_i & [k/n, (k+1)/n)|, so sum_k Pr(id_k = i) = n |I_i| = n q(i): every id
-is drawn n q(i) times on average, and one of q >= 1/n at least floor(n q) times (less variance than i.i.d. draws).
+is drawn n q(i) times on average, and at least floor(n q(i)) - 1 times, the whole strata its interval holds (less
+variance than i.i.d. draws: an id of q >= 2/n is never missed).
 Estimator of the teacher's distribution at any t in T, from the same draws:
     p~_t = sum_k w_k e_{id_k},   w_k = p_t(id_k) / (n q(id_k))
     E[p~_t(i)] = sum_k Pr(id_k = i) p_t(i) / (n q(i)) = p_t(i):   unbiased.
