@@ -5,7 +5,7 @@ BIN      = $(VENV)/bin
 # Without a GPU, take the CPU build of torch (a plain `pip install torch` may pull a multi-GB CUDA build).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.5" || echo "torch==2.13.0")
 
-.PHONY: setup test-setup demo mini test gpu-check
+.PHONY: setup test-setup demo mini test gpu-bundle gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,14 +23,16 @@ test-setup: setup
 # on a busy machine): its evaluation tasks; the teacher, pre-trained once, and its cache beside the NLL
 # students (they need no teacher); the distilled students of the two seeds side by side (each sweep's own
 # teacher and cache stages find them built); the report, over what finished whatever failed (the exit status
-# says whether anything did). One process, one job at a time: python -m hldx.run -m +sweep=demo.
+# says whether anything did). One process, one job at a time: python -m hldx.run -m +sweep=demo. Each sweep
+# shows a line per job and its live line (--verbose: all its jobs write); the cache build's output goes to a log.
 DEMO = $(BIN)/python -m hldx.run -m +sweep=demo hydra.sweeper.report=false
 demo: setup
-	$(BIN)/python -m hldx.demotasks .hldx/demo-tasks
-	export OMP_NUM_THREADS=1; s=0; \
-	$(BIN)/python -m hldx.cache build +sweep=demo method=hldc & a=$$!; \
+	@$(BIN)/python -m hldx.demotasks .hldx/demo-tasks
+	@export OMP_NUM_THREADS=1; s=0; \
+	$(BIN)/python -m hldx.cache build +sweep=demo method=hldc > .hldx/demo-cache.log 2>&1 & a=$$!; \
 	$(DEMO) method=nll hydra.sweep.dir=multirun/demo-nll & b=$$!; \
-	wait $$a || s=1; wait $$b || s=1; \
+	wait $$a && echo "the demo's teacher and its cache: built (log: .hldx/demo-cache.log)" || { s=1; \
+	echo "the demo's teacher or its cache failed: .hldx/demo-cache.log says why"; }; wait $$b || s=1; \
 	$(DEMO) method=kd,hldc,hldf seed=0 hydra.sweep.dir=multirun/demo-0 & a=$$!; \
 	$(DEMO) method=kd,hldc,hldf seed=1 hydra.sweep.dir=multirun/demo-1 & b=$$!; \
 	wait $$a || s=1; wait $$b || s=1; \
@@ -50,5 +52,12 @@ test: test-setup
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -ra
 
-gpu-check: setup
-	bash tests/gpu-check.sh
+# The GPU check (README: On a GPU). gpu-bundle, here: the wheels of what the check imports beyond the GPU machine's
+# image, derived from its imports (tests/gpu_bundle.py). gpu-check, there: with that machine's python3 as it is
+# (PY=... for another), the bundle installed offline; MODE=quick for a first contact.
+MODE ?= full
+gpu-bundle: setup
+	$(BIN)/python tests/gpu_bundle.py .gpu-bundle
+
+gpu-check:
+	bash tests/gpu-check.sh $(MODE)

@@ -136,3 +136,35 @@ def summary(points: pd.DataFrame, seed: int = 0, n_boot: int = 10_000) -> pd.Dat
 
 def _view_order(col: pd.Series) -> pd.Series:
     return col.map(VIEWS.index) if col.name == "view" else col
+
+
+FAMILIES = {"val": ["val_logppl"], "downstream": [f"{task}_err" for task in evaluation.DOWNSTREAM]}
+EPS = 1e-9  # an interval's end this close to 0 is 0 (averaged error rates equal as logged differ by rounding)
+HEADLINE = ["student", "method", "family", "verdict", "n", "median_improvement", "ci_low", "ci_high", "seeds",
+            "seed_sd", "beyond_seeds"]
+
+
+def headline(points: pd.DataFrame, seed: int = 0, n_boot: int = 10_000) -> pd.DataFrame:
+    """The study's answer, one row per compared (student, method) and metric family: val (the held-out split's
+    log-perplexity) and downstream (the mean of the benchmarks' error rates, one unit per point as for a
+    metric). Over the points (variants and seeds averaged within each): the median improvement over KD, its
+    bootstrap interval and a verdict, better (the interval above 0), worse (below 0) or tied; and whether the
+    median lies beyond the seed spread (the units' median between-seed standard deviation; NaN with one seed)."""
+    rows = []
+    for family, metrics in FAMILIES.items():
+        chosen = points[points["metric"].isin(metrics)]
+        keys = [c for c in POINTWISE if c not in ("metric", "score", "kd_score", "improvement")]
+        chosen = chosen.groupby(keys, sort=False, dropna=False)["improvement"].mean().reset_index()
+        table = units(chosen.assign(metric=family), "point")
+        for (student, method), group in table.groupby(["student", "method"], sort=False):
+            d_N = group["improvement"].to_numpy(dtype=float)
+            low, high = bootstrap_median_ci(d_N, seed, n_boot)
+            median, spread = float(np.median(d_N)), float(group["seed_sd"].median())
+            verdict = "better" if low > EPS else "worse" if high < -EPS else "tied"
+            rows.append({"student": student, "method": method, "family": family, "verdict": verdict, "n": len(d_N),
+                         "median_improvement": median, "ci_low": low, "ci_high": high,
+                         "seeds": int(group["seeds"].max()), "seed_sd": spread,
+                         "beyond_seeds": None if math.isnan(spread) else abs(median) > spread})
+    out = pd.DataFrame(rows, columns=HEADLINE)
+    out["_m"] = out["method"].map(METHODS.index)
+    return out.sort_values(["student", "_m"], kind="stable")[HEADLINE].reset_index(drop=True)

@@ -7,7 +7,6 @@ PNGs in a folder beside it (<page stem>/), so the page and its figures can live 
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import logging
 import sys
@@ -16,13 +15,11 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from analysis.compare import best, pointwise, summary, units
+from analysis.compare import best, headline, pointwise, units
 from analysis.control import SHARE, TIMES, control, hidden_fit, kd_vs_nll
-from analysis.report import DEMO_NOTE, Parser, demo_labels, make_figures, markdown_table
+from analysis.render import ANSWER, DEMO_NOTE, answer, demo_labels, make_figures, markdown_table
 from analysis.runs import DEMO, EVAL_DATA, METRICS, ROW, read_mlflow, row
 from hldx import cli
-
-DOWNSTREAM = METRICS[2:]  # the five error rates
 
 
 def _finished(client: MlflowClient, experiments: list[str], where: str) -> list:
@@ -57,14 +54,6 @@ def provenance(experiment: str, tracking_uri: str | None) -> dict[str, str]:
             .strftime("%Y-%m-%d %H:%M UTC"), "commit": tags("hldx.commit"), "machine": tags("hldx.machine")}
 
 
-def _verdict(row: pd.Series) -> str:
-    beyond = "beyond" if abs(row["median_improvement"]) > row["seed_sd"] else "within"
-    side = "better than" if row["ci_low"] > 0 else "worse than" if row["ci_high"] < 0 else "tied with"
-    return (f"{row['method'].upper()} is {side} KD on {row['metric']}: median improvement "
-            f"{row['median_improvement']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] over {row['n']} points "
-            f"({row['improve']} better, {row['worsen']} worse), {beyond} the between-seed sd {row['seed_sd']:.4f}")
-
-
 def per_point(runs: pd.DataFrame, points: pd.DataFrame, metric: str = "val_logppl") -> pd.DataFrame:
     """One row per shared point: NLL and KD (seed means), KD's margin over NLL and the spread, then each HLD
     variant's improvement over KD (seed means; > 0: better than KD)."""
@@ -85,19 +74,15 @@ def render(experiment: str, runs: pd.DataFrame, made: dict[str, str], figs: list
     points = pointwise(runs)
     demo = (runs[EVAL_DATA] == DEMO).any()
     labels = demo_labels(METRICS) if demo else {}
-    stats = summary(points, seed=seed)
-    answer = stats[(stats["view"] == "point") & (stats["method"] != "nll") & (stats["metric"] == "val_logppl")]
-    downstream = stats[(stats["view"] == "point") & (stats["method"] != "nll") & (stats["metric"].isin(DOWNSTREAM))]
+    said = answer(headline(points, seed=seed), demo)
     counts = ", ".join(f"{m}: {n}" for m, n in runs.groupby("method", sort=False).size().items())
     parts = [f"# Results: the `{experiment}` study",
              f"*Written by `python -m analysis.page --experiment {experiment}` from the MLflow store; edit the code, "
              "not this page.*",
              "## The answer",
-             "\n".join(f"- {_verdict(r)}." for _, r in answer.iterrows()) or "- No HLD run paired with KD.",
-             "- Downstream (" + ", ".join(labels.get(m, m) for m in DOWNSTREAM) + "): " + "; ".join(
-                 f"{r['method'].upper()} on {labels.get(r['metric'], r['metric'])} {r['median_improvement']:+.3f}"
-                 for _, r in downstream.iterrows()) + " (median improvements over KD, per point).",
              f"- **The positive control {'holds' if c.holds else 'does not hold'}**: " + "; ".join(c.lines()[:3]) + ".",
+             "\n".join(f"- {line}." for line in said) or "- No run paired with KD.",
+             ANSWER,
              "## What was run",
              f"- Command: `{command}` ({len(runs)} finished runs: {counts}).",
              f"- Commit: {made['commit']}.",
@@ -140,7 +125,7 @@ def render(experiment: str, runs: pd.DataFrame, made: dict[str, str], figs: list
 
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="python -m analysis.page", description=__doc__)
+    parser = cli.Parser(prog="python -m analysis.page", description=__doc__)
     parser.add_argument("--experiment", required=True, help="MLflow experiment of the study")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or "
                         "sqlite:///mlflow.db)")

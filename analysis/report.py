@@ -2,12 +2,9 @@
 written to a folder and logged back to MLflow as the artifacts of a summary run (tag hldx.role=report)."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -17,38 +14,13 @@ import pandas as pd
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from analysis import figures
-from analysis.compare import best, pointwise, summary
+from analysis.compare import best, headline, pointwise, summary
+from analysis.render import ANSWER, DEMO_NOTE, answer, demo_labels, make_figures, markdown_table
 from analysis.runs import DEMO, EVAL_DATA, HPARAMS, METRICS, RUN_ID, read_csv, read_mlflow
 from hldx import cli
 from hldx.errors import BadInput
 
-DOWNSTREAM = METRICS[1:]  # all but val_logppl
-DEMO_NOTE = ("The columns marked (demo) are the demo's own tasks (python -m hldx.demotasks: items built from the "
-             "embedded corpus's held-out split in each benchmark's file format), not the benchmarks of those names.")
 VIEW = "hldx-pointwise"  # the MLflow UI's shared view of the runs table (experiment tag mlflow.sharedViewState.VIEW)
-
-
-def demo_labels(metrics: list[str]) -> dict[str, str]:
-    """Each benchmark-named metric as the report shows it for runs evaluated on the demo's own tasks."""
-    return {m: f"{m} (demo)" for m in metrics if m in DOWNSTREAM}
-
-
-def _cell(v) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
-
-
-def markdown_table(df: pd.DataFrame, bold: pd.DataFrame | None = None) -> str:
-    """A GitHub-flavoured markdown table; cells where `bold` is True are bold."""
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    for i, row in df.iterrows():
-        cells = [_cell(v) for v in row]
-        if bold is not None:
-            cells = [f"**{c}**" if bold.at[i, col] else c for c, col in zip(cells, df.columns)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _best_per_student(table: pd.DataFrame) -> pd.DataFrame:
@@ -61,44 +33,13 @@ def _best_per_student(table: pd.DataFrame) -> pd.DataFrame:
     return bold
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "student"
-
-
-def make_figures(points: pd.DataFrame, out: Path, labels: dict[str, str] | None = None) -> list[tuple[str, Path]]:
-    """The paper's figure kinds as PNGs in `out`, as (caption, path) in reading order; `labels`: the metrics'
-    shown names."""
-    labels = labels or {}
-    made, points = [], points.assign(metric=points["metric"].replace(labels))
-    downstream = [labels.get(m, m) for m in DOWNSTREAM]
-    if points["improvement"].notna().any():
-        val = points[points["metric"] == "val_logppl"]
-        if val.loc[val["method"] != "nll", "improvement"].notna().any():  # the histograms show HLDC and HLDF
-            made.append(("Fig. 1 kind: val log-ppl improvement over KD, per student",
-                         figures.histograms(val, "student", "Val log-ppl: improvement over KD",
-                                            out / "fig1_val_logppl_hist.png")))
-        for student, group in points[points["metric"].isin(downstream)].groupby("student", sort=False):
-            if group.loc[group["method"] != "nll", "improvement"].notna().any():
-                made.append((f"Figs. 2/4 kind: downstream improvement over KD, {student}",
-                             figures.histograms(group, "metric", f"{student}: improvement over KD",
-                                                out / f"fig2_downstream_hist_{_slug(student)}.png")))
-        if val["improvement"].notna().any():
-            made.append(("Fig. 5 kind: val log-ppl, KD (x) vs compared method (y), per student",
-                         figures.scatters(val, "student", "Val log-ppl at shared hyperparameters",
-                                          out / "fig5_val_logppl_scatter.png")))
-        for student, group in points[points["metric"].isin(downstream)].groupby("student", sort=False):
-            if group["improvement"].notna().any():
-                made.append((f"Figs. 6/7 kind: downstream, KD (x) vs compared method (y), {student}",
-                             figures.scatters(group, "metric", f"{student}: scores at shared hyperparameters",
-                                              out / f"fig6_downstream_scatter_{_slug(student)}.png")))
-    return made
-
-
 def render(source: str, runs: pd.DataFrame, best_df: pd.DataFrame, points: pd.DataFrame,
-           summary_df: pd.DataFrame, figs: list[tuple[str, Path]], select_on: str, absent: list[str]) -> str:
-    """report.md: tables and figures in reading order."""
+           summary_df: pd.DataFrame, figs: list[tuple[str, Path]], select_on: str, absent: list[str],
+           said: list[str]) -> str:
+    """report.md: the answer (`said`), then tables and figures in reading order."""
     counts = ", ".join(f"{m}: {n}" for m, n in runs.groupby("method", sort=False).size().items())
-    parts = [f"# Report: {source}", f"{len(runs)} finished runs ({counts}).",
+    parts = [f"# Report: {source}", f"{len(runs)} finished runs ({counts}).", "## The answer", ANSWER,
+             "\n".join(f"- {line}" for line in said) or "No method could be compared with KD.",
              "All metrics are lower-is-better; improvement = KD's score - the method's score (> 0: better "
              "than KD)."]
     if absent:
@@ -117,11 +58,7 @@ def render(source: str, runs: pd.DataFrame, best_df: pd.DataFrame, points: pd.Da
              "deviation), and the sign test and the bootstrap run over the units. Ties (equal as logged) are "
              "neither improvements nor losses; median with a 95% bootstrap interval; two-sided exact sign test "
              "over the non-tied units.",
-             "### Per variant (unit: a point, for each gamma of HLDC and each p1 of HLDF apart, and each hidden path "
-             "that is not the paper's: pairs=..., weights=..., adapter=...)",
-             markdown_table(_view(summary_df, "variant")),
-             "### Per point (unit: a point, its variants averaged)",
-             markdown_table(_view(summary_df, "point"))]
+             *_views(summary_df)]
     parts += [f"![{caption}]({path.name})\n\n*{caption}*" for caption, path in figs]
     if not figs:
         parts.append("No paired points: no figures (a compared run needs a KD run at its point).")
@@ -144,6 +81,18 @@ def _absent(metrics: list[str]) -> str:
 
 def _view(summary_df: pd.DataFrame, view: str) -> pd.DataFrame:
     return summary_df[summary_df["view"] == view].drop(columns="view").reset_index(drop=True)
+
+
+def _views(summary_df: pd.DataFrame) -> list[str]:
+    """The pointwise views' headings and tables; the per-variant one alone where every point has a single
+    variant of each method (the per-point view then repeats it line for line)."""
+    variant, point = _view(summary_df, "variant"), _view(summary_df, "point")
+    if variant.drop(columns="variant").equals(point.drop(columns="variant")):
+        return ["### Per point (unit: a point; each has one variant of each method, so the per-variant view is "
+                "the same)", markdown_table(variant)]
+    return ["### Per variant (unit: a point, for each gamma of HLDC and each p1 of HLDF apart, and each hidden path "
+            "that is not the paper's: pairs=..., weights=..., adapter=...)",
+            markdown_table(variant), "### Per point (unit: a point, its variants averaged)", markdown_table(point)]
 
 
 def log_report(out: Path, experiment: str, tracking_uri: str | None, note: str,
@@ -190,16 +139,9 @@ def _mlflow_command() -> str:
     return os.path.relpath(beside) if beside.is_file() else "mlflow"
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, with a bad argument reported as one line (and exit status 2) like every hldx command."""
-
-    def error(self, message: str):
-        raise BadInput(f"{message} (see --help)")
-
-
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="python -m analysis.report", description=__doc__)
+    parser = cli.Parser(prog="python -m analysis.report", description=__doc__)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--experiment", help="MLflow experiment of the study")
     src.add_argument("--runs-csv", type=Path, help="CSV of runs in analysis.runs.COLUMNS instead of MLflow")
@@ -226,21 +168,21 @@ def main(argv: list[str] | None = None) -> int:
         best_df = best_df[best_df["method"] != "random"].reset_index(drop=True)  # no chance rate left to show
     points = points[~points["metric"].isin(absent)].reset_index(drop=True)
     summary_df = summary(points, seed=args.seed)
+    demo = (runs[EVAL_DATA] == DEMO).any()
+    said = answer(headline(points, seed=args.seed), demo)
     best_df.to_csv(args.out / "best.csv", index=False)
     points.to_csv(args.out / "pointwise.csv", index=False)
     summary_df.to_csv(args.out / "summary.csv", index=False)
-    demo = (runs[EVAL_DATA] == DEMO).any()
     labels = demo_labels(METRICS) if demo else {}  # shown: tables, figures; the CSVs keep the metric names
     shown_best, shown_summary = best_df.rename(columns=labels), summary_df.replace({"metric": labels})
     figs = make_figures(points, args.out, labels)
     source = f"experiment {args.experiment}" if args.experiment else f"{args.runs_csv}"
     (args.out / "report.md").write_text(render(source, runs, shown_best, points, shown_summary, figs,
-                                               args.select_on, absent))
+                                               args.select_on, absent, said))
+    print(f"The answer ({len(runs)} finished runs; improvement over KD, > 0: better):")
+    print("\n".join(f"  {line}" for line in said) or "  no method could be compared with KD")
     if absent:
         print(_absent(absent))
-
-    print(f"\nBest vs best ({len(runs)} finished runs)\n\n{markdown_table(shown_best)}\n")
-    print(f"Pointwise against KD\n\n{markdown_table(shown_summary)}\n")
     if demo:
         print(DEMO_NOTE)
     unpaired = len(points.loc[~points["paired"], ["student", "method", *HPARAMS, RUN_ID]].drop_duplicates())
@@ -251,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     if figs:
         print(f"Figures: {', '.join(str(path) for _, path in figs)}")
     if args.experiment and not args.no_log:
-        note = (f"{DEMO_NOTE}\n\n" if demo else "") + \
-            f"Best vs best\n\n{markdown_table(shown_best)}\n\nPointwise against KD\n\n{markdown_table(shown_summary)}"
+        note = (f"{DEMO_NOTE}\n\n" if demo else "") + "The answer\n\n" + "\n".join(f"- {line}" for line in said) + \
+            f"\n\nBest vs best\n\n{markdown_table(shown_best)}\n\nPointwise against KD\n\n{markdown_table(shown_summary)}"
         shown = [m for m in METRICS if m not in absent]
         exp_id, run_id = log_report(args.out, args.experiment, args.tracking_uri, note, shown)
         written = log_vs_kd(points, args.tracking_uri)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from hldx.errors import BadInput
+from hldx.tracking import all_runs
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +98,7 @@ def read_mlflow(experiment: str, tracking_uri: str | None = None) -> pd.DataFram
         uri = tracking_uri or mlflow.get_tracking_uri()
         raise BadInput(f"no experiment named {experiment!r} at tracking URI {uri!r}; check --experiment "
                          "and --tracking-uri (list them with `mlflow experiments search`)")
-    runs, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
-                                  max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
-    runs = [r for r in runs if r.data.tags.get("hldx.role") != "report"]
+    runs = [r for r in all_runs(client, exp.experiment_id) if r.data.tags.get("hldx.role") != "report"]
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if len(finished) < len(runs):
         log.info("skipped %d run(s) that are not FINISHED", len(runs) - len(finished))

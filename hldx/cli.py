@@ -6,6 +6,8 @@ key, what was given and what is allowed. Anything else is a bug and keeps its tr
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -15,7 +17,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from hldx.errors import RunFailed, UserError
+from hldx.errors import BadInput, RunFailed, UserError
+from hldx.progress import into_log
 
 EXIT_USER_ERROR = 2
 _TYPES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "str": "a string"}
@@ -105,6 +108,19 @@ def sweep_args(argv: list[str] | None, doc: str) -> list[str] | None:
     return args
 
 
+def output_file(key: str, value: str):
+    """The path an output switch (plan.json, eval.json, bench.json) names, its directory made before any work;
+    UserError if it cannot be."""
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{key}={value} is invalid: its directory cannot be made ({err.strerror})") from None
+    return path
+
+
 def report(prog: str, err: BaseException) -> int:
     """Print the one-line form of a user's mistake and return exit status 2; re-raise anything else."""
     line = explain(err)
@@ -130,12 +146,14 @@ def task(fn: Callable) -> Callable:
     """Decorate a Hydra task function. Alone, a UserError ends the process with one line and status 2, a
     RunFailed with one line and status 1 (Hydra itself would print 'Error executing job' and a traceback).
     In a sweep, the error goes back to hldx's sweeper, which runs the other jobs and reports each failure in
-    one line at the end; a bug's traceback goes to the job's log file, not the terminal."""
+    one line at the end; a bug's traceback goes to the job's log file, not the terminal, as does everything the
+    job writes unless the sweep is verbose (hydra.sweeper.verbose=true, or --verbose)."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with into_log(where) if quiet_sweep() and (where := log_file()) else contextlib.nullcontext():
+                return fn(*args, **kwargs)
         except (UserError, RunFailed) as err:
             if in_sweep():
                 raise
@@ -158,6 +176,30 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def quiet_sweep() -> bool:
+    """Whether this process runs a job of a sweep that hldx's sweeper runs here, quietly: what the job writes
+    goes to its log, the sweep's terminal shows a line per job (hydra.sweeper.verbose=false, the default)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not in_sweep():
+        return False
+    sweeper = HydraConfig.get().sweeper
+    return str(sweeper.get("_target_", "")).endswith("HldxSweeper") and not sweeper.get("verbose", False)
+
+
+def log_file() -> str | None:
+    """Where this process logs: the file of the root logger's file handler (a Hydra job's, a stage's run here),
+    else, in a SLURM job, submitit's stderr file (its traceback's); None if neither."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return handler.baseFilename
+    if "SUBMITIT_FOLDER" in os.environ:
+        from submitit import JobEnvironment
+
+        return str(JobEnvironment().paths.stderr)
+    return None
+
+
 def _to_log_file(text: str) -> None:
     """Write `text` to the job's log file (Hydra's file handler) and nowhere else."""
     record = logging.LogRecord("hldx", logging.ERROR, __file__, 0, "%s", (text,), None)
@@ -176,7 +218,10 @@ def failure_line(err: BaseException) -> str:
 
 def run(app: Callable[[], Any]) -> None:
     """Run a @hydra.main app so that every user's mistake, Hydra's composition errors included, ends with one
-    line on stderr and exit status 2."""
+    line on stderr and exit status 2; `--verbose` is hydra.sweeper.verbose=true (a sweep run here shows all its
+    jobs write)."""
+    if "--verbose" in sys.argv:
+        sys.argv = [a for a in sys.argv if a != "--verbose"] + ["hydra.sweeper.verbose=true"]
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its own report
     try:
@@ -197,3 +242,10 @@ def _prog(module: str = "__main__") -> str:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     return f"python -m {spec.name}" if spec is not None and spec.name else os.path.basename(sys.argv[0])
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as one line (and exit status 2) like every hldx command."""
+
+    def error(self, message: str):
+        raise BadInput(f"{message} (see --help)")

@@ -10,13 +10,12 @@ cannot be read is skipped with the override that fixes it (eval.local_dir=DIR re
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from hldx import config as C
-from hldx import cli, data, evaluation, tracking
+from hldx import cli, data, evaluation, job, tracking
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
@@ -25,12 +24,12 @@ def main(cfg: DictConfig) -> None:
     C.check(cfg)
     data.check(cfg)
     evaluation.check(cfg)
+    job.check_inputs(cfg)
+    out = cli.output_file("eval.json", cfg.eval.json) if cfg.eval.json else None
     result = evaluation.evaluate_checkpoint(cfg)
     print(result.table())
-    if cfg.eval.json:
-        path = Path(cfg.eval.json).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result.results, indent=2) + "\n")
+    if out:
+        out.write_text(json.dumps(result.results, indent=2) + "\n")
     if cfg.eval.run_id:
         tracking.log_evaluation(cfg, cfg.eval.run_id, result.metrics, result.tags(), list(result.results))
 

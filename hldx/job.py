@@ -47,12 +47,34 @@ def check(cfg: DictConfig, launch: bool = True, ranks: int | None = None) -> Run
     if cfg.train.device != "cpu":  # a GPU job, or one that will be where there is a GPU
         budget.check_memory(cfg, ranks or cfg.plan.ranks or 1)
     if launch:
+        check_inputs(cfg)
         check_epochs(cfg, plan)
         if cfg.eval.mode == "full" and (missing := evaluation.unreadable(cfg)):
             raise ConfigError("eval=full needs every task's data, and it cannot be read for " + "; ".join(
                 f"{task} (fix: {fix})" for task, fix in missing.items()) + "; or pass eval=quick")
         tracking.check(cfg)
     return plan
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Every path a job reads that must exist before it starts (data.path and teacher.ckpt have their own checks):
+    eval.local_dir (where a task of eval.tasks reads it), plan.bench, the directory of a sqlite tracking store and
+    of cache.dir (hldx creates the store and the cache, not where they live: a mistyped one would silently start
+    a study afresh)."""
+    reads = cfg.eval.local_dir is not None and any(task != "val" for task in cfg.eval.tasks)  # val: the corpus's
+    if reads and not Path(cfg.eval.local_dir).expanduser().is_dir():
+        raise ConfigError(f"eval.local_dir={cfg.eval.local_dir} is invalid: expected an existing directory of the "
+                          f"tasks' JSONL files (python -m hldx.demotasks DIR writes the demo's), or eval.local_dir=null")
+    if cfg.plan.bench:
+        budget.throughput(cfg)  # reads it
+    where = [("tracking.uri", cfg.tracking.uri, Path(cfg.tracking.uri.removeprefix("sqlite:///")).parent)
+             ] if cfg.tracking.uri.startswith("sqlite:///") else []
+    if cfg.cache.dir and cfg.method.name in C.DISTILLED and cfg.teacher.source == "cache":
+        where.append(("cache.dir", cfg.cache.dir, Path(cfg.cache.dir).expanduser().parent))
+    for key, value, parent in where:
+        if not parent.expanduser().is_dir():
+            raise ConfigError(f"{key}={value} is invalid: its directory {parent} does not exist (hldx creates "
+                              f"what {key} names, not the directory it lies in): create it, or fix {key}")
 
 
 def epochs(cfg: DictConfig, plan: RunPlan, rows: int | None = None) -> int | None:

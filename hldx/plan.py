@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise refusal(bad, len(jobs), "")
     cfg, jobs = planned[0][1], [run for _, _, run in planned]
+    out = cli.output_file("plan.json", cfg.plan.json) if cfg.plan.json else None
     source = throughput(cfg)[1]
     ranks = cfg.plan.ranks or 1
     memory = [(parallel_mode(c, ranks), memory_per_rank(c, parallel_mode(c, ranks), ranks)) for _, c, _ in planned]
@@ -144,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
               f"hidden states for "
               f"{storage['hidden_tokens']:.4g} tokens x {storage['hidden_bytes_per_token']:.6g} B = "
               f"{storage['bytes'] / 1e12:.4g} TB on disk")
-    if cfg.plan.json:
+    if out:
         hours = [gpu_hours(j, r) for j, r in zip(jobs, rates)]
-        with open(cfg.plan.json, "w") as f:
+        with open(out, "w") as f:
             json.dump({"accounting": cfg.budget.accounting, "throughput": source, "gpu_hours": sum(hours),
                        "teacher_cache": storage, "train_tokens": tokens, "train_tokens_exact": exact,
                        "jobs": [j.as_json() | {"gpu_hours": h, "tokens_per_s": r, "epochs": n, "parallel": m[0],

@@ -97,8 +97,9 @@ class Stage:
         return f"hldx-{self.name}-{self.key}"
 
 
-def stages(planned: list[study.Planned]) -> list[Stage]:
-    """The stage graph of the study's jobs left to run (planned: distinct, not finished), in submission order."""
+def stages(planned: list[study.Planned], whole: bool = False) -> list[Stage]:
+    """The stage graph of the study's jobs left to run (planned: distinct, not finished), in submission order;
+    `whole`: of every job given, whatever is done already (hldx.status: the study as it was launched)."""
     if not planned:
         return []
     first = planned[0][1]
@@ -113,14 +114,14 @@ def stages(planned: list[study.Planned]) -> list[Stage]:
         graph = [parts, Stage("order", data_key, tokenize, [overrides], [parts.job_name], disk_bytes=ids_bytes)]
     data_ready = graph[-1].job_name  # what every job waits for first: the training order
     training = [(j, c, r) for j, c, r in planned  # a run trained before: its evaluation left only
-                if not (Path(c.paths.runs) / r.run_key / "final").exists()]
+                if whole or not (Path(c.paths.runs) / r.run_key / "final").exists()]
     waits = {r.run_key: [data_ready] for _, _, r in training}  # NLL students wait for the data only
     by_teacher: dict[str, list[study.Planned]] = {}
     for j, c, r in training:  # the teacher's identity is its own: every seed and method of a study shares it
         if c.method.name in C.DISTILLED:
             by_teacher.setdefault(_teacher_id(c), []).append((j, c, r))
     for group in by_teacher.values():
-        graph += _teacher_stages(group, data_ready, data_key, tokens, waits)
+        graph += _teacher_stages(group, data_ready, data_key, tokens, waits, whole)
     students = {r.run_key: Stage("student", r.run_key, train, [j], waits[r.run_key],
                                  gpu_hours=gpu_hours(r, throughput(c)[0]),
                                  disk_bytes=4 * count_parameters(c.student)["total"]) for j, c, r in training}
@@ -142,14 +143,14 @@ def _teacher_id(cfg) -> str:
 
 
 def _teacher_stages(group: list[study.Planned], tokenized: str, data_key: str, tokens: int | None,
-                    waits: dict[str, list[str]]) -> list[Stage]:
-    """The stages of one teacher's students: its pre-training (an on-demand teacher not built yet) and one
-    cache per distinct cache identity, built with every part its students read (top-k, each teacher layer), each
-    to the longest extent a student reads it; `waits` gets what each of the group's students waits for."""
+                    waits: dict[str, list[str]], whole: bool) -> list[Stage]:
+    """The stages of one teacher's students: its pre-training (an on-demand teacher not built yet, or `whole`) and
+    one cache per distinct cache identity, built with every part its students read (top-k, each teacher layer),
+    each to the longest extent a student reads it; `waits` gets what each of the group's students waits for."""
     j, c, _ = group[0]
     out, after = [], [tokenized]
     given = OmegaConf.is_missing(c.teacher, "ckpt") or c.teacher.ckpt  # the user's teacher (to be) given
-    if not given and not teacher.teacher_path(c).exists():
+    if not given and (whole or not teacher.teacher_path(c).exists()):
         tcfg = teacher.teacher_config(c)
         out.append(Stage("teacher", C.run_key(tcfg), pretrain_teacher, [j], [tokenized],
                          gpu_hours=gpu_hours(plan_run(tcfg), throughput(tcfg)[0]),

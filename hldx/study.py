@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 
 from omegaconf import DictConfig
@@ -19,39 +20,56 @@ Planned = tuple[list[str], DictConfig, RunPlan]
 
 
 class BadJob(str):
-    """One bad job's error line, '  <its overrides>: <message>', with the message alone in `.message`."""
+    """One bad job's error line, '  <its overrides>: <message>', with the overrides in `.job` and the message
+    alone in `.message`."""
 
+    job: str
     message: str
 
     def __new__(cls, job: str, message: str) -> BadJob:
         line = super().__new__(cls, f"  {job}: {message}")
-        line.message = message
+        line.job, line.message = job, message
         return line
 
 
 def refusal(bad: list[str], jobs: int, what: str) -> ConfigError:
-    """One bad job of one: its message alone; else a count and a line for each bad job (and problem)."""
+    """One bad job of one: its message alone; else each distinct cause once, with the number of (distinct) jobs
+    it concerns and the overrides of one of them, then each other problem."""
     if jobs == 1 and len(bad) == 1 and isinstance(bad[0], BadJob):
         return ConfigError(bad[0].message)
-    head = f"{sum(isinstance(b, BadJob) for b in bad)} invalid job(s){what}"
-    return ConfigError(f"{head}:\n" + "\n".join(bad))
+    causes: dict[str, list[str]] = {}
+    for b in bad:
+        if isinstance(b, BadJob):
+            causes.setdefault(b.message, []).append(b.job)
+    lines = [f"  {cause} ({f'{len(of)} jobs, e.g.' if len(of) > 1 else 'job:'} {of[0]})" for cause, of in causes.items()]
+    lines += [b for b in bad if not isinstance(b, BadJob)]
+    head = f"{sum(len(of) for of in causes.values())} invalid job(s){what}"
+    return ConfigError(f"{head}:\n" + "\n".join(lines))
 
 
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
+def sweep_settings(overrides: list[str]) -> DictConfig:
+    """The `hydra` node of a sweep's command line (hydra.sweeper: its grid and switches, hydra.launcher, ...): the
+    overrides of hydra and of the sweep config (+sweep=NAME) alone, composed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        sources = [o.input_line for o in OverridesParser.create().parse_overrides(overrides)
+                   if not o.is_sweep_override() and re.split(r"[./]", o.key_or_group)[0] in ("sweep", "hydra")]
+    except Exception as err:  # noqa: BLE001 - an override Hydra cannot parse
+        raise ConfigError(explain(err) or str(err)) from None
+    return C.compose(sources, with_hydra=True).hydra
+
+
+def expand_sweep(overrides: list[str], settings: DictConfig | None = None) -> list[list[str]]:
     """Hydra's own expansion of a sweep into one override list per job, as hldx's sweeper launches it: the
     grid of a sweep config (hydra.sweeper.params, e.g. from +sweep=NAME), then the command line's
-    overrides (a=1,2 b=x,y), which win for a key given in both."""
+    overrides (a=1,2 b=x,y), which win for a key given in both. `settings`: sweep_settings(overrides), if made."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parser = OverridesParser.create()
+    params = (settings or sweep_settings(overrides)).sweeper.get("params") or {}
     try:
-        sources = [o.input_line for o in parser.parse_overrides(overrides)  # what can set hydra.sweeper.params
-                   if not o.is_sweep_override() and o.key_or_group.split(".")[0] in ("sweep", "hydra")]
-        params = C.compose(sources, with_hydra=True).hydra.sweeper.get("params") or {}
-        parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
-    except ConfigError:
-        raise
+        parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
     except Exception as err:  # noqa: BLE001 - an override Hydra cannot parse
         raise ConfigError(explain(err) or str(err)) from None
     return [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
@@ -59,23 +77,35 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 def plan_jobs(jobs: list[list[str]], launch: bool = False, ranks: int | None = None
               ) -> tuple[list[Planned], list[str]]:
-    """The distinct jobs (the first of each run_key) with their config and plan, and an error line per bad job.
-    Every job passes hldx.job.check (on `ranks` ranks each); `launch`: also what a job needs to run (its
-    teacher checkpoint, data enough for its epochs)."""
-    planned, errors, seen, compose = [], [], set(), C.Composer()
+    """The distinct jobs (the first of each run_key) with their config and plan, and an error line per bad one.
+    Every distinct job passes hldx.job.check (on `ranks` ranks each); `launch`: also what a job needs to run
+    (its teacher checkpoint and every input path, data enough for its epochs). A job that differs from an
+    earlier one only in hyperparameters its method ignores is that job again: neither composed, checked nor
+    counted."""
+    planned, errors, seen, kept, compose = [], [], set(), set(), C.Composer()
     shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()  # not repeated in each error line
     for job in jobs:
         try:
-            cfg = compose(job)
+            cfg, method = None, dict(o.split("=", 1) for o in job if "=" in o).get("method")
+            if method not in C.USES:  # the default method, or a bad one: its config says
+                cfg = compose(job)
+                method = cfg.method.name
+            ignored = set(C.HPARAMS) - set(C.USES[method])
+            same = frozenset(o for o in job if o.split("=", 1)[0].lstrip("+~") not in ignored)
+            if same in seen:
+                continue
+            seen.add(same)
+            cfg = cfg or compose(job)
             run = J.check(cfg, launch=False, ranks=ranks)
             if launch:
                 teacher.check(cfg, launch=True)
+                J.check_inputs(cfg)
                 J.check_epochs(cfg, run)
         except ConfigError as err:  # every bad job is reported, then we stop
             errors.append(BadJob(" ".join(o for o in job if o not in shared) or "(defaults)", str(err)))
             continue
-        if run.run_key not in seen:
-            seen.add(run.run_key)
+        if run.run_key not in kept:  # the same run_key, differing in keys that change how it runs, not what
+            kept.add(run.run_key)
             planned.append((job, cfg, run))
     return planned, errors
 
@@ -110,6 +140,4 @@ def launch_plan(jobs: list[list[str]], launcher: str = "", ranks: int | None = N
     todo = [(job, cfg, run) for job, cfg, run in planned if not J.finished(cfg, run.run_key)]
     log.info("sweep: %d job(s), %d distinct, %d finished already: launching %d", len(jobs), len(planned),
              len(planned) - len(todo), len(todo))
-    for _, cfg, _ in todo:
-        log.info("  %s", C.run_name(cfg))
     return todo

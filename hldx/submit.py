@@ -12,14 +12,18 @@ and a trained one is only evaluated.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import traceback
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from hldx.cli import failure_line
 from hldx.errors import RunFailed, UserError
+from hldx.progress import SweepLine, into_log
 from hldx.stages import CPU_STAGES, ONE_PROCESS, Stage
 
 log = logging.getLogger("hldx")
@@ -52,28 +56,82 @@ def executor(launcher: DictConfig, folder: Path, stage: Stage, dependency: str |
     return ex
 
 
+@dataclass(frozen=True)
+class Record:
+    """One of hldx's SLURM jobs (an array task: one of its own), as SLURM's queue or accounting knows it."""
+    job_id: str               # 123, or 123_4: task 4 of array 123
+    name: str                 # hldx-<stage>-<key>
+    state: str                # PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT, CANCELLED, OUT_OF_MEMORY, ...
+    started: bool = True
+    hours: float = 0.0        # elapsed, every run of it (a requeued job runs again under the same id)
+    gpus: int = 0
+    submit_line: str = ""     # sbatch <submitit folder>/.submission_file_<uuid>.sh
+
+    @property
+    def task(self) -> int:
+        return int(self.job_id.partition("_")[2] or 0)
+
+    def log(self) -> str:
+        """Its log (submitit's: the job's stderr, where a traceback goes), where SLURM's record says it is."""
+        script = self.submit_line.split()[-1] if self.submit_line else ""
+        if not script.endswith(".sh"):  # not submitit's submission
+            return f"the --output of SLURM job {self.job_id}"
+        return str(Path(script).parent / self.job_id / f"{self.job_id}_0_log.err")
+
+
+def queue() -> dict[str, list[Record]]:
+    """{job name: its tasks} of this user's hldx jobs pending or running."""
+    out = subprocess.run(["squeue", "--me", "--array", "--noheader", "--format=%i|%j|%T"], capture_output=True,
+                         text=True, check=True).stdout
+    jobs: dict[str, list[Record]] = {}
+    for line in out.split():
+        job_id, name, state = line.split("|")
+        if name.startswith("hldx-"):
+            jobs.setdefault(name, []).append(Record(job_id, name, state, started=state != "PENDING"))
+    return jobs
+
+
 def queued() -> dict[str, str]:
     """{job name: SLURM job id} of this user's hldx jobs pending or running (an array: its job id)."""
-    out = subprocess.run(["squeue", "--me", "--noheader", "--format=%F|%j"], capture_output=True, text=True,
-                         check=True).stdout
-    return {name: job_id for job_id, name in (line.split("|", 1) for line in out.split()) if name.startswith("hldx-")}
+    return {name: tasks[0].job_id.split("_")[0] for name, tasks in queue().items()}
+
+
+STATES = "BF,CA,CD,DL,F,NF,OOM,PD,PR,R,RQ,S,TO"  # every state: a job SLURM cancelled before it started is only
+# found by its state (its window then is that of its end): a time window alone misses it
+
+
+def accounting(names: list[str]) -> dict[str, list[Record]]:
+    """{job name: the tasks of its latest submission} from SLURM's accounting of the last 60 days, each task as its
+    latest run left it, its hours those of all its runs (an array task cancelled while pending leaves no record;
+    one not started yet is the queue's)."""
+    fields = "JobID,JobName%200,State,Start,ElapsedRaw,AllocTRES,SubmitLine"
+    out = subprocess.run(["sacct", "--noheader", "--allocations", "--duplicates", "--parsable2", f"--format={fields}",
+                          f"--state={STATES}", "--starttime=now-60days", "--endtime=now", f"--name={','.join(names)}"],
+                         capture_output=True, text=True, check=True).stdout
+    runs: dict[str, list[list[str]]] = {}
+    for line in out.splitlines():
+        row = line.split("|", 6)
+        if len(row) == 7 and "[" not in row[0]:  # 123_[4-7]: array tasks not started, known to the queue
+            runs.setdefault(row[0], []).append(row)
+    latest: dict[str, tuple[int, list[Record]]] = {}
+    for job_id, rows in runs.items():
+        _, name, state, start, _, tres, line = rows[-1]  # its latest run
+        gpus = int(re.search(r"gres/gpu=(\d+)", tres).group(1)) if "gres/gpu=" in tres else 0
+        record = Record(job_id, name, state.split()[0], start not in ("None", "Unknown", ""),
+                        sum(int(r[4] or 0) for r in rows) / 3600, gpus, line)
+        array = int(job_id.split("_")[0])
+        if array > latest.get(name, (-1, []))[0]:  # job ids grow: the highest is the latest submission
+            latest[name] = (array, [])
+        if array == latest[name][0]:
+            latest[name][1].append(record)
+    return {name: sorted(tasks, key=lambda r: r.task) for name, (_, tasks) in latest.items()}
 
 
 def completed(tasks: dict[str, int]) -> set[str]:
     """Of these job names ({name: its number of tasks}), those whose latest submission COMPLETED every task,
     from SLURM's accounting (an array task cancelled while pending leaves no record: it counts as not done)."""
-    out = subprocess.run(["sacct", "--noheader", "--allocations", "--parsable2", "--format=JobName,State,Submit",
-                          "--starttime=now-60days", f"--name={','.join(tasks)}"],
-                         capture_output=True, text=True, check=True).stdout
-    latest: dict[str, tuple[str, list]] = {}
-    for line in out.splitlines():
-        name, state, submitted = line.split("|")
-        when, states = latest.get(name, ("", []))
-        if submitted > when:
-            latest[name] = (submitted, [state])
-        elif submitted == when:
-            states.append(state)
-    return {name for name, (_, states) in latest.items() if states == ["COMPLETED"] * tasks[name]}
+    return {name for name, runs in accounting(list(tasks)).items()
+            if [r.state for r in runs] == ["COMPLETED"] * tasks[name]}
 
 
 def submit(graph: list[Stage], launcher: DictConfig, folder: Path, dry_run: bool) -> list[str]:
@@ -111,30 +169,39 @@ def submit(graph: list[Stage], launcher: DictConfig, folder: Path, dry_run: bool
 
 # ---- here -------------------------------------------------------------------------------------------------
 
-def run_here(graph: list[Stage], logs: Path) -> dict[str, str]:
+def run_here(graph: list[Stage], logs: Path, line: SweepLine | None = None) -> dict[str, str]:
     """The stages in order in this process, each logging also to logs/<its job name>.log; a stage that fails
     does not stop the others, but what waits for it (afterok) does not run. {job name: why} of the stages that
-    failed or did not run; a bug's traceback goes to the stage's log only."""
+    failed or did not run; a bug's traceback goes to the stage's log only. `line`: a quiet sweep's terminal,
+    told of each stage's end; all the stage writes goes to its log alone."""
     failed: dict[str, str] = {}
     for stage in graph:
         if stage.ok and (blocked := [name for name in stage.after if name in failed]):
             failed[stage.job_name] = f"not run: {blocked[0]} did not complete"
+            if line:
+                line.ended_job(f"stage {stage.name}", failed[stage.job_name], ok=False, run=False)
             continue
         logs.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(logs / f"{stage.job_name}.log")
+        path = logs / f"{stage.job_name}.log"
+        handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger().addHandler(handler)
+        if line:
+            line.started(f"stage {stage.name}")
         try:
-            for i, task in enumerate(stage.tasks):
-                of = f" task {i} of {len(stage.tasks)}" if len(stage.tasks) > 1 else ""
-                log.info("stage %s%s", stage.job_name, of)
-                stage.fn(task)
+            with into_log(path) if line else nullcontext():
+                for i, task in enumerate(stage.tasks):
+                    of = f" task {i} of {len(stage.tasks)}" if len(stage.tasks) > 1 else ""
+                    log.info("stage %s%s", stage.job_name, of)
+                    stage.fn(task)
         except Exception as err:  # noqa: BLE001 - reported in one line; a bug's traceback in the stage's log
             if not isinstance(err, (UserError, RunFailed)):
                 handler.handle(logging.LogRecord("hldx", logging.ERROR, __file__, 0, "%s",
                                                  (traceback.format_exc(),), None))
-            failed[stage.job_name] = f"{failure_line(err)} (log: {logs / f'{stage.job_name}.log'})"
+            failed[stage.job_name] = f"{failure_line(err)} (log: {path})"
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
+        if line:
+            line.ended_job(f"stage {stage.name}", failed.get(stage.job_name, ""), stage.job_name not in failed, run=False)
     return failed

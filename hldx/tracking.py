@@ -7,18 +7,20 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from hldx import config as C
 from hldx import hidden
+from hldx.cli import log_file
 from hldx.device import device_of, machine
 from hldx.errors import ConfigError
 from hldx.teacher import teacher_key
+
+if TYPE_CHECKING:  # MLflow is imported where a run is logged: checking, planning or benching a job needs none
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
@@ -27,6 +29,8 @@ MAX_BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 def client(cfg: DictConfig) -> MlflowClient:
     """The tracking client; a local sqlite store is first opened under a file lock beside it: jobs started
     together would otherwise race to create its tables."""
+    from mlflow.tracking import MlflowClient
+
     uri = cfg.tracking.uri
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
@@ -35,6 +39,8 @@ def client(cfg: DictConfig) -> MlflowClient:
 
 
 def experiment_id(mlflow: MlflowClient, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
     found = mlflow.get_experiment_by_name(name)
     if found:
         return found.experiment_id
@@ -49,6 +55,16 @@ def find_run(mlflow: MlflowClient, experiment: str, key: str):
     runs = mlflow.search_runs([experiment], filter_string=f"tags.`hldx.run_key` = '{key}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+def all_runs(mlflow: MlflowClient, experiment: str) -> list:
+    """Every run of the experiment (id), page after page."""
+    runs, token = [], None
+    while True:
+        page = mlflow.search_runs([experiment], max_results=1000, page_token=token)
+        runs.extend(page)
+        if not (token := page.token):
+            return runs
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -87,6 +103,8 @@ class Tracker:
     """Logs one hldx run; `run_id` given (from a checkpoint) or found by run_key resumes that run."""
 
     def __init__(self, cfg: DictConfig, key: str, role: str = "student", run_id: str | None = None):
+        from mlflow.entities import Param
+
         self.mlflow = client(cfg)
         self.experiment = experiment_id(self.mlflow, cfg.tracking.experiment)
         if run_id is not None and not self._here(run_id):
@@ -96,14 +114,16 @@ class Tracker:
         if run_id is None:
             previous = find_run(self.mlflow, self.experiment, key)
             run_id = previous.info.run_id if previous and previous.info.status != "FINISHED" else None
+        logged = {"hldx.log": where} if (where := log_file()) else {}  # where this job's log is (hldx.status)
         if run_id is not None:
             self.run_id = run_id
             self.mlflow.update_run(run_id, status="RUNNING")
+            self.tag(**logged)
             log.info("resuming MLflow run %s", run_id)
             return
         tags = {"hldx.method": cfg.method.name, "hldx.student": cfg.student.name,
                 "hldx.hp_key": C.hp_key(cfg) if role == "student" else role, "hldx.run_key": key, "hldx.role": role,
-                "hldx.commit": commit(), "hldx.machine": machine(device_of(cfg))}
+                "hldx.commit": commit(), "hldx.machine": machine(device_of(cfg)), **logged}
         if role == "student" and cfg.method.name in C.DISTILLED:
             tags["hldx.teacher"] = teacher_key(cfg)
         self.run_id = self.mlflow.create_run(self.experiment, run_name=run_name(cfg, role), tags=tags).info.run_id
@@ -119,17 +139,23 @@ class Tracker:
             self.mlflow.log_batch(self.run_id, params=items[i:i + MAX_BATCH])
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         self.mlflow.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def _here(self, run_id: str) -> bool:
         """Whether the run exists in this store, in this run's experiment."""
+        from mlflow.exceptions import MlflowException
+
         try:
             return self.mlflow.get_run(run_id).info.experiment_id == self.experiment
         except MlflowException:
             return False
 
     def tag(self, **tags: str) -> None:
+        from mlflow.entities import RunTag
+
         self.mlflow.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -173,6 +199,9 @@ def log_evaluation(cfg: DictConfig, run_id: str, metrics: dict[str, float], tags
                    evaluated: list[str]) -> None:
     """Log an evaluation into an existing run, at the last step its eval metrics were logged (so these become
     the latest), and drop the skip tags of the tasks now `evaluated`."""
+    from mlflow.entities import Metric, RunTag
+    from mlflow.exceptions import MlflowException
+
     mlflow = client(cfg)
     try:
         run = mlflow.get_run(run_id)

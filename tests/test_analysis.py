@@ -14,11 +14,12 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from analysis import report
-from analysis.compare import SUMMARY, best, bootstrap_median_ci, pointwise, sign_test, summary
+from analysis.compare import SUMMARY, best, bootstrap_median_ci, headline, pointwise, sign_test, summary
 from analysis.control import kd_vs_nll
 from analysis.runs import COLUMNS, METRICS, read_csv, read_mlflow
 
 TABLE3 = Path(__file__).parent / "fixtures" / "paper_table3_123m.csv"  # the paper's Table 3 (123M), as printed
+TABLE4 = Path(__file__).parent / "fixtures" / "paper_table4_735m.csv"  # its Table 4 (735M), as printed
 
 
 def log_run(client: MlflowClient, exp_id: str, method: str, lr: float, tau: float | None = None,
@@ -164,6 +165,44 @@ def test_pointwise_on_table3_reproduces_the_papers_claims():
     val = points[points["metric"] == "val_logppl"]
     assert (val.loc[val["method"] == "hldf", "improvement"] > 0).mean() > 0.9
     assert (val.loc[val["method"] == "hldc", "improvement"] > 0).sum() == 0
+    # Two gammas and two p1 at each point: the per-variant and the per-point views differ, both are shown.
+    headings = [part for part in report._views(summary(points, n_boot=200)) if part.startswith("###")]
+    assert [h.split(" (")[0] for h in headings] == ["### Per variant", "### Per point"]
+
+
+def test_the_headline_on_the_papers_tables_3_and_4_says_what_its_text_says():
+    """The report's opening lines on the paper's runs of both students: HLDF beats KD on C4 log-perplexity ("a
+    modest but systematic improvement": the interval above 0), HLDC is KD's equal there to within 0.001 (at 123M
+    never ahead and 0.001 behind at the median, an interval below 0: "worse", by a tenth of HLDF's gain),
+    downstream neither moves the mean error rate ("roughly centered around zero"), and KD beats NLL downstream
+    at both sizes. One seed per run: no seed spread to compare against."""
+    runs = pd.concat([read_csv(TABLE3), read_csv(TABLE4)], ignore_index=True)
+    rows = headline(pointwise(runs), n_boot=2000).set_index(["student", "method", "family"])
+    verdicts = {(student, method, family): "tied" for student in ("gemma3-123m", "gemma3-735m")
+                for method in ("nll", "hldc", "hldf") for family in ("val", "downstream")}
+    verdicts |= {(s, "hldf", "val"): "better" for s in ("gemma3-123m", "gemma3-735m")}
+    verdicts |= {(s, "nll", "downstream"): "worse" for s in ("gemma3-123m", "gemma3-735m")}
+    verdicts[("gemma3-123m", "hldc", "val")] = "worse"
+    assert rows["verdict"].to_dict() == verdicts
+    assert set(rows["n"]) == {3, 12} and (rows["seeds"] == 1).all() and rows["beyond_seeds"].isna().all()
+    # The medians, from the CSVs by hand: a point's improvement averaged over its variants (and, downstream,
+    # over the five error rates), the median over the points.
+    for (student, method, family), row in rows.iterrows():
+        table = [r for path in (TABLE3, TABLE4) for r in csv.DictReader(open(path)) if r["student"] == student]
+        metrics = ["val_logppl"] if family == "val" else [f"{t}_err" for t in
+                                                           ("hellaswag", "piqa", "arc_easy", "winogrande", "lambada")]
+        score = {}
+        for r in table:
+            point = (r["lr"],) if method == "nll" else (r["lr"], r["tau"], r["alpha"])
+            score.setdefault((r["method"], point[:1] if r["method"] == "KD" and method == "nll" else point),
+                             []).append(np.mean([float(r[m]) for m in metrics]))
+        units = [np.mean(score[("KD", point)]) - np.mean(values) for (m, point), values in score.items()
+                 if m == method.upper()]
+        assert row["median_improvement"] == pytest.approx(np.median(units)), (student, method, family)
+        assert row["ci_low"] <= row["median_improvement"] <= row["ci_high"]
+    lines = report.answer(rows.reset_index())
+    assert len(lines) == 12 and lines[4].startswith("gemma3-123m HLDF vs KD, val_logppl: better, median +0.0090 [")
+    assert lines[4].endswith("over 12 points; one seed: its spread unknown")
 
 
 def test_the_point_is_the_unit_not_the_run(tmp_path):
@@ -196,6 +235,10 @@ def test_seeds_pair_with_the_kd_run_of_their_seed_and_are_averaged(tmp_path):
     row = summary(points, n_boot=200).set_index(["view", "metric"]).loc[("point", "val_logppl")]
     assert (row["n"], row["seeds"]) == (1, 2) and row["median_improvement"] == pytest.approx(0.075)
     assert row["seed_sd"] == pytest.approx(np.std([0.1, 0.05], ddof=1))
+    (line,) = headline(points, n_boot=200).query("family == 'val'").itertuples()
+    assert (line.verdict, line.n, line.beyond_seeds) == ("better", 1, True)  # 0.075 beyond a spread of 0.035
+    assert report.answer(headline(points, n_boot=200))[0].endswith(
+        "(one point: no interval) over 1 point; beyond the seed spread (0.035)")
 
 
 def test_hidden_paths_are_variants_beside_gamma_and_p1(mlflow_exp):
@@ -337,15 +380,32 @@ def test_cli_writes_report_and_logs_summary_run(mlflow_exp, tmp_path, capsys):
     out = tmp_path / "report"
     args = ["--experiment", "study", "--tracking-uri", client.tracking_uri, "--out", str(out)]
     assert report.main(args) == 0
-    printed = capsys.readouterr().out
-    assert "| point | tiny | hldf |  | val_logppl | 2 | 2 | 0 | 0 |" in printed and "summary run" in printed
+    printed = capsys.readouterr().out.splitlines()
+    # It opens with the answer: a line per compared method and metric family; the tables are in report.md.
+    assert printed[:7] == ["The answer (8 finished runs; improvement over KD, > 0: better):",
+                           "  tiny NLL vs KD, val_logppl: worse, median -0.0500 [-0.0500, -0.0500] over 2 points; "
+                           "one seed: its spread unknown",
+                           "  tiny NLL vs KD, downstream (mean error of 5 tasks): tied, median +0.0000 [+0.0000, "
+                           "+0.0000] over 2 points; one seed: its spread unknown",
+                           "  tiny HLDC vs KD, val_logppl: worse, median -0.0100 [-0.0100, -0.0100] over 2 points; "
+                           "one seed: its spread unknown",
+                           "  tiny HLDC vs KD, downstream (mean error of 5 tasks): tied, median +0.0000 [+0.0000, "
+                           "+0.0000] over 2 points; one seed: its spread unknown",
+                           "  tiny HLDF vs KD, val_logppl: better, median +0.0100 [+0.0100, +0.0100] over 2 points; "
+                           "one seed: its spread unknown",
+                           "  tiny HLDF vs KD, downstream (mean error of 5 tasks): worse, median -0.0200 [-0.0200, "
+                           "-0.0200] over 2 points; one seed: its spread unknown"], printed
+    assert not any(line.startswith("|") for line in printed) and "summary run" in printed[-3]
+    text = (out / "report.md").read_text()
+    assert text.index("## The answer") < text.index("## Best vs best") and printed[6][2:] in text
+    # Each point has one variant of each method: the per-variant view is the per-point view, shown once.
+    assert "### Per variant" not in text and text.count("| tiny | hldf | p1=0.05 | val_logppl | 2 | 2 | 0 | 0 |") == 1
     assert pd.read_csv(out / "summary.csv").columns.tolist() == SUMMARY
     assert pd.read_csv(out / "best.csv").columns.tolist() == COLUMNS
     assert len(pd.read_csv(out / "pointwise.csv")) == 3 * 2 * len(METRICS)
     figures = sorted(p.name for p in out.glob("*.png"))
     assert figures == ["fig1_val_logppl_hist.png", "fig2_downstream_hist_tiny.png",
                        "fig5_val_logppl_scatter.png", "fig6_downstream_scatter_tiny.png"]
-    text = (out / "report.md").read_text()
     assert all(f"]({name})" in text for name in figures)
     [summary_run] = client.search_runs([exp], filter_string="tags.`hldx.role` = 'report'")
     logged = {a.path for a in client.list_artifacts(summary_run.info.run_id)}

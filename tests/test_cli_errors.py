@@ -3,6 +3,7 @@ status 2 and no traceback, before any work; a bug keeps its traceback."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hldx import cli
+from hldx import cli, job, study
+from hldx import config as C
 from hldx.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,13 +41,18 @@ BAD = [
     (["hldx.plan", "-m", "method=hldf", "hidden.adapter=identity"], "hidden.adapter=identity is invalid: expected linear"),
     (["hldx.run", "cache.logits=bogus"], "cache.logits=bogus is invalid: expected topk or sampled"),
     (["hldx.plan", "-m", "cache.logits=sampled", "cache.draws=0"], "cache.draws=0 is invalid: expected an integer >= 1"),
-    (["hldx.run", "eval=full", "eval.local_dir=/no/such/dir"],
-     "eval=full needs every task's data, and it cannot be read for wikitext (fix: write /no/such/dir/wikitext103.jsonl)"),
+    (["hldx.run", "eval.local_dir=/no/such/dir"],  # eval=quick used to train, then skip every task
+     "eval.local_dir=/no/such/dir is invalid: expected an existing directory of the tasks' JSONL files"),
+    (["hldx.evaluate", "ckpt=/no/such/ckpt", "eval.local_dir=/no/such/dir"],
+     "eval.local_dir=/no/such/dir is invalid: expected an existing directory"),
+    (["hldx.run", "-m", "method=nll,kd", "plan.bench=/no/such/bench.json"],  # read by the stage graph
+     "plan.bench=/no/such/bench.json is not a readable hldx.bench result"),
 ]
 
 
 def _run(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     """python -m ARGS with a cache, runs folder and MLflow store of its own under tmp."""
+    tmp.mkdir(parents=True, exist_ok=True)
     own = [f"paths.runs={tmp}/runs", f"tracking.uri=sqlite:///{tmp}/m.db"] if args[0] == "hldx.run" else []
     return subprocess.run([sys.executable, "-m", *args, *own], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "HLDX_CACHE": str(tmp / "cache")}, timeout=180)
@@ -60,12 +67,33 @@ def test_every_entry_point_reports_a_bad_value_in_one_line(tmp_path):
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr, args
         assert head.startswith(f"python -m {args[0]}: error: "), (args, result.stderr)
-        if "-m" in args and "method=nll,kd" in args:  # a sweep: a line per bad job after the count
+        if "-m" in args and "method=nll,kd" in args:  # a sweep: its jobs counted, each cause once with an example
             assert head.endswith("2 invalid job(s) in the sweep; nothing was launched:"), result.stderr
-            assert len(jobs) == 2 and all(line.startswith("  method=") and message in line for line in jobs)
+            assert len(jobs) == 1 and message in jobs[0] and jobs[0].endswith("(2 jobs, e.g. method=nll)"), jobs
         else:
             assert jobs == [] and message in head, (args, result.stderr)
         assert not (tmp_path / str(i) / "runs").exists() and not (tmp_path / str(i) / "m.db").exists()
+
+
+@pytest.mark.parametrize("given, message", [
+    ("eval.local_dir=/no/such/dir", "eval.local_dir=/no/such/dir is invalid: expected an existing directory"),
+    ("teacher.ckpt=/no/such/teacher", "teacher.ckpt=/no/such/teacher holds no checkpoint (config.json missing)"),
+    ("data.path=/no/such/corpus", "data.path=/no/such/corpus is invalid: expected a readable directory"),
+    ("plan.bench=/no/such/bench.json", "plan.bench=/no/such/bench.json is not a readable hldx.bench result"),
+    ("tracking.uri=sqlite:////no/such/dir/m.db",  # MLflow makes the file, not its directory: after tokenizing
+     "tracking.uri=sqlite:////no/such/dir/m.db is invalid: its directory /no/such/dir does not exist"),
+    ("cache.dir=/no/such/dir/cache", "cache.dir=/no/such/dir/cache is invalid: its directory /no/such/dir does not"),
+])
+def test_a_path_that_must_exist_is_checked_before_any_work(given, message, tmp_path):
+    """hldx.job.check, which every job passes before it reads, tokenizes or trains anything (a sweep's jobs
+    before any is launched: hldx.study.plan_jobs), refuses each path that names what must already exist."""
+    cfg = C.compose(["method=kd", f"paths.cache={tmp_path}/cache", given])
+    with pytest.raises(ConfigError) as err:
+        job.check(cfg)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert not (tmp_path / "cache").exists()  # nothing built: not even the tokenizer
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        study.launch_plan([["method=kd", f"paths.cache={tmp_path}/cache", given]])
 
 
 def test_a_budget_too_small_fails_before_the_teacher_is_trained(tmp_path):

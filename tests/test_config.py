@@ -94,7 +94,7 @@ def test_sweep_with_bad_jobs_launches_nothing(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "2 invalid job(s) in the sweep; nothing was launched" in done.stderr
-    assert "method=nll lr=-1" in done.stderr and "method=kd lr=-1" in done.stderr
+    assert "lr=-1 is invalid: expected a number > 0 (2 jobs, e.g. method=nll lr=-1)" in done.stderr
     assert not (tmp_path / "runs").exists()
 
 

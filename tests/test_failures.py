@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from hldx import config as C
+from hldx import status
 from hldx.budget import plan_run
 from hldx.checkpoint import Checkpoint
 from hldx.job import FAILED, execute
@@ -50,7 +51,9 @@ def test_a_diverged_run_fails_in_one_line_and_is_not_run_again(tiny, tmp_path):
     assert f"delete {run_dir / FAILED}" in again.stderr and len(runs_of(tiny)) == 1
 
 
-def test_a_sweep_runs_every_job_and_names_each_failure(tiny, tmp_path):
+def test_a_sweep_runs_every_job_and_names_each_failure(tiny, tmp_path, capsys):
+    """A sweep with a diverged job runs the other, names the failure as it ends and at the end; hldx.status then
+    reads the study back: its table, the failed job's line (its cause, its log), exit status 1, 3 or 0."""
     sweep = run(["-m", *tiny, "method=nll", "lr=1e30,4e-4", f"hydra.sweep.dir={tmp_path}/sweep",
                  "hydra.sweeper.report=false"], tmp_path)
     assert sweep.returncode == 1 and "Traceback" not in sweep.stderr + sweep.stdout, sweep.stderr[-3000:]
@@ -58,8 +61,34 @@ def test_a_sweep_runs_every_job_and_names_each_failure(tiny, tmp_path):
     assert lines[-2] == "1 of 3 jobs and stages failed or did not run; the others ran:"  # tokenize and 2 jobs
     assert "lr=1e+30" in lines[-1] and ": diverged at step 2" in lines[-1]
     assert lines[-1].endswith(f"(log: {tmp_path}/sweep/0/run.log)")
+    shown = sweep.stdout.splitlines()  # the terminal: a line per job as it ends, the sweep's state
+    assert shown[-3].startswith("FAILED nll|lr=1e30  diverged at step 2") and shown[-2].startswith("done   nll|lr=4e-4")
+    assert shown[-1].startswith(f"sweep {tmp_path}/sweep: 2/3 done, 1 failed | ")
     assert {(r.data.params["lr"], r.info.status) for r in runs_of(tiny)} == {("1e+30", "FAILED"),
                                                                                ("0.0004", "FINISHED")}
+    # What hldx.status reads of it: from MLflow and the run directories, no state of its own.
+    study = ["-m", *tiny, "method=nll", "hydra.sweeper.report=false"]
+    assert status.main([*study, "lr=1e30,4e-4"]) == 1  # one failed
+    table = capsys.readouterr().out.splitlines()
+    assert stage_counts(table) == {"tokenize": [1, 0, 0, 0, 0], "student nll": [1, 0, 0, 1, 0],  # finished, running,
+                                   "eval": [1, 0, 0, 0, 1]}, table                               # pending, failed, not launched
+    assert table[5] == "failed (1):" and table[6].startswith("  lr=1e+30: diverged at step 2 (phase 1 of 1 (nll))")
+    assert table[6].endswith(f"at lr=1e+30 (log: {tmp_path}/sweep/0/run.log)")
+    assert status.main([*study, "lr=4e-4,1e-3"]) == 3  # one never launched: still to run
+    assert stage_counts(capsys.readouterr().out.splitlines())["student nll"] == [1, 0, 0, 0, 1]
+    assert status.main([*study, "lr=4e-4"]) == 0  # every job of it finished
+    assert capsys.readouterr().out.splitlines()[-1] == "time left: none"
+
+
+def stage_counts(lines: list[str]) -> dict[str, list[int]]:
+    """hldx.status's table: {row: [finished, running, pending, failed, not launched]}."""
+    rows = {}
+    for line in lines[lines.index(next(l for l in lines if l.startswith("stage "))) + 1:]:
+        *name, counts = line.rsplit(None, 5)[0], line.split()[-5:]
+        if not all(c.isdigit() for c in counts):
+            break
+        rows[name[0].strip()] = [int(c) for c in counts]
+    return rows
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from test_gpu_path import LOSS_RTOL, TINY, UPDATE_RTOL, _flat, _one_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])  # tests/gpu_check.py selects by id
 @pytest.mark.parametrize("method", ["nll", "kd", "hldc", "ht"])
 def test_bf16_gpu_step_matches_fp32_cpu_step(hldx_cache, tmp_path, method, compile):
     cfg = C.compose(TINY)

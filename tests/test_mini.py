@@ -25,6 +25,9 @@ def test_make_mini_on_one_point_writes_the_page_and_its_figures(tmp_path):
     done = subprocess.run(["make", "mini", f"MINI={' '.join(cut)}", f"MINI_PAGE={page}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    # The sweep's terminal, two jobs at a time (joblib): a line per stage and run, the sweep's state at the end.
+    shown = [line for line in done.stdout.splitlines() if line.startswith(("done   ", "FAILED ", f"sweep {tmp_path}"))]
+    assert len(shown) == 3 + 12 + 1 and shown[-1].startswith(f"sweep {tmp_path}/m: 15/15 done, 0 failed"), shown
     runs = read_mlflow("mini", uri)
     assert runs.groupby("method").size().to_dict() == {"nll": 2, "kd": 2, "hldc": 4, "hldf": 4, "teacher": 1}
     text = page.read_text()

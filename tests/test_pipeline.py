@@ -6,6 +6,7 @@ submitting nothing."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,10 +15,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from slurm_cluster import wait_until
+from test_failures import stage_counts
 from test_mlflow_ui import server  # noqa: F401 - the `mlflow server` fixture
 
 from hldx import config as C
-from hldx import job, study
+from hldx import job, status, study
 from hldx.stages import stages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +81,7 @@ def test_one_teacher_and_one_cache_per_distinct_teacher_whatever_the_seeds(tiny,
 @pytest.mark.slow
 def test_the_stages_run_in_order_here_and_a_finished_study_does_nothing(tiny, tmp_path):
     args = [*tiny, *STUDY, f"paths.cache={tmp_path}/cache", f"hydra.sweep.dir={tmp_path}/m"]
-    done = hldx_run(args, tmp_path, timeout=900)
+    done = hldx_run(args + ["--verbose"], tmp_path, timeout=900)  # all the stages and jobs write, on the terminal
     assert done.returncode == 0, done.stdout[-3000:]
     order = [line.split("stage hldx-")[1].split("-")[0] if "stage hldx-" in line else "student"
              for line in done.stdout.splitlines() if "stage hldx-" in line or "] - nll|" in line or "] - kd|" in line]
@@ -141,11 +143,15 @@ def _timeline(jobs: list[dict]) -> str:
 
 
 @pytest.mark.slow
-def test_the_study_on_slurm_as_dependent_jobs(slurm_cluster, server, hldx_cache, tmp_path):  # noqa: F811
+def test_the_study_on_slurm_as_dependent_jobs(slurm_cluster, server, hldx_cache, tmp_path, capsys):  # noqa: F811
     """The demo's grid (reduced to KD) through the mission's command: one teacher and one cache for both seeds. A
     cache task cancelled at once cancels the KD students and their evaluations (--kill-on-invalid-dep); the
     relaunch submits only the cache, the KD students, their evaluations and the report, and the cache task
-    that had completed builds nothing again; then every run is FINISHED and the command submits nothing."""
+    that had completed builds nothing again; then every run is FINISHED and the command submits nothing.
+    hldx.status, given the same overrides, follows it from SLURM's queue and accounting and MLflow: jobs pending
+    and running, the cancelled cache task and what it cancelled, a job that ran out of time (under the report
+    stage's name, a minute's limit, submitted beside the study: none of its own stages runs for a minute), the
+    relaunch superseding all of them, the study finished."""
     args = ["+sweep=demo", "method=kd", "budget.tokens=4096", "cache.tasks=2", "alpha=0.9", "seed=0,1",
             "train.seq_len=32", "train.batch_size=4",
             "data.max_train_tokens=32768", "teacher.build.tokens=8192", "eval.val_sequences=8", "eval.tasks=[val]",
@@ -153,7 +159,13 @@ def test_the_study_on_slurm_as_dependent_jobs(slurm_cluster, server, hldx_cache,
             f"paths.cache={tmp_path}/cache", "cache.rows_per_shard=32", "hydra/launcher=slurm_cpu",
             "hydra.launcher.timeout_min=60",
             f"hydra.sweep.dir={tmp_path}/multirun"]
+    def show(text: str) -> None:  # on the terminal (-s), not into what capsys reads of hldx.status
+        with capsys.disabled():
+            print(text)
+
     t0 = time.time()
+    report = f"hldx-report-{C.digest('pipeline')}"  # the study's report stage: out of time after a minute
+    slurm_cluster.run("sbatch", f"--job-name={report}", "--time=1", f"--output={tmp_path}/%j.out", "--wrap=sleep 600")
     first = hldx_run(args + ["hydra.sweeper.report=false"], tmp_path)  # the relaunch's report runs last
     assert first.returncode == 0, first.stdout[-3000:]
     submitted = [line for line in first.stdout.splitlines() if ": submitted as job " in line]
@@ -163,9 +175,16 @@ def test_the_study_on_slurm_as_dependent_jobs(slurm_cluster, server, hldx_cache,
     slurm_cluster.run("scancel", f"{array}_1")  # pending behind the teacher: it never runs
     again = hldx_run(args + ["hydra.sweeper.report=false"], tmp_path)
     assert again.returncode == 0 and ": submitted as job" not in again.stdout, again.stdout  # nothing twice
+    assert status.main(["-m", *args, "hydra.sweeper.report=false"]) == 1  # running, waiting, one task cancelled
+    shown = capsys.readouterr().out.splitlines()
+    show("\nhldx.status while the study runs:\n" + "\n".join(shown))
+    counts = stage_counts(shown)
+    assert sum(n[1] + n[2] for n in counts.values()) >= 1 and counts["eval"][0] == 0, shown  # running or pending
+    assert f"  hldx-cache-{cache_line.split('-')[2].split(':')[0]} task 1: CANCELLED before it started (scancel)" \
+        in "\n".join(shown)
     jobs = _drained(slurm_cluster, first, 7)  # the cancelled task never ran: SLURM's accounting has no record of it
-    print(f"\nthe demo study on SLURM, a cache task cancelled: {len(jobs)} jobs, {time.time() - t0:.1f} s\n"
-          + _timeline(jobs))
+    show(f"\nthe demo study on SLURM, a cache task cancelled: {len(jobs)} jobs, {time.time() - t0:.1f} s\n"
+         + _timeline(jobs))
     kd = [line.split(":")[0].removeprefix("hldx-student-") for line in submitted
           if line.startswith("hldx-student-") and line.endswith(f"afterok:{array}")]  # the students of the cache
     assert len(kd) == 2
@@ -176,14 +195,32 @@ def test_the_study_on_slurm_as_dependent_jobs(slurm_cluster, server, hldx_cache,
         assert end.startswith("CANCELLED") if cancelled else end == "COMPLETED", (name, end)
     shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "teacher_cache").rglob("*.bin")}
     assert shards  # task 0's
+    t = time.monotonic()
+    assert status.main(["-m", *args]) == 1
+    shown = capsys.readouterr().out.splitlines()
+    show(f"hldx.status after it, {time.monotonic() - t:.1f} s:\n" + "\n".join(shown))
+    assert stage_counts(shown) == {"tokenize": [1, 0, 0, 0, 0], "teacher": [1, 0, 0, 0, 0], "cache": [1, 0, 0, 1, 0],
+                                   "student kd": [0, 0, 0, 2, 0], "eval": [0, 0, 0, 2, 0], "report": [0, 0, 0, 1, 0]}
+    failed = shown[shown.index("failed (6):") + 1:][:6]
+    cache = failed[0].split()[0]
+    assert failed[0] == f"  {cache} task 1: CANCELLED before it started (scancel)"
+    for line in failed[1:3]:  # the students, by their overrides, and the evaluations, each with its log
+        assert re.fullmatch(rf"  seed=[01]: CANCELLED before it started: {cache} did not complete \(log: "
+                            rf"{tmp_path}/multirun/.submitit/(\d+)/\1_0_log.err\)", line), line
+    assert all(re.match(r"  seed=[01]: CANCELLED before it started: hldx-student-\w+ did not complete", line)
+               for line in failed[3:5]), failed
+    assert failed[5].startswith(f"  {report}: TIMEOUT: it reached its time limit")
 
     t1 = time.time()
     relaunch = hldx_run(args, tmp_path)
     assert relaunch.returncode == 0, relaunch.stdout[-3000:]
     resubmitted = sorted(line.split("-")[1] for line in relaunch.stdout.splitlines() if ": submitted as job " in line)
     assert resubmitted == ["cache", "eval", "eval", "report", "student", "student"], relaunch.stdout
+    assert status.main(["-m", *args]) == 3  # the relaunch's jobs supersede the failed ones: all to run
+    counts = stage_counts(capsys.readouterr().out.splitlines())
+    assert counts["student kd"][1] + counts["student kd"][2] == 2 and counts["report"] == [0, 0, 1, 0, 0]
     jobs = _drained(slurm_cluster, relaunch, 7)
-    print(f"the relaunch: {len(jobs)} jobs, {time.time() - t1:.1f} s\n" + _timeline(jobs))
+    show(f"the relaunch: {len(jobs)} jobs, {time.time() - t1:.1f} s\n" + _timeline(jobs))
     assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in shards.items())  # task 0's shards, untouched
     cache, students, evals = _stage(jobs, "cache"), _stage(jobs, "student"), _stage(jobs, "eval")
@@ -200,3 +237,7 @@ def test_the_study_on_slurm_as_dependent_jobs(slurm_cluster, server, hldx_cache,
     assert len(mlflow.search_runs([experiment], filter_string="tags.`hldx.role` = 'teacher'")) == 1
     done = hldx_run(args, tmp_path)
     assert "every run of the sweep has finished: nothing to do" in done.stdout, done.stdout
+    assert status.main(["-m", *args]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    show("hldx.status at the end:\n" + "\n".join(shown))
+    assert all(n[1:] == [0, 0, 0, 0] for n in stage_counts(shown).values()) and shown[-1] == "time left: none"

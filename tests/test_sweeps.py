@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from slurm_cluster import free_port
 
 from hldx import config as C
+from hldx import status
 from hldx.budget import flops_per_token
 from hldx.plan import main
 from hldx.study import expand_sweep, launch_plan, plan_sweep
@@ -49,7 +50,7 @@ def test_command_line_overrides_win_over_the_sweep_config():
 
 
 def test_plan_states_gpu_hours_at_the_assumed_throughput(tmp_path, capsys):
-    out = tmp_path / "plan.json"
+    out = tmp_path / "made" / "plan.json"  # its directory made before any work
     grid = ["method=nll,hldf", "lr=4e-4", "tau=1", "alpha=0.7", "p1=0.05"]
     assert main(["-m", "+sweep=paper-123m", *grid, f"plan.json={out}"]) == 0
     plan = json.loads(out.read_text())
@@ -92,19 +93,34 @@ def test_every_bad_job_is_named_before_anything_launches():
     with pytest.raises(C.ConfigError) as err:
         check_sweep(jobs)
     lines = str(err.value).splitlines()
-    assert lines[0] == "3 invalid job(s) in the sweep; nothing was launched:"
-    assert sum("lr=-1" in line and "lr=-1 is invalid" in line for line in lines) == 2
-    assert any("method=kd lr=0.0004" in line and "teacher.ckpt is not set" in line for line in lines)
+    assert lines[0] == "3 invalid job(s) in the sweep; nothing was launched:"  # each cause once, with its jobs
+    assert lines[1].startswith("  lr=-1 is invalid: expected a number > 0") and lines[1].endswith(
+        "(2 jobs, e.g. method=nll lr=-1)")
+    assert lines[2].startswith("  teacher.ckpt is not set") and lines[2].endswith("(job: method=kd lr=0.0004)")
+    assert len(lines) == 3
     with pytest.raises(C.ConfigError, match="teacher.ckpt=/no/teacher holds no checkpoint"):
         check_sweep(expand_sweep(["+sweep=paper-123m", "method=kd", "lr=4e-4", "tau=1", "alpha=0.7",
                                   "teacher.ckpt=/no/teacher", "tracking=local"]))
 
 
-def test_missing_sbatch_is_named_at_launch(tiny, monkeypatch):
+def test_a_refused_sweep_counts_the_distinct_jobs_of_each_cause():
+    """The paper's grid at one lr with a teacher directory that holds no checkpoint: 64 jobs, 48 of them distilled
+    but 20 distinct (KD ignores gamma and p1, HLDC p1, HLDF gamma); the refusal says the cause once, for those
+    20 (on the whole grid it used to say it 144 times, once a job)."""
+    with pytest.raises(C.ConfigError) as err:
+        check_sweep(expand_sweep(["+sweep=paper-123m", "lr=1e-4", "teacher.ckpt=/no/teacher", "tracking=local"]))
+    head, cause = str(err.value).splitlines()
+    assert head == "20 invalid job(s) in the sweep; nothing was launched:"
+    assert cause.startswith("  teacher.ckpt=/no/teacher holds no checkpoint") and "(20 jobs, e.g. method=kd " in cause
+
+
+def test_missing_sbatch_is_named_at_launch(tiny, monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(C.ConfigError, match="sbatch is not on PATH"):
         check_sweep(expand_sweep(tiny + ["method=nll"]), SLURM_LAUNCHER)
     assert check_sweep(expand_sweep(tiny + ["method=nll"])) != []  # the local launcher needs none
+    assert status.main(["-m", *tiny, "method=nll", "hydra/launcher=slurm_cpu"]) == 2  # nor does hldx.status here
+    assert "hydra/launcher submits to SLURM, but squeue or sacct is not on PATH" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("server", ["closed", "mute"])

@@ -208,9 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     cfg = C.compose(args)
+    out = cli.output_file("bench.json", cfg.bench.json) if cfg.bench.json else None
     result = bench(cfg)
     print(format_table(result))
-    if cfg.bench.json:
-        Path(cfg.bench.json).write_text(json.dumps(result, indent=2) + "\n")
+    if out:
+        out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {cfg.bench.json}")
     return 0
