@@ -17,6 +17,7 @@ from hldx.progress import Progress
 
 from hldx import hidden, order
 from hldx.budget import flops_per_token, shape_spec
+from hldx.device import device_of
 from hldx.loader import Loader
 from hldx.methods import Phase, phases
 from hldx.models import build_model, build_regressor, compile_layers
@@ -54,22 +55,23 @@ def random_cache(cfg: DictConfig, rows: order.Rows, root: Path, tokenizer_digest
                  hidden_dtype: str | None = None, logits: str | None = None) -> CacheReader:
     """A teacher cache of all training rows holding random logits (top-k: distinct ids, sorted values; sampled:
     draws from random logits over the vocabulary) and random hidden states of each teacher layer the pairs read,
-    in the configured teacher's shapes and dtypes (hidden_dtype, logits: others)."""
+    in the configured teacher's shapes and dtypes (hidden_dtype, logits: others), made and encoded on the job's
+    device (as a build's teacher: drawing from 32k logits is a GPU's work)."""
     t, L = cfg.teacher.model, cfg.train.seq_len
     spec = shape_spec(OmegaConf.merge(cfg, {"cache": {"hidden_dtype": hidden_dtype or cfg.cache.hidden_dtype,
                                                       "logits": logits or cfg.cache.logits}}))
     spec = dataclasses.replace(spec, teacher_digest="random", tokenizer_digest=tokenizer_digest,
                                stream_digest=rows.digest)
     spec = dataclasses.replace(spec, extents={part: rows.count for part in reads(cfg, spec)["hldc"]})
-    g = torch.Generator().manual_seed(cfg.seed)
+    device = device_of(cfg)
+    g = torch.Generator(device).manual_seed(cfg.seed)
 
     def outputs(part: str, n: int) -> tuple[torch.Tensor, ...]:
-        V, K = spec.vocab_size, spec.k
+        V, K, on = spec.vocab_size, spec.k, {"generator": g, "device": device}
         if part == "topk":
-            idx = (torch.randint(0, V, (n, L, 1), generator=g) + torch.arange(K) * (V // K)) % V  # distinct ids
-            return idx, (10 * torch.rand(n, L, K, generator=g)).sort(-1, descending=True).values
-        return (3 * torch.randn(n, L, V, generator=g),) if part == "sampled" else \
-            (torch.randn(n, L, t.hidden_size, generator=g),)
+            idx = (torch.randint(0, V, (n, L, 1), **on) + torch.arange(K, device=device) * (V // K)) % V  # distinct
+            return idx, (10 * torch.rand(n, L, K, **on)).sort(-1, descending=True).values
+        return (3 * torch.randn(n, L, V, **on),) if part == "sampled" else (torch.randn(n, L, t.hidden_size, **on),)
 
     def teacher_fn(tokens_NxL: torch.Tensor, parts: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, ...]]:
         return {part: outputs(part, len(tokens_NxL)) for part in parts}
