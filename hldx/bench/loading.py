@@ -1,9 +1,11 @@
 """The loader's throughput, its two sides apart: what KD (top-k or sampled logits), HLDC (logits + hidden) and HT
 (hidden) read, with hidden states in bfloat16, float8_e4m3 and sr2, page cache warm.
 
-Host side: Loader.get over every step of the rows, on the host (page-locked where a GPU is): reading the shards,
-checking every row's checksum, into the step's buffers, by one reader thread and by cache.readers. What a CPU must
-hold to its budget: at least twice what the student consumes at plan.mfu of plan.peak_flops.
+Host side: Loader.get over the steps of a round, on the host (page-locked where a GPU is): reading the shards,
+checking every row's checksum, into the step's buffers, by one reader thread and by cache.readers; a round ends when
+the reads it scheduled (cache.prefetch steps ahead) are done, so that each round reads its number of steps and no
+read runs while another run is timed. What a CPU must hold to its budget: at least twice what the student consumes
+at plan.mfu of plan.peak_flops.
 Device side: one read step's buffers copied to the job's device and every micro-batch decoded there (Step.micro), as
 the trainer takes them (on a GPU, a round ends when the device has done its copies and decodes; on a CPU there is no
 copy, and the decode runs where a GPU would run it: a GPU measures it)."""
@@ -44,7 +46,9 @@ def loader_bench(cfg: DictConfig, rows: order.Rows, tokenizer_digest: str, tmp: 
     one reader; loader_gpu_device_*), and of cache.readers readers over one (loader_readers<N>_vs_1_*)."""
     b, t = cfg.bench, cfg.train
     batches = order.Batches(rows, t.batch_size)
-    n, rounds = rows.count // t.batch_size, b.warmup + b.steps
+    # Steps per round: every row once, and enough steps for cache.prefetch reads in flight (past the rows, the
+    # positions wrap to row 0 again).
+    n, rounds = max(rows.count // t.batch_size, 4 * cfg.cache.prefetch), b.warmup + b.steps
     runs, device = loader_runs(cfg), device_of(cfg)
     caches = {(h, g): random_cache(cfg, rows, tmp / f"loader-{h}-{g}", tokenizer_digest, h, g)
               for h, g in {(h, g) for _, h, g in runs.values()}}
@@ -57,8 +61,7 @@ def loader_bench(cfg: DictConfig, rows: order.Rows, tokenizer_digest: str, tmp: 
                                cfg.cache.prefetch, k, pin=pin) for name in runs for k in counts}
     timed: dict[str, Callable[[int], None]] = {}
     for (name, k), loader in hosts.items():
-        timed[f"host_{name}" + ("" if k == 1 else f"_readers{k}")] = \
-            lambda r, loader=loader: [loader.get(s) for s in range(r * n, (r + 1) * n)]
+        timed[f"host_{name}" + ("" if k == 1 else f"_readers{k}")] = _host_side(loader, n)
     for name in runs:
         timed[f"device_{name}"] = _device_side(batches, caches[runs[name][1:]], parts[name], device, micro, n)
     seconds = {name: [] for name in timed}
@@ -87,6 +90,17 @@ def loader_bench(cfg: DictConfig, rows: order.Rows, tokenizer_digest: str, tmp: 
     return {"tokens_per_s": tps, "ratio": ratio, "loader_s_all": seconds, "gpu_tokens_per_s": gpu,
             "gpu_assumed": f"{cfg.plan.mfu:.0%} MFU of {cfg.plan.peak_flops / 1e12:g} TFLOP/s (plan.mfu, "
                            f"plan.peak_flops) on the exact FLOPs per token"}
+
+
+def _host_side(loader: Loader, n: int) -> Callable[[int], None]:
+    """Round r: steps [r * n, (r + 1) * n) handed out, then the reads scheduled ahead of them awaited."""
+    def run(r: int) -> None:
+        for s in range(r * n, (r + 1) * n):
+            loader.get(s)
+        for slot in loader.slots:
+            for f in slot.pending:
+                f.result()
+    return run
 
 
 def _device_side(batches: order.Batches, reader: CacheReader, parts: tuple[str, ...], device: torch.device,
