@@ -382,11 +382,11 @@ def test_sampled_logits_tiny_runs_side_by_side(tiny, sharp_teacher):
         ppl = {}
         for name, extra in sources.items():
             overrides = common + [f"method={method}"] + extra
-            if name == "dense":  # the cached runs' steps: the budget's NLL tokens scaled by the online teacher's cost
-                steps = plan_run(C.compose(common + [f"method={method}"])).phases[0].steps
-                costs = plan_run(C.compose(overrides)).flops_per_token
-                overrides += [f"budget.tokens={8192 * costs[method] / costs['data']}"]
-                assert plan_run(C.compose(overrides)).phases[0].steps == steps
+            if name == "dense":  # the cached runs' steps: the budget scaled by the online teacher's cost per token
+                cached = plan_run(C.compose(common + [f"method={method}"]))
+                online = plan_run(C.compose(overrides)).flops_per_token[method]
+                overrides += [f"budget.tokens={8192 * online / cached.flops_per_token[method]}"]
+                assert plan_run(C.compose(overrides)).phases[0].steps == cached.phases[0].steps
             ppl[name] = [execute(C.compose(overrides + [f"seed={seed}"]))["eval/val_logppl"] for seed in (0, 1)]
         d = ppl["dense"]
         print(f"| {method} | " + " | ".join(f"{a:.4f} / {b:.4f}" for a, b in ppl.values()) +

@@ -46,9 +46,9 @@ def loader_bench(cfg: DictConfig, rows: order.Rows, tokenizer_digest: str, tmp: 
     one reader; loader_gpu_device_*), and of cache.readers readers over one (loader_readers<N>_vs_1_*)."""
     b, t = cfg.bench, cfg.train
     batches = order.Batches(rows, t.batch_size)
-    # Steps per round: every row once, and enough steps for cache.prefetch reads in flight (past the rows, the
-    # positions wrap to row 0 again).
-    n, rounds = max(rows.count // t.batch_size, 4 * cfg.cache.prefetch), b.warmup + b.steps
+    # Steps per round: every row once, and enough steps for cache.prefetch reads in flight at once (past the rows,
+    # the positions wrap to row 0 again).
+    n, rounds = max(rows.count // t.batch_size, cfg.cache.prefetch + 1), b.warmup + b.steps
     runs, device = loader_runs(cfg), device_of(cfg)
     caches = {(h, g): random_cache(cfg, rows, tmp / f"loader-{h}-{g}", tokenizer_digest, h, g)
               for h, g in {(h, g) for _, h, g in runs.values()}}
