@@ -78,7 +78,8 @@ def check(cfg: DictConfig, launch: bool = True) -> None:
     require(c.task < c.tasks, "cache.task", c.task, f"a worker index in [0, cache.tasks={c.tasks})")
     if cfg.teacher.source == "cache" and c.logits == "sampled":
         V = cfg.teacher.model.vocab_size
-        require(c.draws <= V, "cache.draws", c.draws, f"a number of ids drawn per position in [1, {V}] (the vocabulary)")
+        require(c.draws <= V, "cache.draws", c.draws,
+                f"a number of ids drawn per position in [1, {V}] (the vocabulary)")
         taus = sorted(float(t) for t in c.taus)
         require(float(cfg.tau) in taus, "tau", cfg.tau, f"one of cache.taus={taus}: the temperatures a sampled cache "
                                                         f"weighs its draws for (add it to cache.taus)")
@@ -127,11 +128,11 @@ def load_teacher(cfg: DictConfig) -> torch.nn.Module:
 
 class OnlineTeacher:
     """Runs the teacher's forward on a batch: its top-k logits (relative to each position's largest, as the
-    cache stores them; or all its logits, `logits`) and/or its hidden states after the layers asked for (computing
-    no layer above the deepest of them when no logits are asked for). On a GPU (train.precision auto or bf16) the teacher
-    runs in bfloat16 weights and its final norm and LM head in float32, from float32 copies made first (the
-    head is tied to the embedding): the top-k is taken from float32 logits, as the cache's stated precision
-    assumes (bfloat16 logits near 20 are 0.06 apart). `dtype` overrides the weights' dtype."""
+    cache stores them; or all its logits, `logits`) and/or its hidden states after the layers asked for
+    (computing no layer above the deepest of them when no logits are asked for). On a GPU (train.precision auto or
+    bf16) the teacher runs in bfloat16 weights and its final norm and LM head in float32, from float32 copies made
+    first (the head is tied to the embedding): the top-k is taken from float32 logits, as the cache's stated
+    precision assumes (bfloat16 logits near 20 are 0.06 apart). `dtype` overrides the weights' dtype."""
 
     def __init__(self, cfg: DictConfig, model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None):
         bf16 = device.type == "cuda" and cfg.train.precision != "fp32"

@@ -1,8 +1,8 @@
 """A process that grows or reads one teacher cache, for the concurrency tests (tests/test_cache_concurrency.py):
 
-    python tests/cache_worker.py grow DIR ROWS HIDDEN_ROWS [DELAY_S [LAYERS [LOGITS]]]  # build to these extents, slowly
+    python tests/cache_worker.py grow DIR ROWS HIDDEN_ROWS [DELAY_S [LAYERS [LOGITS]]]  # build to these extents
     python tests/cache_worker.py read DIR ROWS HIDDEN_ROWS STOP_FILE [LAYERS [LOGITS]]  # build them, then read and
-                                                                # check them until STOP_FILE exists: prints the rows read
+                                                            # check them until STOP_FILE exists: prints the rows read
 LAYERS: the teacher layers whose hidden states the cache holds, comma-separated (default 3, the part `hidden`);
 LOGITS: topk (default) or sampled, the cache's logits.
 Every row read is compared with the deterministic teacher of tests/test_cache.py; any mismatch or error exits 1.
@@ -26,7 +26,8 @@ def with_extents(spec: CacheSpec, rows: int, hidden_rows: int | None = None, lay
     """spec needing its logits (top-k or sampled) for rows [0, rows) and the hidden states after each of `layers`
     for [0, hidden_rows) (default: rows)."""
     states = rows if hidden_rows is None else hidden_rows
-    return dataclasses.replace(spec, extents={spec.logits: rows} | {hidden_part(spec, layer): states for layer in layers})
+    layers = {hidden_part(spec, layer): states for layer in layers}
+    return dataclasses.replace(spec, extents={spec.logits: rows} | layers)
 
 
 def make_spec(rows: int = 37, hidden_rows: int | None = None, layers=(3,), **changes) -> CacheSpec:

@@ -129,7 +129,8 @@ def test_sampled_logits_are_part_of_the_cache_and_run_identity_and_topk_keeps_to
         return C.run_key(cfg), teacher.cache_spec(cfg, None, rows, plan_run(cfg)).digest
 
     def stage_names(*overrides):
-        planned, bad = plan_jobs(expand_sweep(["method=kd,hldc", "paths.cache=/c", f"paths.runs={tmp_path}", *overrides]))
+        sweep = ["method=kd,hldc", "paths.cache=/c", f"paths.runs={tmp_path}", *overrides]
+        planned, bad = plan_jobs(expand_sweep(sweep))
         assert not bad
         return [s.job_name for s in stages(planned) if s.name in ("teacher", "cache")]
 
@@ -146,7 +147,8 @@ def test_sampled_logits_are_part_of_the_cache_and_run_identity_and_topk_keeps_to
     assert C.run_key(compose(["method=nll", "cache.logits=sampled"])) == C.run_key(compose(["method=nll"]))
     assert stage_names("cache.logits=topk", "cache.draws=7") == stage_names()
     assert stage_names("cache.logits=sampled") != stage_names()
-    spec = teacher.cache_spec(compose(["method=kd", "cache.logits=sampled"]), None, rows, plan_run(compose(["method=kd"])))
+    kd = plan_run(compose(["method=kd"]))
+    spec = teacher.cache_spec(compose(["method=kd", "cache.logits=sampled"]), None, rows, kd)
     assert spec.identity()["logits"] == "sampled" and spec.identity()["taus"] == [0.5, 1.0, 2.0] and spec.k == 12
     assert {"logits", "taus"}.isdisjoint(teacher.cache_spec(compose(["method=kd"]), None, rows,
                                                             plan_run(compose(["method=kd"]))).identity())

@@ -347,8 +347,8 @@ def test_sampled_logits_measured_side_by_side(sharp_teacher):
     a cache holds them): for top-k
     (k = 128, 32, 8), 12 sampled ids and every id, at tau 0.5, 1 and 2, against the full distribution: bias,
     variance and the mass top-k drops, for a student at its initialisation and one near the teacher (its logits
-    plus unit noise). The draws' gradient is unbiased within its Monte-Carlo error (over 100 draws); top-k's bias (exact:
-    it is deterministic) is not zero, and grows as k shrinks."""
+    plus unit noise). The draws' gradient is unbiased within its Monte-Carlo error (over 100 draws); top-k's bias
+    (exact: it is deterministic) is not zero, and grows as k shrinks."""
     cfg = sharp_teacher[0]
     tokens, logits_T, _ = teacher_on(sharp_teacher, "train", 2)
     with torch.no_grad():
@@ -360,7 +360,8 @@ def test_sampled_logits_measured_side_by_side(sharp_teacher):
         for tau in (0.5, 1.0, 2.0):
             rows = kd_gradient_rows(logits_T, logits_S, tau)
             for row in rows:
-                bias = f"{row['bias']:.2e}" + (f" (MC error {row['mc']:.1e}, z2 {row['z2']:.2f})" if "mc" in row else "")
+                mc = f" (MC error {row['mc']:.1e}, z2 {row['z2']:.2f})" if "mc" in row else ""
+                bias = f"{row['bias']:.2e}{mc}"
                 print(f"| {student} | {tau:g} | {row['estimator']} | {row['tail']:.3f} | {bias} | {row['var']:.3g} |")
             dense, *top, draws = rows
             assert dense["bias"] < 1e-6 and draws["z2"] < 2.0, (student, tau, draws)

@@ -52,8 +52,8 @@ def uniforms(first_row: int, N: int, L: int, n: int, device: torch.device) -> Te
 def draw(logits_NxLxV: Tensor, first_row: int, n: int, taus: tuple[float, ...], dtype: torch.dtype
          ) -> tuple[Tensor, Tensor, Tensor]:
     """Rows [first_row, first_row + N) of the teacher's logits as n draws per position: ids [N, L, n] int64 (in
-    stratum order: increasing), their logits relative to the max [N, L, n] in `dtype`, and the log-normalisers a_t at each of
-    `taus` [N, L, T] float32. On the logits' device, in blocks of positions."""
+    stratum order: increasing), their logits relative to the max [N, L, n] in `dtype`, and the log-normalisers a_t
+    at each of `taus` [N, L, T] float32. On the logits' device, in blocks of positions."""
     N, L, V = logits_NxLxV.shape
     z_PxV = logits_NxLxV.reshape(N * L, V)
     u_Pxn = ((torch.arange(n, device=z_PxV.device) + uniforms(first_row, N, L, n, z_PxV.device)) / n).view(N * L, n)
