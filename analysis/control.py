@@ -81,19 +81,19 @@ def control(runs: pd.DataFrame, metric: str = "val_logppl") -> Control:
 
 
 def hidden_fit(runs: pd.DataFrame) -> pd.DataFrame:
-    """The hidden path's fit per (student, method, variant: gamma= or p1=, and the hidden path where it is not the
-    paper's), over its runs: HLDF phase 1's held-out cosine and HLDC's loss_emb at start and end (means; with
-    several layer pairs, over the pairs as the loss weighs them), and how many runs learned (cosine up, loss_emb
-    down)."""
+    """The hidden path's fit per (student, method, variant: gamma= or p1=, and the hidden path and the teacher's
+    logits where they are not the paper's), over its runs: HLDF phase 1's held-out cosine and HLDC's loss_emb at
+    start and end (means; with several layer pairs, over the pairs as the loss weighs them), and how many runs
+    learned (cosine up, loss_emb down)."""
     rows = []
     for (student, method), g in runs[runs["method"].isin(["hldc", "hldf"])].groupby(["student", "method"]):
         start, end = ("cosine_start", "cosine_end") if method == "hldf" else ("loss_emb_start", "loss_emb_end")
         variant = "p1" if method == "hldf" else "gamma"
-        for (value, path), v in g.groupby([variant, HIDDEN]):
+        for (value, path, logits), v in g.groupby([variant, HIDDEN, LOGITS]):
             v = v.dropna(subset=[start, end])
             learned = (v[end] > v[start]) if method == "hldf" else (v[end] < v[start])
-            rows.append({"student": student, "method": method, "variant": f"{variant}={value:g}"
-                         + (f"|{path}" if path else ""),
+            rows.append({"student": student, "method": method, "variant": "|".join(
+                             [f"{variant}={value:g}"] + [x for x in (path, logits) if x]),
                          "measure": start.removesuffix("_start"), "runs": len(v), "start": v[start].mean(),
                          "end": v[end].mean(), "learned": int(learned.sum())})
     return pd.DataFrame(rows, columns=["student", "method", "variant", "measure", "runs", "start", "end", "learned"])
