@@ -1,7 +1,8 @@
 """The paper's two comparisons: best-vs-best (Table 1) and pointwise against KD at shared (lr, tau, alpha).
 
 Pointwise statistics count independent units only: each variant (HLDC's gamma, HLDF's p1, with the hidden path
-where it is not the paper's: pairs=..., weights=..., adapter=...) at a point, or a
+where it is not the paper's: pairs=..., weights=..., adapter=...; and the teacher's logits where they are not its
+top-k: logits=sampled(...), which the KD partner shares) at a point, or a
 point with its variants averaged; seeds are averaged within a unit first, so a replicate never counts as
 another point, and NLL is compared once per lr (against the mean of the KD runs at that lr)."""
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.runs import COLUMNS, HIDDEN, HPARAMS, METHODS, METRICS, RUN_ID, SEED
+from analysis.runs import COLUMNS, HIDDEN, HPARAMS, LOGITS, METHODS, METRICS, RUN_ID, SEED
 from hldx import evaluation
 
 log = logging.getLogger(__name__)
@@ -46,22 +47,23 @@ def best(runs: pd.DataFrame, on: str = "val_logppl") -> pd.DataFrame:
 def pointwise(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (compared run, KD partner, metric); improvement = kd_score - score (> 0: better than KD).
 
-    HLDC/HLDF runs pair with the KD run of the same (student, lr, tau, alpha) and seed; their `point` is that
-    (lr, tau, alpha), their `variant` the gamma or p1 that KD lacks (and their hidden path where it is not the
-    paper's, e.g. gamma=0.1|pairs=[[1,2],[3,5]]). NLL runs pair with every KD run of the same
-    (student, lr) and seed; their point is the lr alone. A run with no partner is kept with paired=False and
-    empty KD columns.
+    HLDC/HLDF runs pair with the KD run of the same (student, lr, tau, alpha), seed and teacher logits; their
+    `point` is that (lr, tau, alpha), their `variant` the gamma or p1 that KD lacks (and their hidden path where it
+    is not the paper's, e.g. gamma=0.1|pairs=[[1,2],[3,5]], and the logits where they are not top-k). NLL runs
+    pair with every KD run of the same (student, lr) and seed; their point is the lr alone, their variant the KD
+    run's logits where they are not top-k. A run with no partner is kept with paired=False and empty KD columns.
     """
-    kd = runs.loc[runs["method"] == "kd", POINT + [SEED] + METRICS + [RUN_ID]]
+    kd = runs.loc[runs["method"] == "kd", POINT + [SEED, LOGITS] + METRICS + [RUN_ID]]
     kd = kd.rename(columns={RUN_ID: "kd_run_id", **{m: f"{m}_kd" for m in METRICS}})
-    hld = runs[runs["method"].isin(["hldc", "hldf"])].merge(kd, on=POINT + [SEED], how="left", indicator=True)
+    hld = runs[runs["method"].isin(["hldc", "hldf"])].merge(kd, on=POINT + [SEED, LOGITS], how="left",
+                                                            indicator=True)
     hld["point"] = [f"lr={_text(a)}|tau={_text(b)}|alpha={_text(c)}" for a, b, c in
                     zip(hld["lr"], hld["tau"], hld["alpha"])]
-    hld["variant"] = [(f"gamma={_text(g)}" if m == "hldc" else f"p1={_text(p)}") + (f"|{h}" if h else "")
-                      for m, g, p, h in zip(hld["method"], hld["gamma"], hld["p1"], hld[HIDDEN])]
-    nll = runs[runs["method"] == "nll"].drop(columns=["tau", "alpha"])
+    hld["variant"] = ["|".join([f"gamma={_text(g)}" if m == "hldc" else f"p1={_text(p)}"] + [x for x in (h, t) if x])
+                      for m, g, p, h, t in zip(hld["method"], hld["gamma"], hld["p1"], hld[HIDDEN], hld[LOGITS])]
+    nll = runs[runs["method"] == "nll"].drop(columns=["tau", "alpha", LOGITS])
     nll = nll.merge(kd, on=["student", "lr", SEED], how="left", indicator=True)
-    nll["point"], nll["variant"] = [f"lr={_text(a)}" for a in nll["lr"]], ""
+    nll["point"], nll["variant"] = [f"lr={_text(a)}" for a in nll["lr"]], nll[LOGITS].fillna("")
     pairs = pd.concat([hld, nll], ignore_index=True)
     pairs["paired"] = pairs.pop("_merge") == "both"
     long = pd.concat(

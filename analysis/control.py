@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from analysis.runs import FIT, HIDDEN, SEED
+from analysis.runs import FIT, HIDDEN, LOGITS, SEED
 
 POINT = ["student", "lr", "tau", "alpha"]
 SHARE = 0.75   # of the points where KD must beat NLL
@@ -24,17 +24,18 @@ def _range(x: pd.Series) -> float:
 
 
 def kd_vs_nll(runs: pd.DataFrame, metric: str = "val_logppl") -> pd.DataFrame:
-    """One row per KD point: nll, kd (seed means), margin = nll - kd, spread, seeds (paired seeds)."""
-    kd = runs.loc[runs["method"] == "kd", POINT + [SEED, metric]].rename(columns={metric: "kd"})
+    """One row per KD point (and teacher logits, where KD reads several: logits=sampled(...), "" for top-k): nll,
+    kd (seed means), margin = nll - kd, spread, seeds (paired seeds)."""
+    kd = runs.loc[runs["method"] == "kd", POINT + [LOGITS, SEED, metric]].rename(columns={metric: "kd"})
     nll = runs.loc[runs["method"] == "nll", ["student", "lr", SEED, metric]].rename(columns={metric: "nll"})
     both = kd.merge(nll, on=["student", "lr", SEED]).dropna(subset=["kd", "nll"])
     rows = []
-    for key, g in both.groupby(POINT, sort=True):
-        rows.append(dict(zip(POINT, key), nll=g["nll"].mean(), kd=g["kd"].mean(),
+    for key, g in both.groupby(POINT + [LOGITS], sort=True):
+        rows.append(dict(zip(POINT + [LOGITS], key), nll=g["nll"].mean(), kd=g["kd"].mean(),
                          margin=g["nll"].mean() - g["kd"].mean(),
                          spread=max(_range(g["nll"]), _range(g["kd"]), _range(g["nll"] - g["kd"])),
                          seeds=len(g)))
-    return pd.DataFrame(rows, columns=POINT + ["nll", "kd", "margin", "spread", "seeds"])
+    return pd.DataFrame(rows, columns=POINT + [LOGITS, "nll", "kd", "margin", "spread", "seeds"])
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class Control:
     def lines(self) -> list[str]:
         """The control in words, each claim beside its numbers."""
         b = self.best
-        point = f"lr={b['lr']:g}, tau={b['tau']:g}, alpha={b['alpha']:g}" if self.points else "-"
+        point = f"lr={b['lr']:g}, tau={b['tau']:g}, alpha={b['alpha']:g}" + (
+            f", {b[LOGITS]}" if b.get(LOGITS) else "") if self.points else "-"
         return [f"teacher {self.teacher:.3f} against the best student {self.best_student:.3f} "
                 f"({'below' if self.teacher < self.best_student else 'NOT below'} every student)",
                 f"KD beats NLL at {self.kd_better} of {self.points} points ({self.share:.0%}; needed: "
@@ -79,19 +81,19 @@ def control(runs: pd.DataFrame, metric: str = "val_logppl") -> Control:
 
 
 def hidden_fit(runs: pd.DataFrame) -> pd.DataFrame:
-    """The hidden path's fit per (student, method, variant: gamma= or p1=, and the hidden path where it is not the
-    paper's), over its runs: HLDF phase 1's held-out cosine and HLDC's loss_emb at start and end (means; with
-    several layer pairs, over the pairs as the loss weighs them), and how many runs learned (cosine up, loss_emb
-    down)."""
+    """The hidden path's fit per (student, method, variant: gamma= or p1=, and the hidden path and the teacher's
+    logits where they are not the paper's), over its runs: HLDF phase 1's held-out cosine and HLDC's loss_emb at
+    start and end (means; with several layer pairs, over the pairs as the loss weighs them), and how many runs
+    learned (cosine up, loss_emb down)."""
     rows = []
     for (student, method), g in runs[runs["method"].isin(["hldc", "hldf"])].groupby(["student", "method"]):
         start, end = ("cosine_start", "cosine_end") if method == "hldf" else ("loss_emb_start", "loss_emb_end")
         variant = "p1" if method == "hldf" else "gamma"
-        for (value, path), v in g.groupby([variant, HIDDEN]):
+        for (value, path, logits), v in g.groupby([variant, HIDDEN, LOGITS]):
             v = v.dropna(subset=[start, end])
             learned = (v[end] > v[start]) if method == "hldf" else (v[end] < v[start])
-            rows.append({"student": student, "method": method, "variant": f"{variant}={value:g}"
-                         + (f"|{path}" if path else ""),
+            rows.append({"student": student, "method": method, "variant": "|".join(
+                             [f"{variant}={value:g}"] + [x for x in (path, logits) if x]),
                          "measure": start.removesuffix("_start"), "runs": len(v), "start": v[start].mean(),
                          "end": v[end].mean(), "learned": int(learned.sum())})
     return pd.DataFrame(rows, columns=["student", "method", "variant", "measure", "runs", "start", "end", "learned"])

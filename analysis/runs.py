@@ -22,11 +22,12 @@ RUN_ID = "run_id"  # optional extra column: the MLflow run id, empty for CSV row
 SEED = "seed"      # optional extra column: the run's initialisation seed, 0 for CSV rows without one
 EVAL_DATA = "eval_data"  # optional extra column: the tag hldx.eval_data (hub, local, demo), empty if unknown
 HIDDEN = "hidden"  # optional extra column: an HLD run's hidden path where not the paper's (pairs=..., the param)
+LOGITS = "logits"  # optional extra column: a distilled run's teacher logits where not top-k (logits=sampled(...))
 DEMO = "demo"      # eval_data of runs evaluated on the demo's own tasks (python -m hldx.demotasks)
 # Optional extra columns: the hidden path's fit as hldx.train logs it (HLDF: phase 1's held-out cosine; HLDC:
 # loss_emb at the first and last step), NaN where a run has none.
 FIT = ["cosine_start", "cosine_end", "loss_emb_start", "loss_emb_end"]
-ROW = COLUMNS + [SEED, RUN_ID, EVAL_DATA, HIDDEN, *FIT]  # the columns of a run as read (row, _typed)
+ROW = COLUMNS + [SEED, RUN_ID, EVAL_DATA, HIDDEN, LOGITS, *FIT]  # the columns of a run as read (row, _typed)
 
 
 def _typed(df: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -51,15 +52,16 @@ def _typed(df: pd.DataFrame, where: str) -> pd.DataFrame:
     df[SEED] = seeds.astype(int)
     df[EVAL_DATA] = df[EVAL_DATA].fillna("").astype(str) if EVAL_DATA in df else ""
     df[HIDDEN] = df[HIDDEN].fillna("").astype(str) if HIDDEN in df else ""
+    df[LOGITS] = df[LOGITS].fillna("").astype(str) if LOGITS in df else ""
     for col in FIT:
         df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else float("nan")
     order = df["method"].map(METHODS.index)
-    df = df.assign(_order=order).sort_values(["student", "_order", *HPARAMS, HIDDEN, SEED], kind="stable")
+    df = df.assign(_order=order).sort_values(["student", "_order", *HPARAMS, HIDDEN, LOGITS, SEED], kind="stable")
     return df[ROW].reset_index(drop=True)
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:
-    """One row per run with the columns COLUMNS (plus the optional run_id, seed, eval_data, hidden); empty cells
+    """One row per run with the columns COLUMNS (plus the optional run_id, seed, eval_data, hidden, logits); empty cells
     are missing."""
     df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     missing = [c for c in COLUMNS if c not in df.columns]
@@ -83,6 +85,7 @@ def row(run) -> dict:
         RUN_ID: run.info.run_id,
         EVAL_DATA: tags.get("hldx.eval_data", ""),
         HIDDEN: params.get("hidden", ""),
+        LOGITS: params.get("logits", ""),
         **{f: metrics.get(f"hidden/{f}") for f in FIT},
     }
 

@@ -207,49 +207,51 @@ def gpu_hours(run: RunPlan, tokens_per_s: dict[str, float]) -> float:
 
 def rows_read(cfg: DictConfig, plan: RunPlan) -> dict[str, int]:
     """Rows of the training order a job reads, in sequence from row 0: in all, and up to which row it reads
-    the teacher's top-k logits and hidden states (HLDF: hidden states in phase 1 and on the step after it,
-    the held-out rows of phase 1's fit (hldx.train); top-k in phase 2)."""
-    need, end, batch = {"all": 0, "topk": 0, "hidden": 0}, 0, cfg.train.batch_size
+    the teacher's logits and hidden states (HLDF: hidden states in phase 1 and on the step after it,
+    the held-out rows of phase 1's fit (hldx.train); logits in phase 2)."""
+    need, end, batch = {"all": 0, "logits": 0, "hidden": 0}, 0, cfg.train.batch_size
     for i, (phase, p) in enumerate(zip(phases(cfg), plan.phases)):
         end += p.steps * batch
         need["all"] = end
         if cfg.method.name in C.DISTILLED and phase.needs_teacher_logits:
-            need["topk"] = end
+            need["logits"] = end
         if cfg.method.name in C.DISTILLED and phase.needs_teacher_hidden:
             need["hidden"] = end + (batch if i + 1 < len(plan.phases) else 0)
     return need
 
 
 def cache_extents(cfg: DictConfig, plan: RunPlan, rows: int | None = None) -> tuple[int, int]:
-    """The (top-k, hidden) extents of the job's teacher cache, in rows (the hidden one: of each layer it reads):
-    cache.rows and cache.hidden_rows (auto: what the job reads, all: hidden states wherever there are top-k), at
+    """The (logits, hidden) extents of the job's teacher cache, in rows (the hidden one: of each layer it reads):
+    cache.rows and cache.hidden_rows (auto: what the job reads, all: hidden states wherever there are logits), at
     most the `rows` the order holds."""
     need, c = rows_read(cfg, plan), cfg.cache
-    top = need["topk"] if c.rows == "auto" else int(c.rows)
+    top = need["logits"] if c.rows == "auto" else int(c.rows)
     states = need["hidden"] if c.hidden_rows == "auto" else top if c.hidden_rows == "all" else int(c.hidden_rows)
     return (top, states) if rows is None else (min(top, rows), min(states, rows))
 
 
 def shape_spec(cfg: DictConfig) -> CacheSpec:
-    """The cache's shapes and dtypes for cfg's teacher, no identity: what its parts are called and cost per token."""
-    t = cfg.teacher.model
-    return CacheSpec("", "", "", cfg.train.seq_len, cfg.method.get("top_k", 128), t.vocab_size,
-                     t.num_hidden_layers // 2, t.hidden_size, cfg.cache.values_dtype, cfg.cache.hidden_dtype)
+    """The cache's shapes, dtypes and logits for cfg's teacher, no teacher, tokenizer or rows: what its parts are
+    called and cost per token."""
+    t, c = cfg.teacher.model, cfg.cache
+    k = cfg.method.get("top_k", 128) if c.logits == "topk" else c.draws  # ids per position
+    return CacheSpec("", "", "", cfg.train.seq_len, k, t.vocab_size, t.num_hidden_layers // 2, t.hidden_size,
+                     c.values_dtype, c.hidden_dtype, c.rows_per_shard, c.logits, tuple(c.taus))
 
 
 def cache_parts(cfg: DictConfig, plan: RunPlan, rows: int | None = None) -> dict[str, int]:
     """The parts of the job's teacher cache (named as hldx.store names them) and the rows [0, n) it needs of each:
-    top-k, and the hidden states after each teacher layer its pairs read."""
+    its logits (top-k or sampled), and the hidden states after each teacher layer its pairs read."""
     top, states = cache_extents(cfg, plan, rows)
     layers = hidden.teacher_layers(cfg) if cfg.method.name in hidden.HLD else []
     spec = shape_spec(cfg)
-    return {"topk": top} | {hidden_part(spec, layer): states for layer in layers}
+    return {spec.logits: top} | {hidden_part(spec, layer): states for layer in layers}
 
 
 def cache_storage(configs: list[DictConfig], jobs: list[RunPlan], rows: int | None = None) -> dict | None:
     """Disk the shared teacher cache needs for the sweep: per part, the extent of its longest job x its bytes per
-    token (checksums included), and in all; the hidden states' bytes per token summed over the layers, their
-    tokens the layers' average. `rows`: what the training order holds, when known."""
+    token (checksums included), and in all; the logits part's name and bytes per token, the hidden states' summed
+    over the layers, their tokens the layers' average. `rows`: what the training order holds, when known."""
     readers = [(cfg, job) for cfg, job in zip(configs, jobs)
                if cfg.method.name in C.DISTILLED and cfg.teacher.source == "cache"]
     if not readers:
@@ -261,16 +263,17 @@ def cache_storage(configs: list[DictConfig], jobs: list[RunPlan], rows: int | No
     cfg = readers[0][0]
     spec, seq = shape_spec(cfg), cfg.train.seq_len
     per_token = bytes_per_token(spec)
-    top = parts.pop("topk")
+    top = parts.pop(spec.logits)
     parts = dict(sorted(parts.items(), key=lambda item: part_layer(spec, item[0])))  # the hidden ones, by layer
     layers = list(parts.values())
-    return {"rows": top, "hidden_rows": max(layers, default=0), "topk_bytes_per_token": per_token["topk"],
+    return {"rows": top, "hidden_rows": max(layers, default=0), "logits": spec.logits,
+            "logits_bytes_per_token": per_token[spec.logits],
             "hidden_bytes_per_token": per_token["hidden"] * len(layers), "tokens": top * seq,
             "hidden_tokens": seq * sum(layers) / len(layers) if layers else 0,
-            "bytes": round(seq * (top * per_token["topk"] + sum(layers) * per_token["hidden"])),
+            "bytes": round(seq * (top * per_token[spec.logits] + sum(layers) * per_token["hidden"])),
             "parts": {part: {"layer": part_layer(spec, part), "rows": n, "tokens": n * seq,
                              "bytes_per_token": (b := per_token[part_kind(part)]), "bytes": round(seq * n * b)}
-                      for part, n in {"topk": top, **parts}.items()}}
+                      for part, n in {spec.logits: top, **parts}.items()}}
 
 
 def layer_activation_bytes(m: DictConfig, gpu: bool) -> float:
@@ -308,13 +311,15 @@ def _activation_bytes_per_token(cfg: DictConfig, phase: str, gpu: bool) -> float
 def _input_bytes(cfg: DictConfig, phase, rows: int, micro: int) -> float:
     """The loader's copies on the device (hldx.loader): two steps of this rank's rows as stored (a step's copies
     are issued while the one before computes) and one micro-batch decoded (int64 ids and float32 values of the
-    top-k, float32 hidden states)."""
-    t, k = cfg.teacher.model, cfg.method.get("top_k", 128)
+    top-k or the draws, the draws' float32 log-normalisers, float32 hidden states)."""
+    t = cfg.teacher.model
     stored, decoded = 4.0, 8.0  # the tokens: int32 as stored, int64 on the device
     if cfg.method.name in C.DISTILLED and cfg.teacher.source == "cache":
-        per_token = bytes_per_token(shape_spec(cfg))
+        spec = shape_spec(cfg)
+        per_token = bytes_per_token(spec)
         if phase.needs_teacher_logits:
-            stored, decoded = stored + per_token["topk"], decoded + 12 * k
+            lse = 4 * len(spec.taus) if spec.logits == "sampled" else 0
+            stored, decoded = stored + per_token[spec.logits], decoded + 12 * spec.k + lse
         if phase.needs_teacher_hidden:
             layers = len(hidden.teacher_layers(cfg))
             stored, decoded = stored + layers * per_token["hidden"], decoded + layers * 4 * t.hidden_size

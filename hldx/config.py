@@ -185,11 +185,23 @@ def identity(cfg: DictConfig) -> dict:
         ident["teacher"] = OmegaConf.to_container(cfg.teacher, resolve=True)
         if cfg.teacher.source == "cache":  # what the cache rounds the teacher's outputs to
             ident["cache"] = {k: cfg.cache[k] for k in ("values_dtype", "hidden_dtype")[:1 if method == "kd" else 2]}
+            if cfg.cache.logits == "sampled":  # ids drawn from the teacher's distribution at the taus, not its top-k
+                ident["cache"] |= logits_variant(cfg)
+                ident["method"].pop("top_k")
     if method in hidden.HLD:
         ident["hidden"] = hidden.identity(cfg)
         if hidden.adapter(cfg) != "mlp":  # the mlp adapter's width, nothing to another adapter
             ident["method"].pop("regressor_expansion", None)
     return ident
+
+
+def logits_variant(cfg: DictConfig) -> dict:
+    """What a distilled run reads of the teacher's logits where it is not the paper's top-k from the cache: {} for
+    top-k (or an online teacher), else cache.logits, draws and taus (sampled logits)."""
+    c = cfg.cache
+    if cfg.method.name not in DISTILLED or cfg.teacher.source != "cache" or c.logits == "topk":
+        return {}
+    return {"logits": c.logits, "draws": int(c.draws), "taus": sorted(float(t) for t in c.taus)}
 
 
 @functools.cache
@@ -237,10 +249,19 @@ def hp_key(cfg: DictConfig) -> str:
     return "|".join(f"{k}={short(hp[k])}" for k in ("lr", "tau", "alpha") if hp[k] is not None)
 
 
+def logits_text(cfg: DictConfig) -> str:
+    """The teacher's logits as a run's variant text (run names, the analysis): "" for the paper's top-k, else e.g.
+    logits=sampled(12,[0.5,1,2]) (cache.logits, draws, taus)."""
+    v = logits_variant(cfg)
+    return f"logits={v['logits']}({v['draws']},[{','.join(f'{t:g}' for t in v['taus'])}])" if v else ""
+
+
 def run_name(cfg: DictConfig) -> str:
     """Readable MLflow run name, e.g. hldf|lr=4e-4|tau=1|alpha=0.7|p1=0.05 (then the hidden path where it is not
-    the paper's, e.g. |pairs=[[1,2],[3,5]], and |seed=S for a seed other than 0)."""
+    the paper's, e.g. |pairs=[[1,2],[3,5]], the logits where they are not top-k, e.g. |logits=sampled(12,[0.5,1,2]),
+    and |seed=S for a seed other than 0)."""
     hp = hparams(cfg)
     path = [variant] if (variant := hidden.variant(cfg)) else []
+    path += [variant] if (variant := logits_text(cfg)) else []
     seed = [f"seed={cfg.seed}"] if cfg.seed else []
     return "|".join([cfg.method.name] + [f"{k}={short(v)}" for k, v in hp.items() if v is not None] + path + seed)

@@ -33,9 +33,10 @@ class Micro:
     """One micro-batch on the device: tokens [m, L] long and what the phase reads of the teacher."""
 
     tokens_BxL: Tensor
-    topk_idx_BxLxK: Tensor | None = None
-    topk_val_BxLxK: Tensor | None = None     # logits minus each position's largest, float32
+    topk_idx_BxLxK: Tensor | None = None     # the teacher's top-k ids (a sampled cache: its drawn ids)
+    topk_val_BxLxK: Tensor | None = None     # their logits minus each position's largest, float32
     hidden: dict[int, Tensor] = field(default_factory=dict)   # teacher layer -> its states [m, L, D] float32
+    lse_BxLxT: Tensor | None = None          # a sampled cache: the log-normalisers at its taus, float32
 
 
 @dataclass
@@ -51,11 +52,12 @@ class Slot:
 
 
 class Loader:
-    """Steps `steps` of `batches` (this rank's rows) with the cache `parts` ("topk", a hidden part per teacher
-    layer) the phase reads, `prefetch` steps ahead, by `readers` threads; `get(step)` in increasing order."""
+    """Steps `steps` of `batches` (this rank's rows) with the cache `parts` (its logits, a hidden part per teacher
+    layer) the phase reads, `prefetch` steps ahead, by `readers` threads; `get(step)` in increasing order. `pin`:
+    into page-locked buffers (default: on a GPU), as for copies to one."""
 
     def __init__(self, batches: Batches, reader: CacheReader | None, parts: Iterable[str], steps: range,
-                 device: torch.device, prefetch: int = 2, readers: int = 2):
+                 device: torch.device, prefetch: int = 2, readers: int = 2, pin: bool | None = None):
         self.batches, self.reader, self.parts = batches, reader, tuple(parts)
         if self.parts and reader is None:
             raise ValueError(f"parts {self.parts} need a cache reader")
@@ -63,9 +65,9 @@ class Loader:
         if cuda and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.steps, self.device, self.readers = steps, device, max(1, readers)
-        b, L = batches.per_rank, batches.tokens_RxL.shape[1]
-        self.slots = [Slot(torch.empty((b, L), dtype=torch.int32, pin_memory=cuda),
-                           {p: reader.buffers(p, b, pin=cuda) for p in self.parts},
+        b, L, pin = batches.per_rank, batches.tokens_RxL.shape[1], cuda if pin is None else pin
+        self.slots = [Slot(torch.empty((b, L), dtype=torch.int32, pin_memory=pin),
+                           {p: reader.buffers(p, b, pin=pin) for p in self.parts},
                            torch.cuda.Event() if cuda else None) for _ in range(max(1, prefetch) + 1)]
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.pool = ThreadPoolExecutor(self.readers, thread_name_prefix="hldx-loader",
@@ -154,6 +156,8 @@ class Step:
                 out.hidden[self.layers[part]] = decoded
             elif part_kind(part) == "topk":
                 out.topk_idx_BxLxK, out.topk_val_BxLxK = decoded
+            elif part_kind(part) == "sampled":
+                out.topk_idx_BxLxK, out.topk_val_BxLxK, out.lse_BxLxT = decoded
         return out
 
 

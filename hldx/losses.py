@@ -2,10 +2,12 @@
 
 Logits may arrive in bf16; all arithmetic runs in float32 (float64 stays float64). The student's
 full-vocabulary log-softmax is never materialised: `gathered_log_softmax` returns it at the requested
-indices only, computed over chunks of positions, with a closed-form backward. The teacher's top-k
-distribution stays sparse throughout.
+indices only, computed over chunks of positions, with a closed-form backward. The teacher's distribution stays
+sparse throughout: its top-k, renormalised, or ids drawn from it with importance weights (sampled_target).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -117,10 +119,45 @@ def _check_topk(topk_idx_BxLxK: Tensor, topk_val_BxLxK: Tensor) -> None:
                          f"{tuple(topk_val_BxLxK.shape)} must have the same shape [B, L, K]")
 
 
-def _kl_from_logp(logp_S_BxLxK: Tensor, topk_val_BxLxK: Tensor, tau: float) -> Tensor:
-    """tau^2 * mean over positions of sum_k p_T (log p_T - log p_S), p_T = softmax(topk_val / tau)."""
-    logp_T = torch.log_softmax(topk_val_BxLxK.to(logp_S_BxLxK.dtype) / tau, dim=-1)
-    return tau**2 * (logp_T.exp() * (logp_T - logp_S_BxLxK)).sum(-1).mean()
+def teacher_logp(val_BxLxN: Tensor, lse_BxLxT: Tensor, taus: tuple[float, ...]) -> Tensor:
+    """[B, L, N, T]: log p_t(i) = r_i / t - a_t, the teacher's log-probability at each tau t of a sampled cache's
+    grid of ids with logits r relative to the max (val), a_t the position's log-normaliser at t (lse)."""
+    taus_T = torch.tensor(taus, dtype=val_BxLxN.dtype, device=val_BxLxN.device)
+    return val_BxLxN[..., None] / taus_T - lse_BxLxT[..., None, :].to(val_BxLxN.dtype)
+
+
+def log_proposal(logp_BxLxNxT: Tensor) -> Tensor:
+    """[B, L, N]: log q(i), the sampled cache's proposal at each id: the mixture (1/T) sum_t p_t of the teacher's
+    distributions at the grid's taus (hldx.store.sampled)."""
+    return torch.logsumexp(logp_BxLxNxT, dim=-1) - math.log(logp_BxLxNxT.shape[-1])
+
+
+def sampled_target(val_BxLxN: Tensor, lse_BxLxT: Tensor, taus: tuple[float, ...], tau: float
+                   ) -> tuple[Tensor, Tensor]:
+    """The teacher's distribution at tau as N drawn ids carry it (cache.logits=sampled, hldx.store.sampled): their
+    importance weights p_tau(i) / (N q(i)), whose sum over the ids is an unbiased estimate of p_tau, and log p_tau."""
+    if tau not in taus:
+        raise ValueError(f"tau={tau} is not among the sampled cache's taus {list(taus)}")
+    dtype = _compute_dtype(val_BxLxN, lse_BxLxT)
+    logp_BxLxNxT = teacher_logp(val_BxLxN.to(dtype), lse_BxLxT.to(dtype), taus)
+    logp_BxLxN = logp_BxLxNxT[..., taus.index(tau)]
+    return (logp_BxLxN - log_proposal(logp_BxLxNxT)).exp() / val_BxLxN.shape[-1], logp_BxLxN
+
+
+def _kl(logp_S_BxLxK: Tensor, p_T_BxLxK: Tensor, logp_T_BxLxK: Tensor, tau: float) -> Tensor:
+    """tau^2 * mean over positions of sum_k p_T (log p_T - log p_S): the KL of the teacher's (sparse) target."""
+    return tau**2 * (p_T_BxLxK * (logp_T_BxLxK - logp_S_BxLxK)).sum(-1).mean()
+
+
+def _target(val_BxLxK: Tensor, tau: float, dtype: torch.dtype, lse_BxLxT: Tensor | None,
+            taus: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """(p_T, log p_T) on the K ids: top-k, softmax(val / tau) renormalised over the k; sampled (lse given), the
+    importance weights of the drawn ids."""
+    if lse_BxLxT is not None:
+        p_T, logp_T = sampled_target(val_BxLxK, lse_BxLxT, taus, tau)
+        return p_T.to(dtype), logp_T.to(dtype)
+    logp_T = torch.log_softmax(val_BxLxK.to(dtype) / tau, dim=-1)
+    return logp_T.exp(), logp_T
 
 
 def nll(logits_BxLxV: Tensor, tokens_BxL: Tensor, *, chunk: int | None = None) -> Tensor:
@@ -130,19 +167,22 @@ def nll(logits_BxLxV: Tensor, tokens_BxL: Tensor, *, chunk: int | None = None) -
 
 
 def sparse_kd(logits_BxLxV: Tensor, topk_idx_BxLxK: Tensor, topk_val_BxLxK: Tensor, tau: float,
-              *, chunk: int | None = None) -> Tensor:
+              *, chunk: int | None = None, lse_BxLxT: Tensor | None = None, taus: tuple[float, ...] = ()) -> Tensor:
     """tau^2 * mean over all B*L positions of KL(p_T || p_S) (paper's L_logits).
 
     p_T = softmax(topk_val / tau) over the teacher's k logits; log p_S = log_softmax(logits / tau) over the
-    full vocabulary, taken at topk_idx. No dense teacher distribution is built.
+    full vocabulary, taken at topk_idx. No dense teacher distribution is built. With `lse_BxLxT` (a sampled
+    cache's log-normalisers at its `taus`), the ids are draws and p_T their importance weights (sampled_target):
+    the loss and its gradient w.r.t. the logits are unbiased estimates of the full distribution's.
     """
     _check_topk(topk_idx_BxLxK, topk_val_BxLxK)
     (logp_S_BxLxK,) = gathered_log_softmax(logits_BxLxV, (topk_idx_BxLxK, tau), chunk=chunk)
-    return _kl_from_logp(logp_S_BxLxK, topk_val_BxLxK, tau)
+    return _kl(logp_S_BxLxK, *_target(topk_val_BxLxK, tau, logp_S_BxLxK.dtype, lse_BxLxT, taus), tau)
 
 
 def kd_objective(logits_BxLxV: Tensor, tokens_BxL: Tensor, topk_idx_BxLxK: Tensor, topk_val_BxLxK: Tensor,
-                 tau: float, alpha: float, *, chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                 tau: float, alpha: float, *, chunk: int | None = None, lse_BxLxT: Tensor | None = None,
+                 taus: tuple[float, ...] = ()) -> tuple[Tensor, Tensor, Tensor]:
     """(1 - alpha) * nll + alpha * sparse_kd (paper eq. 2); returns (total, nll, kd).
 
     One chunked pass over the vocabulary serves both terms (one logsumexp per position when tau == 1).
@@ -152,7 +192,7 @@ def kd_objective(logits_BxLxV: Tensor, tokens_BxL: Tensor, topk_idx_BxLxK: Tenso
     logp_next_BxLx1, logp_S_BxLxK = gathered_log_softmax(
         logits_BxLxV, (next_BxLx1, 1.0), (topk_idx_BxLxK, tau), chunk=chunk)
     loss_nll = -logp_next_BxLx1[:, :-1].mean()
-    loss_kd = _kl_from_logp(logp_S_BxLxK, topk_val_BxLxK, tau)
+    loss_kd = _kl(logp_S_BxLxK, *_target(topk_val_BxLxK, tau, logp_S_BxLxK.dtype, lse_BxLxT, taus), tau)
     return (1 - alpha) * loss_nll + alpha * loss_kd, loss_nll, loss_kd
 
 

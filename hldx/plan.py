@@ -137,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     storage = cache_storage([c for _, c, _ in planned], jobs, rows)
     if storage:
         print(parts_line(storage))
-        print(f"teacher cache ({cfg.cache.values_dtype} top-k, {cfg.cache.hidden_dtype} hidden states): top-k for "
-              f"{storage['tokens']:.4g} tokens x {storage['topk_bytes_per_token']:.6g} B + hidden states for "
+        c = cfg.cache
+        logits = "top-k" if storage["logits"] == "topk" else \
+            f"sampled logits ({c.draws} draws, taus {'/'.join(f'{t:g}' for t in sorted(c.taus))})"
+        print(f"teacher cache ({c.values_dtype} {storage['logits'].replace('topk', 'top-k')}, {c.hidden_dtype} hidden "
+              f"states): {logits} for {storage['tokens']:.4g} tokens x {storage['logits_bytes_per_token']:.6g} B + "
+              f"hidden states for "
               f"{storage['hidden_tokens']:.4g} tokens x {storage['hidden_bytes_per_token']:.6g} B = "
               f"{storage['bytes'] / 1e12:.4g} TB on disk")
     if out:

@@ -217,6 +217,9 @@ class Cache:
     rows_per_shard: int = key(integer(1))
     values_dtype: str = key()
     hidden_dtype: str = key()
+    logits: str = key(one_of("topk", "sampled"))
+    draws: int = key(integer(1))
+    taus: Any = key(numbers(number(0, lo_open=True)))
     rows: Any = key(extent("auto"))
     hidden_rows: Any = key(extent("auto", "all"))
     batch_rows: Any = key(Rule("auto or a row count >= 1", lambda v: v == "auto" or (

@@ -161,8 +161,7 @@ def _teacher_stages(group: list[study.Planned], tokenized: str, data_key: str, t
         if c.teacher.source != "cache":
             waits[r.run_key] = after
             continue
-        identity = [c.cache.values_dtype, c.cache.hidden_dtype, c.method.get("top_k", 128), c.cache.rows_per_shard]
-        by_cache.setdefault(C.digest(identity), []).append((j, c, r))
+        by_cache.setdefault(C.digest(_cache_identity(c)), []).append((j, c, r))
     for cached in by_cache.values():
         extents: dict[str, int] = {}
         for _, c, r in cached:
@@ -174,8 +173,9 @@ def _teacher_stages(group: list[study.Planned], tokenized: str, data_key: str, t
         share += [f"cache.tasks={tasks}"]
         # A stage reading the middle layer alone (every study before layer pairs) keeps its job name.
         others = {p: n for p, n in extents.items() if p not in ("topk", "hidden")} or None
-        key = C.digest([_teacher_id(c), data_key, extents["topk"], extents.get("hidden", 0), c.cache.values_dtype,
-                        c.cache.hidden_dtype, c.method.get("top_k", 128), others])
+        key = C.digest([_teacher_id(c), data_key, extents.get("topk", 0), extents.get("hidden", 0),
+                        c.cache.values_dtype, c.cache.hidden_dtype, c.method.get("top_k", 128), others]
+                       + _cache_identity(c)[4:])
         as_student = c.copy()
         as_student.student = c.teacher.model
         forward = flops_per_token(as_student)["data"] / 3  # the teacher's forward alone: a third of training
@@ -188,6 +188,14 @@ def _teacher_stages(group: list[study.Planned], tokenized: str, data_key: str, t
         for _, _, r in cached:
             waits[r.run_key] = [out[-1].job_name]
     return out
+
+
+def _cache_identity(cfg) -> list:
+    """What tells a job's cache from another's of the same teacher and rows: its dtypes, k and shards, and where it
+    holds sampled logits, their draws and taus (a top-k cache's as before sampled caches existed)."""
+    c = cfg.cache
+    sampled = [c.logits, c.draws, sorted(float(t) for t in c.taus)] if c.logits == "sampled" else []
+    return [c.values_dtype, c.hidden_dtype, cfg.method.get("top_k", 128), c.rows_per_shard] + sampled
 
 
 def table(graph: list[Stage]) -> str:

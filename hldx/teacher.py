@@ -18,11 +18,11 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerFast
 
 from hldx import config as C
-from hldx import data, hidden, schema
+from hldx import data, schema
 from hldx.data import tokenizer_digest
 from hldx.errors import ConfigError, check as require
 from hldx.models import final_state, hidden_states, load_model
-from hldx.budget import RunPlan, cache_extents
+from hldx.budget import RunPlan, cache_parts, shape_spec
 from hldx.order import Rows
 from hldx.store import (HIDDEN_DTYPES, VALUE_DTYPES, CacheReader, CacheSpec, build, codec, hidden_part, open_cache,
                         part_kind, part_layer)
@@ -76,6 +76,13 @@ def check(cfg: DictConfig, launch: bool = True) -> None:
     require(c.hidden_dtype != "sr2" or d_T % codec.BLOCK == 0, "cache.hidden_dtype", c.hidden_dtype,
             f"bfloat16, float8_e4m3 or float32 for a teacher of hidden size {d_T} (sr2: a multiple of {codec.BLOCK})")
     require(c.task < c.tasks, "cache.task", c.task, f"a worker index in [0, cache.tasks={c.tasks})")
+    if cfg.teacher.source == "cache" and c.logits == "sampled":
+        V = cfg.teacher.model.vocab_size
+        require(c.draws <= V, "cache.draws", c.draws,
+                f"a number of ids drawn per position in [1, {V}] (the vocabulary)")
+        taus = sorted(float(t) for t in c.taus)
+        require(float(cfg.tau) in taus, "tau", cfg.tau, f"one of cache.taus={taus}: the temperatures a sampled cache "
+                                                        f"weighs its draws for (add it to cache.taus)")
     if not launch:
         return
     if OmegaConf.is_missing(cfg.teacher, "ckpt"):
@@ -121,11 +128,11 @@ def load_teacher(cfg: DictConfig) -> torch.nn.Module:
 
 class OnlineTeacher:
     """Runs the teacher's forward on a batch: its top-k logits (relative to each position's largest, as the
-    cache stores them) and/or its hidden states after the layers asked for (computing no layer above the deepest
-    of them when no logits are asked for). On a GPU (train.precision auto or bf16) the teacher
-    runs in bfloat16 weights and its final norm and LM head in float32, from float32 copies made first (the
-    head is tied to the embedding): the top-k is taken from float32 logits, as the cache's stated precision
-    assumes (bfloat16 logits near 20 are 0.06 apart). `dtype` overrides the weights' dtype."""
+    cache stores them; or all its logits, `logits`) and/or its hidden states after the layers asked for
+    (computing no layer above the deepest of them when no logits are asked for). On a GPU (train.precision auto or
+    bf16) the teacher runs in bfloat16 weights and its final norm and LM head in float32, from float32 copies made
+    first (the head is tied to the embedding): the top-k is taken from float32 logits, as the cache's stated
+    precision assumes (bfloat16 logits near 20 are 0.06 apart). `dtype` overrides the weights' dtype."""
 
     def __init__(self, cfg: DictConfig, model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None):
         bf16 = device.type == "cuda" and cfg.train.precision != "fp32"
@@ -142,14 +149,20 @@ class OnlineTeacher:
         states float32} for each of `layers`."""
         if not logits:
             return None, None, {layer: h.float() for layer, h in hidden_states(self.model, tokens_BxL, layers).items()}
+        logits_BxLxV, states = self.logits(tokens_BxL, layers)
+        topk_val_BxLxK, topk_idx_BxLxK = logits_BxLxV.topk(self.k, dim=-1)
+        relative_BxLxK = topk_val_BxLxK - topk_val_BxLxK[..., :1]  # sorted: the first is the largest
+        return topk_idx_BxLxK, relative_BxLxK, states
+
+    @torch.no_grad()
+    def logits(self, tokens_BxL: Tensor, layers: Iterable[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
+        """All the teacher's logits [B, L, V] float32, and {layer: its hidden states float32} for each of `layers`."""
         h_BxLxD, states = final_state(self.model, tokens_BxL, layers)
         with torch.autocast(h_BxLxD.device.type, enabled=False):  # float32 inside a bf16-autocast training step
             logits_BxLxV = F.linear(self.norm(h_BxLxD.float()), self.head_VxD)
             if self.softcap is not None:
                 logits_BxLxV = self.softcap * torch.tanh(logits_BxLxV / self.softcap)
-            topk_val_BxLxK, topk_idx_BxLxK = logits_BxLxV.topk(self.k, dim=-1)
-        relative_BxLxK = topk_val_BxLxK - topk_val_BxLxK[..., :1]  # sorted: the first is the largest
-        return topk_idx_BxLxK, relative_BxLxK, {layer: h.float() for layer, h in states.items()}
+        return logits_BxLxV, {layer: h.float() for layer, h in states.items()}
 
 
 def teacher_digest(path: Path) -> str:
@@ -163,18 +176,13 @@ def teacher_digest(path: Path) -> str:
 
 
 def cache_spec(cfg: DictConfig, tokenizer, rows: Rows, plan: RunPlan) -> CacheSpec:
-    """The cache of cfg's teacher on the training rows, with the parts and extents cfg's job needs (top-k to
-    cache.rows, the hidden states after each teacher layer it reads to cache.hidden_rows: auto is what it reads);
-    every method, hyperparameter, seed and layer of a sweep shares it (its part `hidden`: the teacher's middle)."""
-    spec = CacheSpec(
-        teacher_digest=teacher_digest(teacher_path(cfg)), tokenizer_digest=tokenizer_digest(tokenizer),
-        stream_digest=rows.digest, seq_len=cfg.train.seq_len, k=cfg.method.get("top_k", 128),
-        vocab_size=cfg.student.vocab_size, hidden_layer=cfg.teacher.model.num_hidden_layers // 2,
-        hidden_size=cfg.teacher.model.hidden_size, values_dtype=cfg.cache.values_dtype,
-        hidden_dtype=cfg.cache.hidden_dtype, rows_per_shard=cfg.cache.rows_per_shard)
-    top, states = cache_extents(cfg, plan, rows.count)
-    layers = hidden.teacher_layers(cfg) if cfg.method.name in hidden.HLD else []
-    return dataclasses.replace(spec, extents={"topk": top} | {hidden_part(spec, layer): states for layer in layers})
+    """The cache of cfg's teacher on the training rows, with the parts and extents cfg's job needs (its logits,
+    top-k or sampled, to cache.rows, the hidden states after each teacher layer it reads to cache.hidden_rows: auto
+    is what it reads); every method, hyperparameter, seed and layer of a sweep shares it (its part `hidden`: the
+    teacher's middle)."""
+    spec = dataclasses.replace(shape_spec(cfg), teacher_digest=teacher_digest(teacher_path(cfg)),
+                               tokenizer_digest=tokenizer_digest(tokenizer), stream_digest=rows.digest)
+    return dataclasses.replace(spec, extents=cache_parts(cfg, plan, rows.count))
 
 
 def cache_dir(cfg: DictConfig, spec: CacheSpec) -> Path:
@@ -193,9 +201,14 @@ def build_cache(cfg: DictConfig, spec: CacheSpec, rows: Rows, device: torch.devi
         if not teachers:
             teachers.append(OnlineTeacher(cfg, load_teacher(cfg), device))
         layers = [part_layer(spec, part) for part in parts if part_kind(part) == "hidden"]
-        idx, val, states = teachers[0](tokens_BxL.to(device), "topk" in parts, layers)  # encoded on the device
-        return {hidden_part(spec, layer): (h,) for layer, h in states.items()} | (
-            {"topk": (idx, val)} if "topk" in parts else {})
+        tokens_BxL, logits = tokens_BxL.to(device), {}  # encoded on the device
+        if "sampled" in parts:
+            z_BxLxV, states = teachers[0].logits(tokens_BxL, layers)
+            logits["sampled"] = (z_BxLxV,)
+        else:
+            idx, val, states = teachers[0](tokens_BxL, "topk" in parts, layers)
+            logits = {"topk": (idx, val)} if "topk" in parts else {}
+        return {hidden_part(spec, layer): (h,) for layer, h in states.items()} | logits
 
     return build(spec, cache_dir(cfg, spec), teacher_fn,
                  lambda r: torch.from_numpy(rows.tokens_RxL[r].astype(np.int64)), shards,

@@ -131,6 +131,8 @@ class Tracker:
                   **{k: v for k, v in C.hparams(cfg).items() if v is not None}}
         if path := hidden.variant(cfg):  # an HLD run's hidden path where it is not the paper's (the analysis' variant)
             params["hidden"] = path
+        if logits := C.logits_text(cfg):  # the teacher's logits where they are not the paper's top-k (a variant too)
+            params["logits"] = logits
         params |= {f"cfg.{k}": v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), MAX_BATCH):

@@ -152,7 +152,8 @@ class Trainer:
             nll = losses.nll(logits, tokens_BxL, chunk=cfg.train.loss_chunk)
             return {"loss": nll, "loss_nll": nll}
         total, nll, kd = losses.kd_objective(logits, tokens_BxL, idx, val, cfg.tau, cfg.alpha,
-                                             chunk=cfg.train.loss_chunk)
+                                             chunk=cfg.train.loss_chunk, lse_BxLxT=micro.lse_BxLxT,
+                                             taus=self.reader.spec.taus if self.reader else ())
         parts = {"loss": total, "loss_nll": nll, "loss_kd": kd}
         if phase.name == "hldc":
             emb, per_pair = self.hidden_loss(predicted, micro.hidden)
@@ -223,7 +224,7 @@ class Trainer:
         if start > 0:
             engine.load(latest(self.run_dir) / "dcp", optimizer)
         first_step = sum(p.steps for p in self.plan.phases[:index])   # data position continues across phases
-        parts = [] if self.reader is None else (["topk"] if phase.needs_teacher_logits else []) + (
+        parts = [] if self.reader is None else ([self.reader.spec.logits] if phase.needs_teacher_logits else []) + (
             [hidden_part(self.reader.spec, t) for t in self.teacher_layers] if phase.needs_teacher_hidden else [])
         loader = Loader(self.batches, self.reader, parts, range(first_step + start, first_step + plan.steps), device,
                         cfg.cache.prefetch, cfg.cache.readers)

@@ -1,9 +1,10 @@
 """A process that grows or reads one teacher cache, for the concurrency tests (tests/test_cache_concurrency.py):
 
-    python tests/cache_worker.py grow DIR ROWS HIDDEN_ROWS [DELAY_S [LAYERS]]   # build to these extents, slowly
-    python tests/cache_worker.py read DIR ROWS HIDDEN_ROWS STOP_FILE [LAYERS]   # build them, then read and check
-                                                                        # them until STOP_FILE exists: prints the rows read
-LAYERS: the teacher layers whose hidden states the cache holds, comma-separated (default 3, the part `hidden`).
+    python tests/cache_worker.py grow DIR ROWS HIDDEN_ROWS [DELAY_S [LAYERS [LOGITS]]]  # build to these extents
+    python tests/cache_worker.py read DIR ROWS HIDDEN_ROWS STOP_FILE [LAYERS [LOGITS]]  # build them, then read and
+                                                            # check them until STOP_FILE exists: prints the rows read
+LAYERS: the teacher layers whose hidden states the cache holds, comma-separated (default 3, the part `hidden`);
+LOGITS: topk (default) or sampled, the cache's logits.
 Every row read is compared with the deterministic teacher of tests/test_cache.py; any mismatch or error exits 1.
 """
 import dataclasses
@@ -22,10 +23,11 @@ L, K, D = 16, 8, 12
 
 
 def with_extents(spec: CacheSpec, rows: int, hidden_rows: int | None = None, layers=(3,)) -> CacheSpec:
-    """spec needing top-k for rows [0, rows) and the hidden states after each of `layers` for [0, hidden_rows)
-    (default: rows)."""
+    """spec needing its logits (top-k or sampled) for rows [0, rows) and the hidden states after each of `layers`
+    for [0, hidden_rows) (default: rows)."""
     states = rows if hidden_rows is None else hidden_rows
-    return dataclasses.replace(spec, extents={"topk": rows} | {hidden_part(spec, layer): states for layer in layers})
+    layers = {hidden_part(spec, layer): states for layer in layers}
+    return dataclasses.replace(spec, extents={spec.logits: rows} | layers)
 
 
 def make_spec(rows: int = 37, hidden_rows: int | None = None, layers=(3,), **changes) -> CacheSpec:
@@ -36,11 +38,14 @@ def make_spec(rows: int = 37, hidden_rows: int | None = None, layers=(3,), **cha
 
 
 def get(reader: store.CacheReader, rows, topk: bool = True, hidden: bool = False, layer: int = 3) -> tuple:
-    """(top-k ids, logits, the hidden states after `layer`) of rows as the reader decodes them, None where not asked."""
-    parts = ("topk",) * topk + (hidden_part(reader.spec, layer),) * hidden
+    """(the logits part's ids, its values, the hidden states after `layer`) of rows as the reader decodes them, None
+    where not asked (topk: the logits, top-k or sampled; a sampled part's values: the draws' logits and then the
+    log-normalisers, side by side)."""
+    logits = reader.spec.logits
+    parts = (logits,) * topk + (hidden_part(reader.spec, layer),) * hidden
     got = reader.get(rows, parts)
-    idx, val = got["topk"] if topk else (None, None)
-    return idx, val, got[parts[-1]] if hidden else None
+    idx, *val = got[logits] if topk else (None, None)
+    return idx, torch.cat(val, -1) if topk else None, got[parts[-1]] if hidden else None
 
 
 def row_tokens(spec: CacheSpec):
@@ -70,6 +75,9 @@ class Teacher:
         idx = (tokens_NxL[..., None] * 31 + pos + torch.arange(s.k) * 577) % s.vocab_size
         val = torch.sin(idx.float() * 0.37 + pos) * 20 + 1 / 3
         out = {"topk": (idx, val)} if "topk" in parts else {}
+        if "sampled" in parts:  # every logit: a smooth function of (token, position, id), peaked at a few ids
+            ids = torch.arange(s.vocab_size)
+            out["sampled"] = (torch.cos(ids * 0.011 + tokens_NxL[..., None] * 0.3 + pos) * 6 - (ids % 97) * 0.05,)
         for part in parts if self.hidden else ():
             if (layer := store.part_layer(s, part)) is not None:  # each layer's states its own
                 out[part] = (torch.cos(tokens_NxL[..., None].float() * 0.1 + torch.arange(s.hidden_size) * 0.7
@@ -78,10 +86,17 @@ class Teacher:
 
 
 def online(spec: CacheSpec, rows, layer: int = 3) -> tuple:
-    """What the cache must return for rows: the ids, the logits minus each position's largest, the states
-    after `layer`."""
-    out = Teacher(spec)(row_tokens(spec)(np.asarray(rows)), ("topk", hidden_part(spec, layer)))
-    (idx, val), (hid,) = out["topk"], out[hidden_part(spec, layer)]
+    """What the cache must return for rows: the ids, the logits minus each position's largest (sampled: each row's
+    draws, their logits and log-normalisers side by side, encoded here), the states after `layer`."""
+    rows = np.asarray(rows)
+    out = Teacher(spec)(row_tokens(spec)(rows), (spec.logits, hidden_part(spec, layer)))
+    (hid,) = out[hidden_part(spec, layer)]
+    if spec.logits == "sampled":
+        (z,) = out["sampled"]
+        idx, *val = zip(*(store.decode(spec.logits, store.encode_sampled(spec, z[i:i + 1], int(r)))
+                          for i, r in enumerate(rows)))
+        return torch.cat(idx), torch.cat([torch.cat(v) for v in val], -1), hid
+    idx, val = out["topk"]
     return idx, val - val.amax(-1, keepdim=True), hid
 
 
@@ -97,15 +112,17 @@ class SlowTeacher(Teacher):
         return super().__call__(tokens_NxL, parts)
 
 
-def main(mode: str, out: str, rows: str, hidden_rows: str, arg: str = "0.01", layers: str = "3") -> int:
-    spec = make_spec(rows=int(rows), hidden_rows=int(hidden_rows), layers=[int(x) for x in layers.split(",")])
+def main(mode: str, out: str, rows: str, hidden_rows: str, arg: str = "0.01", layers: str = "3",
+         logits: str = "topk") -> int:
+    spec = make_spec(rows=int(rows), hidden_rows=int(hidden_rows), layers=[int(x) for x in layers.split(",")],
+                     logits=logits)
     delay = float(arg) if mode == "grow" else 0.002
     print("building", flush=True)
     assert store.build(spec, out, SlowTeacher(spec, delay), row_tokens(spec), batch_rows=2, progress=False)
     if mode == "grow":
         return 0
     reader, rng, read, stop = store.open_cache(out, spec), np.random.default_rng(int(rows)), 0, Path(arg)
-    top, states = spec.extent("topk"), int(hidden_rows)
+    top, states = spec.extent(logits), int(hidden_rows)
     want = {layer: online(spec, range(top), layer) for layer in map(int, layers.split(","))}
     while not stop.exists():
         a = int(rng.integers(0, top))

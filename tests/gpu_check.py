@@ -75,7 +75,8 @@ PLANS: dict[str, tuple[Part, ...]] = {
         TESTS_COMPILED,
         _bench("bench-gemma3-735m-compile-false", 50, "the 735M student's steps", "student=gemma3-735m", *STUDENT,
                "train.compile=false"),
-        _bench("bench-loader", 40, "the loader on the device, bfloat16 / float8 / sr2 hidden states, 128 rows",
+        _bench("bench-loader", 40, "the loader's host and device sides, top-k and sampled logits, bfloat16 / "
+               "float8 / sr2 hidden states, 128 rows",
                "student=gemma3-123m", *PAPER, "train.batch_size=128", "bench.methods=[loader]"),
         _bench("bench-build", 50, "the teacher cache's build against the 3.4B teacher's forward",
                "student=gemma3-123m", *PAPER, "bench.methods=[build]"),
@@ -152,7 +153,7 @@ def merge(mode: str, parts: dict[str, dict], work: Path) -> dict:
     student = benches.get("gemma3-123m-compile-true") or benches.get("gemma3-123m-compile-false", {})
     merged["loader_vs_student_123m"] = {k: v / student["tokens_per_s"][m]
                                         for k, v in loader.get("tokens_per_s", {}).items()
-                                        if (m := k.split("_")[1]) in student.get("tokens_per_s", {})}
+                                        if (m := k.split("_")[2]) in student.get("tokens_per_s", {})}
     if build := benches.get("build"):
         merged["build"] = {"tokens_per_s": build["tokens_per_s"].get("build"),
                            "forward_tokens_per_s": build["tokens_per_s"].get("build_forward"),

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import report
 from analysis.compare import SUMMARY, best, bootstrap_median_ci, headline, pointwise, sign_test, summary
+from analysis.control import kd_vs_nll
 from analysis.runs import COLUMNS, METRICS, read_csv, read_mlflow
 
 TABLE3 = Path(__file__).parent / "fixtures" / "paper_table3_123m.csv"  # the paper's Table 3 (123M), as printed
@@ -24,18 +25,19 @@ TABLE4 = Path(__file__).parent / "fixtures" / "paper_table4_735m.csv"  # its Tab
 def log_run(client: MlflowClient, exp_id: str, method: str, lr: float, tau: float | None = None,
             alpha: float | None = None, gamma: float | None = None, p1: float | None = None,
             student: str = "tiny", metrics: dict[str, float] | None = None, status: str = "FINISHED",
-            role: str = "student", seed: int = 0, hidden: str | None = None) -> str:
+            role: str = "student", seed: int = 0, hidden: str | None = None, logits: str | None = None) -> str:
     """A run with hldx's MLflow names (DESIGN.md §3): params, hldx.* tags, eval/* metrics."""
     hp = {"lr": lr, "tau": tau, "alpha": alpha, "gamma": gamma, "p1": p1}
     used = {k: v for k, v in hp.items() if v is not None}
     hp_key = "|".join(f"{k}={used[k]:g}" for k in ("lr", "tau", "alpha") if k in used)
-    name = "|".join([method] + [f"{k}={v:g}" for k, v in used.items()] + ([hidden] if hidden else []) +
+    name = "|".join([method] + [f"{k}={v:g}" for k, v in used.items()] + [x for x in (hidden, logits) if x] +
                     ([f"seed={seed}"] if seed else []))
     tags = {"hldx.method": method, "hldx.student": student, "hldx.hp_key": hp_key,
             "hldx.run_key": f"{student}|{name}", "hldx.role": role}
     run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
     params = [Param(k, str(v)) for k, v in {"method": method, "student": student, "seed": seed, **used}.items()]
     params += [Param("hidden", hidden)] if hidden else []
+    params += [Param("logits", logits)] if logits else []
     client.log_batch(run_id, params=params,
                      metrics=[Metric(f"eval/{k}", v, 0, 0) for k, v in (metrics or {}).items()])
     client.set_terminated(run_id, status=status)
@@ -256,6 +258,28 @@ def test_hidden_paths_are_variants_beside_gamma_and_p1(mlflow_exp):
     assert val["paired"].all()
     stats = summary(points, n_boot=200).set_index(["view", "method", "variant", "metric"])
     assert stats.loc[("point", "hldc", "", "val_logppl"), "median_improvement"] == pytest.approx(-0.025)
+
+
+def test_sampled_logits_are_a_variant_compared_with_the_kd_run_that_reads_them(mlflow_exp):
+    """Runs from sampled teacher logits (the param `logits`, logged where they are not top-k) pair with the KD run
+    of their point, seed and logits: an HLDC run from sampled logits with KD from sampled logits, NLL with each KD
+    as a variant; the positive control has a row per KD logits."""
+    client, exp = mlflow_exp
+    sampled = "logits=sampled(12,[0.5,1,2])"
+    for method, hp, logits, val in (("nll", {}, None, 3.3), ("kd", {"tau": 1.0, "alpha": 0.7}, None, 3.0),
+                                    ("kd", {"tau": 1.0, "alpha": 0.7}, sampled, 2.8),
+                                    ("hldc", {"tau": 1.0, "alpha": 0.7, "gamma": 0.1}, None, 2.95),
+                                    ("hldc", {"tau": 1.0, "alpha": 0.7, "gamma": 0.1}, sampled, 2.9)):
+        log_run(client, exp, method, 4e-4, **hp, metrics=scores(val), logits=logits)
+    runs = read_mlflow("study", client.tracking_uri)
+    val = pointwise(runs)
+    val = val[val["metric"] == "val_logppl"]
+    assert val["paired"].all()
+    assert val.set_index(["method", "variant"])["improvement"].round(6).to_dict() == {
+        ("hldc", "gamma=0.1"): 0.05, ("hldc", f"gamma=0.1|{sampled}"): -0.1,
+        ("nll", ""): -0.3, ("nll", sampled): -0.5}
+    table = kd_vs_nll(runs).set_index("logits")
+    assert table["margin"].round(6).to_dict() == {"": 0.3, sampled: 0.5}
 
 
 def test_ties_counted_from_the_printed_table():

@@ -36,9 +36,10 @@ def test_bench_json_holds_the_measured_rates_and_their_ratios(hldx_cache, tmp_pa
     assert "mfu" not in r and "peak_mem_gib" not in r  # unknown on a CPU
     assert r["tokens_per_step"] == 4 * 32
     assert set(r["step_s"]) == set(r["flops_per_token"]) == runs
-    loaders = {f"loader_{m}{h}{n}" for m in ("kd", "hldc", "ht") for h in ("", "_float8_e4m3", "_sr2")
-               for n in ("", "_readers2")
-               if not (m == "kd" and h)}
+    loads = [f"{m}{h}{g}" for m in ("kd", "hldc", "ht") for h in ("", "_float8_e4m3", "_sr2")
+             for g in ("", "_sampled") if not (m == "kd" and h) and not (m == "ht" and g)]
+    assert len(loads) == 11  # KD: top-k, sampled; HLDC: both x 3 hidden layouts; HT: 3 hidden layouts
+    loaders = {f"loader_host_{x}{n}" for x in loads for n in ("", "_readers2")} | {f"loader_device_{x}" for x in loads}
     ranks = {"ranks_single", "ranks_ddp", "ranks_fsdp"}
     assert set(r["tokens_per_s"]) == runs | loaders | ranks
     assert all(len(r["ranks_s_all"][k.removeprefix("ranks_")]) == 3 for k in ranks)
@@ -49,8 +50,8 @@ def test_bench_json_holds_the_measured_rates_and_their_ratios(hldx_cache, tmp_pa
     assert r["ratio"] == pytest.approx({
         "kd_nll": tps["nll"] / tps["kd"], "hldc_nll": tps["nll"] / tps["hldc"], "ht_nll": tps["nll"] / tps["ht"],
         "trainer_bare": tps["nll"] / tps["bare"]} | {
-        k.replace("loader_", "loader_gpu_"): tps[k] / gpu[k.split("_")[1]] for k in loaders if "readers" not in k} | {
-        "loader_readers2_vs_1_" + k.removeprefix("loader_").removesuffix("_readers2"): tps[k] / tps[k[:-9]]
+        k.replace("loader_", "loader_gpu_"): tps[k] / gpu[k.split("_")[2]] for k in loaders if "readers" not in k} | {
+        "loader_readers2_vs_1_" + k.removeprefix("loader_host_").removesuffix("_readers2"): tps[k] / tps[k[:-9]]
         for k in loaders if "readers" in k} | {
         f"{m}_single": tps[f"ranks_{m}"] / tps["ranks_single"] for m in ("ddp", "fsdp")})
     # What a student at 40% of an H100's bf16 peak consumes: 0.4 * 989e12 / FLOPs per token.
@@ -64,7 +65,7 @@ def test_bench_json_holds_the_measured_rates_and_their_ratios(hldx_cache, tmp_pa
     assert 0 < r["flop_ratio"]["ht_nll"] < 0.5
 
 
-def test_one_method_alone_reports_what_it_can(hldx_cache, tmp_path):
+def test_one_method_alone_reports_what_it_can(hldx_cache, tmp_path, capsys):
     out = tmp_path / "kd.json"
     assert B.main(TINY + ["bench.methods=[kd]", "bench.steps=1", f"bench.json={out}"]) == 0
     r = json.loads(out.read_text())
@@ -72,8 +73,16 @@ def test_one_method_alone_reports_what_it_can(hldx_cache, tmp_path):
     out = tmp_path / "loader.json"
     assert B.main(TINY + ["bench.methods=[loader]", "cache.readers=1", f"bench.json={out}"]) == 0
     r = json.loads(out.read_text())
-    assert set(r["tokens_per_s"]) == {"loader_kd", "loader_hldc", "loader_ht", "loader_hldc_float8_e4m3",
-                                      "loader_ht_float8_e4m3", "loader_hldc_sr2", "loader_ht_sr2"} and "step_s" not in r
+    assert {k.removeprefix("loader_host_") for k in r["tokens_per_s"] if k.startswith("loader_host_")} == {
+        "kd", "kd_sampled", "hldc", "hldc_sampled", "ht", "hldc_float8_e4m3", "hldc_float8_e4m3_sampled",
+        "ht_float8_e4m3", "hldc_sr2", "hldc_sr2_sampled", "ht_sr2"} and "step_s" not in r
+    assert len(r["tokens_per_s"]) == 22 and all(len(s) == 3 for s in r["loader_s_all"].values())
+    text = capsys.readouterr().out  # each run's two sides beside the GPU's appetite, and their ratios to it
+    line = next(x for x in text.splitlines() if x.startswith("kd_sampled "))
+    host, device, gpu = (float(x.replace(",", "")) for x in line.split()[1:4])
+    assert (host, device, gpu) == (round(r["tokens_per_s"]["loader_host_kd_sampled"]),
+                                   round(r["tokens_per_s"]["loader_device_kd_sampled"]),
+                                   round(r["gpu_tokens_per_s"]["kd"]))
 
 
 def test_report_medians_mfu_and_memory():

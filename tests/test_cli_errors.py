@@ -39,6 +39,8 @@ BAD = [
     (["hldx.run", "method=hldc", "hidden.pairs=[[2,3],[2,3]]"],
      "hidden.pairs=[[2,3],[2,3]] is invalid: expected distinct pairs ([2,3] is given twice)"),
     (["hldx.plan", "-m", "method=hldf", "hidden.adapter=identity"], "hidden.adapter=identity is invalid: expected linear"),
+    (["hldx.run", "cache.logits=bogus"], "cache.logits=bogus is invalid: expected topk or sampled"),
+    (["hldx.plan", "-m", "cache.logits=sampled", "cache.draws=0"], "cache.draws=0 is invalid: expected an integer >= 1"),
     (["hldx.run", "eval.local_dir=/no/such/dir"],  # eval=quick used to train, then skip every task
      "eval.local_dir=/no/such/dir is invalid: expected an existing directory of the tasks' JSONL files"),
     (["hldx.evaluate", "ckpt=/no/such/ckpt", "eval.local_dir=/no/such/dir"],

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from analysis.control import control, hidden_fit, kd_vs_nll
-from analysis.runs import COLUMNS, HIDDEN, read_csv
+from analysis.runs import COLUMNS, HIDDEN, LOGITS, read_csv
 
 TABLE3 = Path(__file__).parent / "fixtures" / "paper_table3_123m.csv"
 
@@ -29,7 +29,7 @@ def test_the_papers_123m_kd_beats_nll_at_5_of_12_points_so_its_control_fails_thi
 
 def _runs(rows: list[tuple]) -> pd.DataFrame:
     cols = ["method", "lr", "tau", "alpha", "seed", "val_logppl"]
-    df = pd.DataFrame(rows, columns=cols).assign(student="tiny", **{HIDDEN: ""})
+    df = pd.DataFrame(rows, columns=cols).assign(student="tiny", **{HIDDEN: "", LOGITS: ""})
     for c in COLUMNS:
         if c not in df:
             df[c] = float("nan")

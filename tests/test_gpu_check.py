@@ -97,7 +97,8 @@ def test_the_merge_reports_every_part_even_of_a_run_cut_off(tmp_path):
     nll, kd = 1000.0, 800.0
     (tmp_path / "bench-gemma3-123m-compile-false.json").write_text(json.dumps(
         {"step_s": {"nll": 1.0}, "tokens_per_s": {"nll": nll, "kd": kd}, "mfu": {"nll": 0.3}, "compile": False}))
-    (tmp_path / "bench-loader.json").write_text(json.dumps({"tokens_per_s": {"loader_kd": 4 * kd}}))
+    (tmp_path / "bench-loader.json").write_text(json.dumps({"tokens_per_s": {"loader_host_kd": 4 * kd,
+                                                                             "loader_device_kd_sampled": 2 * kd}}))
     (tmp_path / "bench-gemma3-123m-compile-true.json").write_text('{"step_s": {"nl')  # killed while writing it
     (tmp_path / "tests.xml").write_text(
         '<testsuites><testsuite><testcase classname="tests.test_gpu" name="a"/><testcase classname="tests.test_gpu"'
@@ -115,7 +116,7 @@ def test_the_merge_reports_every_part_even_of_a_run_cut_off(tmp_path):
     assert merged["tests"] == {"tests.test_gpu::a": "passed", "tests.test_gpu::b": "failure"}
     assert set(merged["benches"]) == {"gemma3-123m-compile-false", "loader"}
     assert merged["students"]["gemma3-123m-compile-false"]["mfu"] == {"nll": 0.3}
-    assert merged["loader_vs_student_123m"] == {"loader_kd": 4.0}
+    assert merged["loader_vs_student_123m"] == {"loader_host_kd": 4.0, "loader_device_kd_sampled": 2.0}
     G.write(tmp_path, merged)
     assert json.loads((tmp_path / G.RESULT).read_text()) == merged and "failed: tests" in G.summary(merged)
 
@@ -194,7 +195,8 @@ def test_the_check_runs_on_an_image_like_environment(tmp_path, derived):
         assert "4 skipped, 12 deselected" in merged["parts"]["tests-compiled"]["log"]
         tiny = merged["benches"]["tiny"]
         assert tiny["torch"].startswith("2.11") and set(tiny["step_s"]) == {"nll", "kd", "hldc", "ht"}
-        assert {"loader_kd", "loader_hldc_sr2", "loader_ht_float8_e4m3", "build"} <= set(tiny["tokens_per_s"])
+        assert {"loader_host_kd", "loader_device_kd_sampled", "loader_host_hldc_sr2", "loader_device_ht_float8_e4m3",
+                "build"} <= set(tiny["tokens_per_s"])
         assert not list(home.iterdir()) and not list(tmp.iterdir())  # nothing written outside the tree and $OUT
     finally:
         shutil.rmtree(ROOT / ".hldx" / "gpu-check", ignore_errors=True)

@@ -26,7 +26,7 @@ from hldx.errors import ConfigError
 from hldx.bench.steps import method_phases, random_cache, reads
 from hldx.loader import Loader
 from hldx.models import attention_masks, build_model, build_regressor, compile_layers, forward
-from hldx.store import CacheSpec, decode_topk, encode_topk
+from hldx.store import CacheSpec, decode_logits, encode_topk
 from hldx.teacher import OnlineTeacher
 from hldx.train import Trainer
 
@@ -197,7 +197,7 @@ def test_teacher_in_bf16_weights_keeps_the_cache_precision():
     reference = losses.sparse_kd(student, ref_idx, val, 1.0)
 
     def stored_error(idx, values):
-        stored = decode_topk(*encode_topk(CacheSpec("t", "tok", "s", 64, 128, 32000, 1, 1, "bfloat16", "bfloat16"),
+        stored = decode_logits(*encode_topk(CacheSpec("t", "tok", "s", 64, 128, 32000, 1, 1, "bfloat16", "bfloat16"),
                                           idx, values - values[..., :1]))
         return float((losses.sparse_kd(student, *stored, 1.0) - reference).abs() / reference)
 

@@ -166,7 +166,8 @@ def test_plan_json(tmp_path, capsys):
     assert kd["total_flops"] == pytest.approx(sum(p["flops"] for p in kd["phases"]))
     assert "4 unique jobs" in capsys.readouterr().out
     # KD reads 512 B/token of top-k (k=128: uint16 ids + bfloat16 logits) from the cache, no hidden states.
-    assert plan["teacher_cache"]["topk_bytes_per_token"] == 512 + 2 * 8 / 512  # + a checksum per row and array
+    storage = plan["teacher_cache"]
+    assert storage["logits"] == "topk" and storage["logits_bytes_per_token"] == 512 + 2 * 8 / 512  # + checksums
     assert plan["teacher_cache"]["bytes"] == round((512 + 2 * 8 / 512) * kd["phases"][0]["tokens"])
     assert plan["teacher_cache"]["hidden_rows"] == 0 and plan["teacher_cache"]["rows"] * 512 == kd["phases"][0]["tokens"]
 

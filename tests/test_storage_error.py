@@ -1,6 +1,8 @@
 """What the cache's storage dtypes cost the losses, measured against float32 storage: top-k logits stored raw
 or relative to their maximum (the KD loss), hidden states in bfloat16 or float8_e4m3 (L_emb and its gradient),
-on the tiny teacher's real outputs and on paper-shaped data, and on tiny HLDC and HLDF runs' val_logppl."""
+on the tiny teacher's real outputs and on paper-shaped data, and on tiny HLDC and HLDF runs' val_logppl; and what
+the teacher's logits cost KD against its full distribution: top-k against sampled logits (the KD gradient's bias and
+variance, the tail mass top-k drops, tiny KD and HLDC runs)."""
 from __future__ import annotations
 
 import pytest
@@ -8,9 +10,11 @@ import torch
 
 from hldx import config as C
 from hldx import data, losses
+from hldx.budget import plan_run
 from hldx.job import ensure_teacher, execute
 from hldx.models import PhaseNet, build_model, build_regressor, forward
-from hldx.store import CacheSpec, bytes_per_token, codec, decode_hidden, decode_topk, encode_hidden, encode_topk
+from hldx.store import (CacheSpec, bytes_per_token, codec, decode, decode_hidden, decode_logits, encode_hidden,
+                        encode_sampled, encode_topk)
 from hldx.teacher import load_teacher
 
 
@@ -21,7 +25,7 @@ def spec(hidden_size: int, values="bfloat16", hidden="bfloat16", k=128, vocab=32
 def stored_topk(idx, val, dtype: str, relative: bool):
     """What a run reads back: relative to the max (format 2), or the raw logits rounded (format 1)."""
     if relative:
-        return decode_topk(*encode_topk(spec(1, dtype, k=idx.shape[-1]), idx, val))
+        return decode_logits(*encode_topk(spec(1, dtype, k=idx.shape[-1]), idx, val))
     return idx, val.to(getattr(torch, dtype)).float()
 
 
@@ -73,6 +77,19 @@ def correlated(target: torch.Tensor, cos: float, g: torch.Generator) -> torch.Te
 def tiny_teacher(hldx_cache, tmp_path_factory):
     """The tiny teacher (pre-trained, as tests build it), its config and tokenizer."""
     cfg = C.compose(["train.seq_len=64", "data.max_train_tokens=32768", "teacher.build.tokens=8192",
+                     f"paths.runs={tmp_path_factory.mktemp('runs')}"])
+    ensure_teacher(cfg)
+    return cfg, load_teacher(cfg), data.tokenizer_for(cfg)
+
+
+SHARP = ["teacher.build.tokens=131072", "data.max_epochs=4"]  # 4 passes over the tests' 32k tokens: ~25 s
+
+
+@pytest.fixture(scope="module")
+def sharp_teacher(hldx_cache, tmp_path_factory):
+    """A tiny teacher trained long enough to be sure of itself (entropy ~5.7 nats where the tiny teacher's is ~8.2
+    of log 4096 = 8.3; the mini study's teacher: 5.0), its config and tokenizer."""
+    cfg = C.compose(["train.seq_len=64", "data.max_train_tokens=32768", *SHARP,
                      f"paths.runs={tmp_path_factory.mktemp('runs')}"])
     ensure_teacher(cfg)
     return cfg, load_teacher(cfg), data.tokenizer_for(cfg)
@@ -281,3 +298,99 @@ def code_variance_ratio(net, tokens_NxL, hidden_NxLxD) -> tuple[float, float]:
         cos = torch.nn.functional.cosine_similarity(net(tokens_NxL[:4])[1][0], t[:4], dim=-1).mean()
     net.zero_grad()
     return float(((codes - exact) ** 2).sum(1).mean() / batches.var(0).sum()), float(cos)
+
+
+# ---- the teacher's logits: top-k against sampled, against the full distribution -------------------------------
+
+def kd_gradient_rows(logits_T_NxLxV: torch.Tensor, logits_S_NxLxV: torch.Tensor, tau: float, ks=(128, 32, 8),
+                     draws: int = 12, E: int = 100) -> list[dict]:
+    """The KD loss's gradient w.r.t. the student's logits (hldx.losses.sparse_kd, a mean over the positions) from
+    the teacher's top-k (each of ks), from `draws` sampled ids (over E independent draws: rows e N, e = 0..E-1) and
+    from every id (dense: top-k with k = V): each one's bias ||E g~ - g|| / ||g|| and variance E||g~ - g||^2 / ||g||^2
+    against the full distribution's gradient g = tau (s_tau - p_tau) / positions, and the teacher's mass at tau
+    that top-k drops (the stored teacher: logits relative to the max in bfloat16, as either cache stores them)."""
+    N, L, V = logits_T_NxLxV.shape
+    r = (logits_T_NxLxV - logits_T_NxLxV.amax(-1, keepdim=True)).to(torch.bfloat16).double()
+    s = logits_S_NxLxV.double()
+    p = torch.softmax(r / tau, -1)
+    exact = tau * (torch.softmax(s / tau, -1) - p) / (N * L)
+    norm2 = float((exact**2).sum())
+
+    def grad(idx, val, lse=None) -> torch.Tensor:
+        z = s.clone().requires_grad_()
+        losses.sparse_kd(z, idx, val.double(), tau, lse_BxLxT=lse, taus=(0.5, 1.0, 2.0)).backward()
+        return z.grad
+
+    every_val, every_idx = r.topk(V, -1)
+    rows = [{"estimator": "dense (all V ids)", "tail": 0.0,
+             "bias": float((grad(every_idx, every_val) - exact).norm()) / norm2**0.5, "var": 0.0}]
+    for k in ks:
+        val, idx = r.topk(k, -1)
+        rows.append({"estimator": f"top-{k}", "tail": float(1 - p.gather(-1, idx).sum(-1).mean()),
+                     "bias": float((grad(idx, val) - exact).norm()) / norm2**0.5, "var": 0.0})
+    spec = CacheSpec("t", "tok", "s", L, draws, V, 1, 8, logits="sampled")
+    total, squares = torch.zeros_like(exact), 0.0
+    for e in range(E):
+        g = grad(*decode("sampled", encode_sampled(spec, logits_T_NxLxV, e * N))) - exact
+        total += g
+        squares += float((g**2).sum())
+    bias2 = float(((total / E) ** 2).sum())
+    spread = (squares - E * bias2) / (E - 1)    # E||g~ - E g~||^2, unbiased
+    rows.append({"estimator": f"sampled ({draws} draws)", "tail": 0.0, "bias": (bias2 / norm2) ** 0.5,
+                 "var": squares / E / norm2, "mc": (spread / E / norm2) ** 0.5, "z2": bias2 / (spread / E)})
+    return rows
+
+
+@pytest.mark.slow
+def test_sampled_logits_measured_side_by_side(sharp_teacher):
+    """The KD gradient table, in one run, on a sure tiny teacher's logits (V = 4096, 2 rows of 64 training tokens, as
+    a cache holds them): for top-k
+    (k = 128, 32, 8), 12 sampled ids and every id, at tau 0.5, 1 and 2, against the full distribution: bias,
+    variance and the mass top-k drops, for a student at its initialisation and one near the teacher (its logits
+    plus unit noise). The draws' gradient is unbiased within its Monte-Carlo error (over 100 draws); top-k's bias
+    (exact: it is deterministic) is not zero, and grows as k shrinks."""
+    cfg = sharp_teacher[0]
+    tokens, logits_T, _ = teacher_on(sharp_teacher, "train", 2)
+    with torch.no_grad():
+        init = build_model(cfg.student, 0)(input_ids=tokens).logits.float()
+    near = logits_T + torch.randn(logits_T.shape, generator=torch.Generator().manual_seed(4))
+    print("\n| student | tau | estimator | tail mass dropped | gradient bias ||E g~ - g||/||g|| | "
+          "gradient variance E||g~ - g||^2/||g||^2 |\n|---|---|---|---|---|---|")
+    for student, logits_S in (("at init", init), ("near the teacher", near)):
+        for tau in (0.5, 1.0, 2.0):
+            rows = kd_gradient_rows(logits_T, logits_S, tau)
+            for row in rows:
+                mc = f" (MC error {row['mc']:.1e}, z2 {row['z2']:.2f})" if "mc" in row else ""
+                bias = f"{row['bias']:.2e}{mc}"
+                print(f"| {student} | {tau:g} | {row['estimator']} | {row['tail']:.3f} | {bias} | {row['var']:.3g} |")
+            dense, *top, draws = rows
+            assert dense["bias"] < 1e-6 and draws["z2"] < 2.0, (student, tau, draws)
+            assert all(t["bias"] > 1e-3 and t["tail"] > 0 for t in top), (student, tau, top)  # dense: ~1e-15
+            assert [t["bias"] for t in top] == sorted(t["bias"] for t in top)  # k = 128, 32, 8: worse and worse
+
+
+@pytest.mark.slow
+def test_sampled_logits_tiny_runs_side_by_side(tiny, sharp_teacher):
+    """Tiny KD and HLDC runs (seeds 0 and 1) from the teacher's top-k, its sampled logits and its full distribution
+    (online, method.top_k = V, budget.tokens raised so that it takes the cached runs' steps: an online teacher's
+    forward is charged to the budget): val_logppl side by side with the seed spread."""
+    common = tiny + SHARP + ["budget.tokens=8192", "gamma=1"]
+    sources = {"top-k": [], "sampled": ["cache.logits=sampled"],
+               "dense": ["teacher.source=online", "method.top_k=4096"]}
+    print("\n| tiny run | top-k | sampled | dense | sampled - dense | top-k - dense | seed spread (dense) |"
+          "\n|---|---|---|---|---|---|---|")
+    for method in ("kd", "hldc"):
+        ppl = {}
+        for name, extra in sources.items():
+            overrides = common + [f"method={method}"] + extra
+            if name == "dense":  # the cached runs' steps: the budget scaled by the online teacher's cost per token
+                cached = plan_run(C.compose(common + [f"method={method}"]))
+                online = plan_run(C.compose(overrides)).flops_per_token[method]
+                overrides += [f"budget.tokens={8192 * online / cached.flops_per_token[method]}"]
+                assert plan_run(C.compose(overrides)).phases[0].steps == cached.phases[0].steps
+            ppl[name] = [execute(C.compose(overrides + [f"seed={seed}"]))["eval/val_logppl"] for seed in (0, 1)]
+        d = ppl["dense"]
+        print(f"| {method} | " + " | ".join(f"{a:.4f} / {b:.4f}" for a, b in ppl.values()) +
+              f" | {ppl['sampled'][0] - d[0]:+.4f} / {ppl['sampled'][1] - d[1]:+.4f} | "
+              f"{ppl['top-k'][0] - d[0]:+.4f} / {ppl['top-k'][1] - d[1]:+.4f} | {abs(d[0] - d[1]):.4f} |")
+        assert all(abs(a - b) < 0.1 for a, b in zip(ppl["sampled"], d))

@@ -12,11 +12,15 @@ each per round, the order rotating every round; after bench.warmup rounds, a run
 its bench.steps steps (CUDA events on a GPU, the host clock on a CPU); every step's time is kept too
 (step_s_all), to judge the spread. On CUDA, a host-device synchronisation inside a measured step raises.
 
-Loader (bench.methods loader): Loader.get over every step of the bench's rows, for what KD, HLDC and HT
-read, hidden states in bfloat16, float8_e4m3 and sr2, with one reader thread and cache.readers, page cache warm,
-each micro-batch copied to the job's device and decoded there (tokens_per_s.loader_*); ratio.loader_gpu_* divides one reader's rate by what that method's student consumes
-at plan.mfu of plan.peak_flops (an H100 at 40% by default), ratio.loader_readers*_vs_1_* cache.readers'
-rate by one reader's.
+Loader (bench.methods loader, hldx/bench/loading.py): what KD, HLDC and HT read, top-k and sampled logits, hidden
+states in bfloat16, float8_e4m3 and sr2, page cache warm, its two sides apart: the host's (Loader.get over every step
+of the bench's rows: read, checksums, into page-locked buffers on a GPU; one reader thread and cache.readers:
+tokens_per_s.loader_host_*) and the device's (a step's copies to the job's device and every micro-batch decoded
+there: tokens_per_s.loader_device_*; on a CPU, the decode alone, which a GPU runs). gpu_tokens_per_s: what each
+method's student consumes at plan.mfu of plan.peak_flops (an H100 at 40% by default, from the plan's FLOPs per
+token), printed beside; ratio.loader_gpu_host_* and _device_* divide each side's rate (one reader) by it: a CPU
+holds the host side to at least 2, a GPU (gpu-check) measures the device side; ratio.loader_readers*_vs_1_*
+cache.readers' rate by one reader's.
 
 Ranks (bench.methods ranks, on a CPU): the NLL step on one process at train.batch_size against two processes
 at half of it each (torch's threads split between them), under DDP and under FSDP2, rounds taking turns:
@@ -170,11 +174,31 @@ def format_table(result: dict) -> str:
             mem_text = f"{mem[m]:9.2f} {plan[m]:9.2f}" if m in mem else f"{'-':>9} {'-':>9}"
             lines.append(f"{m:5} {s:9.4f} {result['tokens_per_s'][m]:10.0f} {mfu_text} {mem_text} "
                          f"{time_ratio:9.3f} {flop_ratio:9.4f}")
-    for part in ("loader", "ranks", "build"):  # the rates of the loader, the rank groups and the cache build
+    if "gpu_tokens_per_s" in result:
+        lines += ["", loader_table(result)]
+    for part in ("ranks", "build"):  # the rates of the rank groups and the cache build
         rates = {k: v for k, v in result["tokens_per_s"].items() if k.startswith(part + "_")}
         if rates:
             lines += ["", f"{part:38} {'tokens/s':>12}"] + [f"{k:38} {v:12,.0f}" for k, v in rates.items()]
-    lines += ["", "ratios: " + ", ".join(f"{k}={v:.3f}" for k, v in result["ratio"].items())]
+    lines += ["", "ratios: " + ", ".join(f"{k}={v:.3f}" for k, v in result["ratio"].items()  # the loader's: above
+                                         if not k.startswith("loader_"))]
+    return "\n".join(lines)
+
+
+def loader_table(result: dict) -> str:
+    """The loader's rates, tokens/s: each run's host side (one reader, cache.readers), device side, and beside them
+    what its method's student consumes on the assumed GPU, with each side's ratio to it."""
+    tps, gpu, n = result["tokens_per_s"], result["gpu_tokens_per_s"], result["cache_readers"]
+    runs = [k.removeprefix("loader_device_") for k in tps if k.startswith("loader_device_")]
+    many = n > 1
+    lines = [f"loader (tokens/s; GPU: {result['gpu_assumed']})",
+             f"{'run':24} {'host, 1 reader':>15}" + (f" {f'host, {n} readers':>16}" if many else "") +
+             f" {'device':>13} {'GPU appetite':>13} {'host/GPU':>9} {'device/GPU':>10}"]
+    for run in runs:
+        appetite = gpu[run.split("_")[0]]
+        host, device = tps[f"loader_host_{run}"], tps[f"loader_device_{run}"]
+        lines.append(f"{run:24} {host:15,.0f}" + (f" {tps[f'loader_host_{run}_readers{n}']:16,.0f}" if many else "") +
+                     f" {device:13,.0f} {appetite:13,.0f} {host / appetite:9.2f} {device / appetite:10.2f}")
     return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ from torch import nn
 from hldx.progress import Progress
 
 from hldx import hidden, order
-from hldx.budget import flops_per_token
+from hldx.budget import flops_per_token, shape_spec
+from hldx.device import device_of
 from hldx.loader import Loader
 from hldx.methods import Phase, phases
 from hldx.models import build_model, build_regressor, compile_layers
@@ -27,9 +28,10 @@ STEPS = ("nll", "kd", "hldc", "ht", "bare")   # the trainer's steps (HT: HLDF's 
 
 
 def reads(cfg: DictConfig, spec: CacheSpec) -> dict[str, tuple[str, ...]]:
-    """The cache parts each step reads: top-k, and the hidden states after each teacher layer the pairs read."""
+    """The cache parts each step reads: the logits (top-k or sampled), and the hidden states after each teacher
+    layer the pairs read."""
     layers = tuple(hidden_part(spec, t) for t in hidden.teacher_layers(cfg))
-    return {"nll": (), "kd": ("topk",), "hldc": ("topk", *layers), "ht": layers}
+    return {"nll": (), "kd": (spec.logits,), "hldc": (spec.logits, *layers), "ht": layers}
 
 
 def method_config(cfg: DictConfig, method: str) -> DictConfig:
@@ -50,26 +52,29 @@ def method_flops(cfg: DictConfig) -> dict[str, float]:
 
 
 def random_cache(cfg: DictConfig, rows: order.Rows, root: Path, tokenizer_digest: str,
-                 hidden_dtype: str | None = None) -> CacheReader:
-    """A teacher cache of all training rows holding random top-k logits (distinct ids, sorted values) and
-    random hidden states of each teacher layer the pairs read, in the configured teacher's shapes and dtypes
-    (hidden_dtype: another one)."""
+                 hidden_dtype: str | None = None, logits: str | None = None) -> CacheReader:
+    """A teacher cache of all training rows holding random logits (top-k: distinct ids, sorted values; sampled:
+    draws from random logits over the vocabulary) and random hidden states of each teacher layer the pairs read,
+    in the configured teacher's shapes and dtypes (hidden_dtype, logits: others), made and encoded on the job's
+    device (as a build's teacher: drawing from 32k logits is a GPU's work)."""
     t, L = cfg.teacher.model, cfg.train.seq_len
-    spec = CacheSpec(teacher_digest="random", tokenizer_digest=tokenizer_digest, stream_digest=rows.digest,
-                     seq_len=L, k=cfg.method.get("top_k", 128), vocab_size=cfg.student.vocab_size,
-                     hidden_layer=t.num_hidden_layers // 2, hidden_size=t.hidden_size,
-                     values_dtype=cfg.cache.values_dtype, hidden_dtype=hidden_dtype or cfg.cache.hidden_dtype,
-                     rows_per_shard=cfg.cache.rows_per_shard)
+    spec = shape_spec(OmegaConf.merge(cfg, {"cache": {"hidden_dtype": hidden_dtype or cfg.cache.hidden_dtype,
+                                                      "logits": logits or cfg.cache.logits}}))
+    spec = dataclasses.replace(spec, teacher_digest="random", tokenizer_digest=tokenizer_digest,
+                               stream_digest=rows.digest)
     spec = dataclasses.replace(spec, extents={part: rows.count for part in reads(cfg, spec)["hldc"]})
-    g = torch.Generator().manual_seed(cfg.seed)
+    device = device_of(cfg)
+    g = torch.Generator(device).manual_seed(cfg.seed)
+
+    def outputs(part: str, n: int) -> tuple[torch.Tensor, ...]:
+        V, K, on = spec.vocab_size, spec.k, {"generator": g, "device": device}
+        if part == "topk":
+            idx = (torch.randint(0, V, (n, L, 1), **on) + torch.arange(K, device=device) * (V // K)) % V  # distinct
+            return idx, (10 * torch.rand(n, L, K, **on)).sort(-1, descending=True).values
+        return (3 * torch.randn(n, L, V, **on),) if part == "sampled" else (torch.randn(n, L, t.hidden_size, **on),)
 
     def teacher_fn(tokens_NxL: torch.Tensor, parts: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, ...]]:
-        n, V, K = len(tokens_NxL), spec.vocab_size, spec.k
-        base = torch.randint(0, V, (n, L, 1), generator=g)
-        idx = (base + torch.arange(K) * (V // K)) % V  # distinct ids per position
-        val = (10 * torch.rand(n, L, K, generator=g)).sort(-1, descending=True).values
-        return {part: (idx, val) if part == "topk" else (torch.randn(n, L, t.hidden_size, generator=g),)
-                for part in parts}
+        return {part: outputs(part, len(tokens_NxL)) for part in parts}
 
     build(spec, root, teacher_fn, lambda r: torch.from_numpy(rows.tokens_RxL[r].astype(np.int64)),
           batch_rows=8, progress=False)

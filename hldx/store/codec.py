@@ -24,33 +24,39 @@ SCALES = torch.exp2((torch.arange(256, dtype=torch.float64) - 255) / 16).float()
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
+def mul32(x: Tensor, c: int) -> Tensor:
     """x * c mod 2^32 for int64 x in [0, 2^32), without overflowing int64."""
     return (((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c) & _M32
 
 
-def _mix(x: Tensor) -> Tensor:
+def mix(x: Tensor) -> Tensor:
     """lowbias32 (C. Wellons): a bijection of [0, 2^32) whose every output bit depends on every input bit."""
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    x = mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
+
+
+def position_keys(first_row: int, N: int, L: int, device: torch.device) -> Tensor:
+    """[N, L] int64 in [0, 2^32): a hash of each token's place in the training order, row (first_row + n) * L +
+    position l: the key every random bit of a row's code is drawn from."""
+    g_NxL = (first_row + torch.arange(N, device=device)[:, None]) * L + torch.arange(L, device=device)
+    return mix(mix(g_NxL & _M32) ^ (g_NxL >> 32))
 
 
 def uniforms(first_row: int, shape_NxLxD: tuple[int, int, int], device: torch.device, stream: int = 0) -> Tensor:
     """u [N, L, D] float32 in [0, 1) on a 2^-24 grid, a function of (row first_row + n, position l, dim d) and of
     `stream` (another stream: the dimensions of another block of D, so independent bits; stream 0 as ever)."""
     N, L, D = shape_NxLxD
-    g_NxL = (first_row + torch.arange(N, device=device)[:, None]) * L + torch.arange(L, device=device)
-    key_NxL = _mix(_mix(g_NxL & _M32) ^ (g_NxL >> 32))
-    dim_D = _mix((torch.arange(D, device=device) + stream * D + 0x2545F491) & _M32)
-    return (_mix(key_NxL[..., None] ^ dim_D) >> 8).float() * 2.0**-24
+    key_NxL = position_keys(first_row, N, L, device)
+    dim_D = mix((torch.arange(D, device=device) + stream * D + 0x2545F491) & _M32)
+    return (mix(key_NxL[..., None] ^ dim_D) >> 8).float() * 2.0**-24
 
 
 def signs(D: int, device: torch.device) -> Tensor:
     """The fixed random signs [D] float32 applied before the Hadamard transform."""
-    return 1 - 2 * (_mix(torch.arange(D, device=device) + 0x68E31DA4) & 1).float()
+    return 1 - 2 * (mix(torch.arange(D, device=device) + 0x68E31DA4) & 1).float()
 
 
 def hadamard(x_NxD: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from hldx.progress import Progress
 
 from hldx.store.shards import (check_shard, diff, load_spec, parts, published, reach, shard_name, unfinished,
                                writer_gone)
-from hldx.store.spec import (CacheError, CacheSpec, as_bytes, decode, fields, offsets, part_kind, part_layer,
+from hldx.store.spec import (CacheError, CacheSpec, as_bytes, decode, fields, offsets, part_layer,
                              row_digests, shard_bytes)
 
 PIECE = 1 << 20  # bytes read (then hashed) at a time
@@ -47,7 +47,7 @@ class CacheReader:
         makes them), each row checked against its checksum."""
         stop, have = start + len(out[0]), self.extent(part)
         if start < 0 or stop > have:
-            what = "top-k logits" if part_kind(part) == "topk" else \
+            what = f"{'top-k' if part == 'topk' else part} logits" if part_layer(self.spec, part) is None else \
                 f"hidden states after layer {part_layer(self.spec, part)}"
             raise CacheError(f"teacher cache {self.root} holds {what} for rows [0, {have}): rows [{start}, {stop}) "
                              f"were asked for ({max(0, stop - max(start, have)) * self.spec.seq_len} tokens missing); "
@@ -98,7 +98,8 @@ class CacheReader:
 
     def get(self, rows: np.ndarray, parts: tuple[str, ...] = ("topk",)) -> dict:
         """Decoded teacher outputs of each of `parts` for any rows [n]: top-k, (ids [n, L, K] long, logits
-        relative to each position's largest [n, L, K] float32); a hidden part, its states [n, L, D] float32.
+        relative to each position's largest [n, L, K] float32); sampled, the same of its draws and their
+        log-normalisers [n, L, T] float32; a hidden part, its states [n, L, D] float32.
         Runs of consecutive rows are read at once."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1) if len(rows) else []
@@ -124,7 +125,7 @@ def open_cache(out_dir: str | os.PathLike, expected: CacheSpec) -> CacheReader:
     extents = {part: reader.extent(part) for part in expected.extents}
     for part, have_rows in extents.items():
         if expected.extent(part) > have_rows:
-            what = "rows" if part_kind(part) == "topk" else \
+            what = "rows" if part_layer(expected, part) is None else \
                 f"hidden states after layer {part_layer(expected, part)} for rows"
             raise CacheError(f"teacher cache {root} holds {what} [0, {have_rows}) but the run needs "
                              f"[0, {expected.extent(part)}): {(expected.extent(part) - have_rows) * expected.seq_len} "

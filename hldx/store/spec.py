@@ -10,18 +10,20 @@ import torch
 import xxhash
 
 from hldx.errors import UserError
-from hldx.store import codec
+from hldx.store import codec, sampled
 
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 HIDDEN_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float8_e4m3": torch.float8_e4m3fn,
                  "sr2": torch.uint8}
 UNIT_CODES = ("sr2",)  # hidden dtypes holding an unbiased code of each token's unit vector (hldx.store.codec)
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-# What a part of a cache holds: the teacher's top-k logits, or its hidden states after one layer. A part is a
-# directory of shards named by its kind (`topk`; `hidden-<layer>`, `hidden` for the spec's hidden_layer). A new
-# kind of part is a name here, its arrays in `fields`, its codec in `encode` / `decode`, its outputs' check in
-# hldx.store.write.
-KINDS = ("topk", "hidden")
+# What a part of a cache holds: the teacher's logits (its top-k, or ids drawn from its distribution: the spec's
+# `logits`), or its hidden states after one layer. A part is a directory of shards named by its kind (`topk`,
+# `sampled`; `hidden-<layer>`, `hidden` for the spec's hidden_layer). A new kind of part is a name here, its arrays
+# in `fields`, its codec in `encode` / `decode`, its outputs' check in hldx.store.write.
+LOGITS = ("topk", "sampled")  # cache.logits: the kinds of part that hold the teacher's logits, one per cache
+KINDS = (*LOGITS, "hidden")
+SAMPLED = ("logits", "taus")  # the identity of a sampled cache (hldx.store.sampled), beyond a top-k cache's
 
 
 class CacheError(UserError, RuntimeError):
@@ -30,23 +32,27 @@ class CacheError(UserError, RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
-    """A cache of a teacher's outputs on the rows of a training order, in parts (KINDS): top-k ids and logits,
-    the hidden state after each teacher layer a study reads; `extents` says for which rows [0, n) of each part a
-    job needs it. Every field but the extents is the cache's identity (its directory), which names no layer but
-    `hidden_layer`, the layer of the part called `hidden` (the teacher's middle: the part every cache has had):
-    a cache holds any layers, and grows in place to larger extents and to further layers."""
+    """A cache of a teacher's outputs on the rows of a training order, in parts (KINDS): its logits (`logits`: the
+    top k ids and logits, or k ids drawn per position with the log-normalisers at `taus`), the hidden state after
+    each teacher layer a study reads; `extents` says for which rows [0, n) of each part a job needs it. Every field
+    but the extents is the cache's identity (its directory; a top-k cache's without the sampled fields, as before
+    sampled caches existed), which names no layer but `hidden_layer`, the layer of the part called `hidden` (the
+    teacher's middle: the part every cache has had): a cache holds any layers, and grows in place to larger
+    extents and to further layers."""
 
     teacher_digest: str
     tokenizer_digest: str
     stream_digest: str        # the training rows (hldx.order.Rows), in their order
     seq_len: int
-    k: int
+    k: int                    # ids per position: the top k, or the draws of a sampled cache (cache.draws)
     vocab_size: int
     hidden_layer: int
     hidden_size: int
     values_dtype: str = "bfloat16"
     hidden_dtype: str = "bfloat16"
     rows_per_shard: int = 1024
+    logits: str = "topk"                       # the part holding the teacher's logits (LOGITS)
+    taus: tuple[float, ...] = (0.5, 1.0, 2.0)  # sampled: the grid whose log-normalisers are stored, increasing
     extents: dict[str, int] = dataclasses.field(default_factory=dict)   # part -> rows [0, n): not the identity
 
     def __post_init__(self) -> None:
@@ -54,8 +60,15 @@ class CacheSpec:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"CacheSpec.{key} must be a positive integer, got {value!r}")
+        if self.logits not in LOGITS:
+            raise ValueError(f"cache.logits={self.logits!r}: choose one of {', '.join(LOGITS)}")
         if self.k > self.vocab_size:
-            raise ValueError(f"CacheSpec.k={self.k} (method.top_k) exceeds vocab_size={self.vocab_size}")
+            key = "method.top_k" if self.logits == "topk" else "cache.draws"
+            raise ValueError(f"CacheSpec.k={self.k} ({key}) exceeds vocab_size={self.vocab_size}")
+        taus = tuple(sorted({float(t) for t in self.taus}))
+        if not taus or taus[0] <= 0:
+            raise ValueError(f"cache.taus={list(self.taus)!r}: a non-empty list of temperatures > 0")
+        object.__setattr__(self, "taus", taus)
         for key, allowed in (("values_dtype", VALUE_DTYPES), ("hidden_dtype", HIDDEN_DTYPES)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"cache.{key}={getattr(self, key)!r}: choose one of {sorted(allowed)}")
@@ -69,7 +82,10 @@ class CacheSpec:
                 raise ValueError(f"CacheSpec.extents[{part!r}] must be a row count >= 0, got {n!r}")
 
     def identity(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "extents"}
+        """Every field but the extents; a top-k cache's as it was before sampled caches existed (without
+        SAMPLED)."""
+        skip = {"extents", *(SAMPLED if self.logits == "topk" else ())}
+        return {k: list(v) if k == "taus" else v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     @property
     def digest(self) -> str:
@@ -99,8 +115,8 @@ def part_layer(spec: CacheSpec, part: str) -> int | None:
 def is_part(spec: CacheSpec, name: str) -> bool:
     """Whether `name` (a directory of a cache) is one of its parts."""
     kind, _, layer = name.partition("-")
-    if kind != "hidden":  # a part of another kind is named by its kind alone
-        return name in KINDS
+    if kind != "hidden":  # a part of another kind is named by its kind alone: the cache's logits
+        return name == spec.logits
     return not layer or layer.isdigit() and name == hidden_part(spec, int(layer))
 
 
@@ -121,10 +137,11 @@ class Field:
 def fields(spec: CacheSpec, part: str) -> list[Field]:
     """The arrays of a part, in file order. A shard file of n rows holds each array for all n rows in turn,
     then n x len(fields) uint64 checksums: xxh3_64 of each row of each array."""
-    L = spec.seq_len
-    if part_kind(part) == "topk":
+    L, kind = spec.seq_len, part_kind(part)
+    if kind in LOGITS:
         ids = torch.int16 if spec.vocab_size <= 65536 else torch.int32  # uint16 bits | int32
-        return [Field("ids", ids, (L, spec.k)), Field("values", VALUE_DTYPES[spec.values_dtype], (L, spec.k))]
+        logits = [Field("ids", ids, (L, spec.k)), Field("values", VALUE_DTYPES[spec.values_dtype], (L, spec.k))]
+        return logits + ([Field("lse", torch.float32, (L, len(spec.taus)))] if kind == "sampled" else [])
     D = spec.hidden_size
     if spec.hidden_dtype == "sr2":
         return [Field("hidden", torch.uint8, (L, D // 4)), Field("scale", torch.uint8, (L, D // codec.BLOCK))]
@@ -133,9 +150,9 @@ def fields(spec: CacheSpec, part: str) -> list[Field]:
 
 
 def bytes_per_token(spec: CacheSpec) -> dict[str, float]:
-    """Bytes on disk per token of a part of each kind (every hidden layer's alike), checksums included (8 bytes
-    per row and array)."""
-    return {kind: sum(f.row_bytes + 8 for f in fields(spec, kind)) / spec.seq_len for kind in KINDS}
+    """Bytes on disk per token of a part of each kind the spec has (its logits, and hidden: every layer's alike),
+    checksums included (8 bytes per row and array)."""
+    return {kind: sum(f.row_bytes + 8 for f in fields(spec, kind)) / spec.seq_len for kind in (spec.logits, "hidden")}
 
 
 def shard_ranges(spec: CacheSpec, part: str, extent: int | None = None) -> list[range]:
@@ -175,35 +192,51 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
 
 def encode(spec: CacheSpec, part: str, outputs: tuple[torch.Tensor, ...], first_row: int) -> list[torch.Tensor]:
     """A part's arrays for rows [first_row, first_row + N) from the teacher's outputs for it: top-k (ids [N, L, K],
-    logits [N, L, K]); hidden (states [N, L, D],), sr2's random bits a stream of their own per layer (the part
-    `hidden` keeps the stream it has always had)."""
+    logits [N, L, K]); sampled (all logits [N, L, V],), its draws a function of the row; hidden (states
+    [N, L, D],), sr2's random bits a stream of their own per layer (the part `hidden` keeps the stream it has
+    always had)."""
     if part_kind(part) == "topk":
         return encode_topk(spec, *outputs)
+    if part_kind(part) == "sampled":
+        return encode_sampled(spec, *outputs, first_row)
     stream = 0 if part == "hidden" else part_layer(spec, part) + 1
     return encode_hidden(spec, *outputs, first_row, stream)
 
 
 def decode(part: str, arrays: list[torch.Tensor]):
-    """A part's stored arrays (on any device), decoded: top-k (ids long, logits float32); hidden states float32."""
-    return decode_topk(*arrays) if part_kind(part) == "topk" else decode_hidden(*arrays)
+    """A part's stored arrays (on any device), decoded: top-k (ids long, logits float32); sampled (ids long,
+    logits float32, log-normalisers float32); hidden states float32."""
+    return decode_hidden(*arrays) if part_kind(part) == "hidden" else decode_logits(*arrays)
+
+
+def _stored_ids(spec: CacheSpec, idx: torch.Tensor) -> torch.Tensor:
+    """Token ids as a logits part stores them: uint16's bits in int16 (V <= 65536), else int32."""
+    dtype = fields(spec, spec.logits)[0].dtype
+    ids = idx.to(torch.int32)
+    return ((ids - 65536 * (ids > 32767)).to(dtype) if dtype == torch.int16 else ids).contiguous()
 
 
 def encode_topk(spec: CacheSpec, idx_NxLxK: torch.Tensor, val_NxLxK: torch.Tensor) -> list[torch.Tensor]:
     """Top-k ids, and logits relative to each position's largest (so the values that matter most keep the
     finest steps of a narrow dtype; KD's softmax over the k does not change)."""
-    dtype = fields(spec, "topk")[0].dtype
-    ids = idx_NxLxK.to(torch.int32)
-    ids = (ids - 65536 * (ids > 32767)).to(dtype) if dtype == torch.int16 else ids
     rel = val_NxLxK.float() - val_NxLxK.float().amax(-1, keepdim=True)
-    return [ids.contiguous(), rel.to(VALUE_DTYPES[spec.values_dtype]).contiguous()]
+    return [_stored_ids(spec, idx_NxLxK), rel.to(VALUE_DTYPES[spec.values_dtype]).contiguous()]
 
 
-def decode_topk(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored top-k (on any device) as ids [.., K] long and logits relative to the max [.., K] float32."""
+def encode_sampled(spec: CacheSpec, logits_NxLxV: torch.Tensor, first_row: int) -> list[torch.Tensor]:
+    """spec.k ids per position drawn from the teacher's logits of rows [first_row, first_row + N), their
+    logits relative to the max, and the log-normalisers at spec.taus (hldx.store.sampled)."""
+    ids, val, lse = sampled.draw(logits_NxLxV, first_row, spec.k, spec.taus, VALUE_DTYPES[spec.values_dtype])
+    return [_stored_ids(spec, ids), val.contiguous(), lse.contiguous()]
+
+
+def decode_logits(ids: torch.Tensor, values: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Stored top-k or draws (on any device) as ids [.., K] long and logits relative to the max [.., K] float32
+    (draws: and their log-normalisers [.., T] float32)."""
     idx = ids.to(torch.int64)
     if ids.dtype == torch.int16:
         idx &= 0xFFFF
-    return idx, values.float()
+    return idx, values.float(), *(t.float() for t in rest)
 
 
 def encode_hidden(spec: CacheSpec, hid_NxLxD: torch.Tensor, first_row: int, stream: int = 0) -> list[torch.Tensor]:

@@ -21,7 +21,8 @@ from hldx.store.spec import (CacheSpec, as_bytes, encode, fields, offsets, part_
                              shard_ranges)
 
 # teacher_fn(tokens [n, L] long, parts) -> {part: its outputs} for each part asked for, on any device: top-k (ids
-# [n, L, K], logits [n, L, K]); a hidden part (the states after its layer [n, L, D],). row_tokens_fn(rows [n]
+# [n, L, K], logits [n, L, K]); sampled (all logits [n, L, V],); a hidden part (the states after its layer
+# [n, L, D],). row_tokens_fn(rows [n]
 # int64) -> tokens [n, L].
 TeacherFn = Callable[[torch.Tensor, tuple[str, ...]], dict[str, tuple[torch.Tensor, ...]]]
 RowTokensFn = Callable[[np.ndarray], torch.Tensor]
@@ -60,6 +61,13 @@ def _teacher(spec: CacheSpec, teacher_fn: TeacherFn, tokens_NxL: torch.Tensor, p
                 raise ValueError(f"teacher_fn returned top-k ids outside [0, {spec.vocab_size})")
             if not torch.isfinite(val).all():
                 raise ValueError("teacher_fn returned non-finite top-k logits")
+        elif part_kind(part) == "sampled":
+            want = (n, spec.seq_len, spec.vocab_size)
+            if got is None or [tuple(t.shape) for t in got] != [want]:
+                shapes = None if got is None else tuple(tuple(t.shape) for t in got)
+                raise ValueError(f"teacher_fn returned logits {shapes}; expected ({want},) (rows, seq_len, vocab)")
+            if not torch.isfinite(got[0]).all():
+                raise ValueError("teacher_fn returned non-finite logits")
         else:
             want, what = (n, spec.seq_len, spec.hidden_size), f"hidden states after layer {part_layer(spec, part)}"
             if got is None or [tuple(t.shape) for t in got] != [want]:
