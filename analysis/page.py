@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from analysis.compare import best, headline, pointwise, units
 from analysis.control import SHARE, TIMES, control, hidden_fit, kd_vs_nll
 from analysis.render import ANSWER, DEMO_NOTE, answer, demo_labels, make_figures, markdown_table
-from analysis.runs import DEMO, EVAL_DATA, METRICS, ROW, read_mlflow, row
+from analysis.runs import DEMO, EVAL_DATA, LOGITS, METRICS, ROW, read_mlflow, row
 from hldx import cli
 
 
@@ -55,8 +55,8 @@ def provenance(experiment: str, tracking_uri: str | None) -> dict[str, str]:
 
 
 def per_point(runs: pd.DataFrame, points: pd.DataFrame, metric: str = "val_logppl") -> pd.DataFrame:
-    """One row per shared point: NLL and KD (seed means), KD's margin over NLL and the spread, then each HLD
-    variant's improvement over KD (seed means; > 0: better than KD)."""
+    """One row per shared point (and KD's teacher logits, where not all top-k): NLL and KD (seed means), KD's margin
+    over NLL and the spread, then each HLD variant's improvement over KD (seed means; > 0: better than KD)."""
     table = kd_vs_nll(runs, metric)
     table["point"] = [f"lr={a:g}|tau={b:g}|alpha={c:g}" for a, b, c in zip(table["lr"], table["tau"], table["alpha"])]
     variants = units(points[points["metric"] == metric], "variant")
@@ -64,6 +64,8 @@ def per_point(runs: pd.DataFrame, points: pd.DataFrame, metric: str = "val_logpp
     wide = variants.assign(column=variants["method"].str.upper() + " " + variants["variant"]) \
         .pivot_table(index="point", columns="column", values="improvement").reset_index()
     out = table.merge(wide, on="point", how="left").drop(columns=["student", "point", "seeds"])
+    if not out[LOGITS].astype(bool).any():  # every KD run reads the paper's top-k: no column to tell them apart
+        out = out.drop(columns=[LOGITS])
     return out.rename(columns={"margin": "KD - NLL", "spread": "seed spread"})
 
 

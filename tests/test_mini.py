@@ -39,6 +39,7 @@ def test_make_mini_on_one_point_writes_the_page_and_its_figures(tmp_path):
                        "fig6_downstream_scatter_tiny.png"]
     assert all(f"(mini-study/{name})" in text for name in figures)  # linked from the page, relative to it
     assert "Command: `make mini`" in text and "KD beats NLL at" in text
+    assert "| lr | tau | alpha | nll | kd | KD - NLL | seed spread | HLDC gamma=0.05 |" in text  # top-k alone: no logits
     hldf, hldc = runs[runs["method"] == "hldf"], runs[runs["method"] == "hldc"]
     assert hldf[["cosine_start", "cosine_end"]].notna().all(axis=None)  # every HLDF run logs phase 1's fit
     assert hldc[["loss_emb_start", "loss_emb_end"]].notna().all(axis=None)  # every HLDC run its hidden loss
