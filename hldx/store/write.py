@@ -22,8 +22,7 @@ from hldx.store.spec import (CacheSpec, as_bytes, encode, fields, offsets, part_
 
 # teacher_fn(tokens [n, L] long, parts) -> {part: its outputs} for each part asked for, on any device: top-k (ids
 # [n, L, K], logits [n, L, K]); sampled (all logits [n, L, V],); a hidden part (the states after its layer
-# [n, L, D],). row_tokens_fn(rows [n]
-# int64) -> tokens [n, L].
+# [n, L, D],). row_tokens_fn(rows [n] int64) -> tokens [n, L].
 TeacherFn = Callable[[torch.Tensor, tuple[str, ...]], dict[str, tuple[torch.Tensor, ...]]]
 RowTokensFn = Callable[[np.ndarray], torch.Tensor]
 log = logging.getLogger(__name__)
