@@ -121,9 +121,9 @@ def _check_topk(topk_idx_BxLxK: Tensor, topk_val_BxLxK: Tensor) -> None:
 
 def teacher_logp(val_BxLxN: Tensor, lse_BxLxT: Tensor, taus: tuple[float, ...]) -> Tensor:
     """[B, L, N, T]: log p_t(i) = r_i / t - a_t, the teacher's log-probability at each tau t of a sampled cache's
-    grid of ids with logits r relative to the max (val), a_t the position's log-normaliser at t (lse)."""
-    taus_T = torch.tensor(taus, dtype=val_BxLxN.dtype, device=val_BxLxN.device)
-    return val_BxLxN[..., None] / taus_T - lse_BxLxT[..., None, :].to(val_BxLxN.dtype)
+    grid of ids with logits r relative to the max (val), a_t the position's log-normaliser at t (lse). The taus
+    stay Python numbers: no tensor is made of them, nor copied to the device, at every step."""
+    return torch.stack([val_BxLxN / t for t in taus], -1) - lse_BxLxT[..., None, :].to(val_BxLxN.dtype)
 
 
 def log_proposal(logp_BxLxNxT: Tensor) -> Tensor:
