@@ -175,7 +175,7 @@ def _teacher_stages(group: list[study.Planned], tokenized: str, data_key: str, t
         others = {p: n for p, n in extents.items() if p not in ("topk", "hidden")} or None
         key = C.digest([_teacher_id(c), data_key, extents.get("topk", 0), extents.get("hidden", 0),
                         c.cache.values_dtype, c.cache.hidden_dtype, c.method.get("top_k", 128), others]
-                       + _cache_identity(c)[4:])
+                       + list(C.logits_variant(c).values()))
         as_student = c.copy()
         as_student.student = c.teacher.model
         forward = flops_per_token(as_student)["data"] / 3  # the teacher's forward alone: a third of training
@@ -192,10 +192,11 @@ def _teacher_stages(group: list[study.Planned], tokenized: str, data_key: str, t
 
 def _cache_identity(cfg) -> list:
     """What tells a job's cache from another's of the same teacher and rows: its dtypes, k and shards, and where it
-    holds sampled logits, their draws and taus (a top-k cache's as before sampled caches existed)."""
+    holds sampled logits, their draws and taus (config.logits_variant; a top-k cache's as before sampled caches
+    existed)."""
     c = cfg.cache
-    sampled = [c.logits, c.draws, sorted(float(t) for t in c.taus)] if c.logits == "sampled" else []
-    return [c.values_dtype, c.hidden_dtype, cfg.method.get("top_k", 128), c.rows_per_shard] + sampled
+    return [c.values_dtype, c.hidden_dtype, cfg.method.get("top_k", 128), c.rows_per_shard,
+            *C.logits_variant(cfg).values()]
 
 
 def table(graph: list[Stage]) -> str:
