@@ -16,6 +16,7 @@ DOWNSTREAM = METRICS[1:]  # all but val_logppl
 DEMO_NOTE = ("The columns marked (demo) are the demo's own tasks (python -m hldx.demotasks: items built from the "
              "embedded corpus's held-out split in each benchmark's file format), not the benchmarks of those names.")
 
+
 def demo_labels(metrics: list[str]) -> dict[str, str]:
     """Each benchmark-named metric as the report shows it for runs evaluated on the demo's own tasks."""
     return {m: f"{m} (demo)" for m in metrics if m in DOWNSTREAM}

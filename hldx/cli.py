@@ -15,6 +15,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hldx.errors import BadInput, RunFailed, UserError
@@ -111,8 +112,6 @@ def sweep_args(argv: list[str] | None, doc: str) -> list[str] | None:
 def output_file(key: str, value: str):
     """The path an output switch (plan.json, eval.json, bench.json) names, its directory made before any work;
     UserError if it cannot be."""
-    from pathlib import Path
-
     path = Path(value).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
