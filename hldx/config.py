@@ -185,8 +185,8 @@ def identity(cfg: DictConfig) -> dict:
         ident["teacher"] = OmegaConf.to_container(cfg.teacher, resolve=True)
         if cfg.teacher.source == "cache":  # what the cache rounds the teacher's outputs to
             ident["cache"] = {k: cfg.cache[k] for k in ("values_dtype", "hidden_dtype")[:1 if method == "kd" else 2]}
-            if cfg.cache.logits == "sampled":  # ids drawn from the teacher's distribution at the taus, not its top-k
-                ident["cache"] |= logits_variant(cfg)
+            if variant := logits_variant(cfg):  # ids drawn from the teacher's distribution at the taus, not its top-k
+                ident["cache"] |= variant
                 ident["method"].pop("top_k")
     if method in hidden.HLD:
         ident["hidden"] = hidden.identity(cfg)
